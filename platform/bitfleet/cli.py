@@ -1,0 +1,124 @@
+"""`bitfleet run | submit | validate | report | data`: parse the command line and delegate."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from bitfleet.spec import SpecError, load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args) or 0
+    except SpecError as exc:
+        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_validate(args) -> int:
+    spec = load_spec(args.spec, args.override)
+    print(f"{args.spec}: ok ({spec.workload}, {spec.model.get('arch', '')}, run {spec.name} -> {spec.run_dir})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    spec = load_spec(args.spec, args.override)  # validated before any Ray call
+    from ray.train import TrainingFailedError
+
+    from bitfleet.scheduler import launch
+
+    try:
+        summary = launch.run(spec, address=args.address)
+    except TrainingFailedError as exc:
+        print(f"bitfleet: run {spec.name} failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: summary[k] for k in ("run_dir", "best_checkpoint", "best")}, indent=1, default=str))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    load_spec(args.spec, args.override)  # fail here, not in the job
+    from bitfleet.scheduler import jobs
+
+    job_id = jobs.submit(args.spec, args.override, address=args.address, working_dir=args.working_dir)
+    print(f"submitted {job_id}; follow it with: ray job logs --address {args.address} -f {job_id}")
+    if args.wait:
+        status = jobs.wait(job_id, address=args.address)
+        print(f"{job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from bitfleet import report
+
+    out = report.write(args.run_dirs, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data_download(args) -> int:
+    from bitfleet import data
+
+    try:
+        data.download(args.name, args.root)
+    except Exception as exc:  # noqa: BLE001 - offline machines: say so in one line
+        print(f"bitfleet: cannot download {args.name} into {args.root}: {exc}\n"
+              f"copy the files there by hand; `bitfleet validate` says which ones it expects", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from bitfleet.data import synthetic
+
+    path = synthetic.write(args.name, args.root, n_train=args.train, n_test=args.test, seed=args.seed)
+    print(f"wrote synthetic {args.name} in its real on-disk format under {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitfleet", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def spec_command(name, func, help_):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("spec", help="YAML workload spec")
+        p.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE",
+                       help="dotted override, e.g. -o train.epochs=1 (repeatable)")
+        p.set_defaults(command=func)
+        return p
+
+    spec_command("validate", cmd_validate, "check a spec without starting anything")
+    run = spec_command("run", cmd_run, "run a spec as a Ray Train job (a local Ray when no cluster is given)")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
+    submit = spec_command("submit", cmd_submit, "submit `bitfleet run SPEC` through Ray Jobs")
+    submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+
+    report = sub.add_parser("report", help="curves and summary.json of finished runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", help="output folder (default: the first run's folder)")
+    report.set_defaults(command=cmd_report)
+
+    data = sub.add_parser("data", help="data sets: download, synthetic files")
+    data_sub = data.add_subparsers(required=True, metavar="ACTION")
+    dl = data_sub.add_parser("download", help="download with torchvision (needs internet)")
+    dl.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
+    dl.add_argument("--root", required=True)
+    dl.set_defaults(command=cmd_data_download)
+    syn = data_sub.add_parser("synth", help="write a small synthetic data set in the real on-disk format")
+    syn.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
+    syn.add_argument("root")
+    syn.add_argument("--train", type=int, default=512)
+    syn.add_argument("--test", type=int, default=128)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(command=cmd_data_synth)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

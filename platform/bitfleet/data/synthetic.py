@@ -1,0 +1,66 @@
+"""Small synthetic data sets written in the exact on-disk formats of the real ones (for tests and demos).
+
+Each class has its own random template and every image is its template plus noise, so a model can learn
+them; the files are read by the same loaders as the real data sets (torchvision's MNIST and CIFAR).
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from bitfleet.data import cifar
+
+
+def class_images(n: int, shape: tuple[int, ...], num_classes: int, rng: np.random.Generator):
+    """(uint8 images of `shape`, int labels): class template + Gaussian noise, labels balanced."""
+    templates = rng.integers(0, 256, size=(num_classes, *shape)).astype(np.float32)
+    labels = np.arange(n) % num_classes
+    rng.shuffle(labels)
+    images = templates[labels] + rng.normal(0, 40, size=(n, *shape))
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX file (unsigned bytes): magic 0x0000_08_<ndim>, big-endian int32 dims, then the data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_mnist(root: Path, n_train: int, n_test: int, rng) -> Path:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = class_images(n, (28, 28), 10, rng)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+def write_cifar(name: str, root: Path, n_train: int, n_test: int, rng) -> Path:
+    cls = cifar._CLASSES[name]
+    num_classes = 10 if name == "cifar10" else 100
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    train_files = [f for f, _ in cls.train_list]
+    splits = [(f, n_train // len(train_files) + (i < n_train % len(train_files))) for i, f in enumerate(train_files)]
+    for filename, n in splits + [(cls.test_list[0][0], n_test)]:
+        images, labels = class_images(n, (3, 32, 32), num_classes, rng)
+        batch = {"batch_label": filename, label_key: labels.tolist(), "data": images.reshape(n, -1),
+                 "filenames": [f"synthetic_{i}.png" for i in range(n)]}
+        with open(folder / filename, "wb") as f:
+            pickle.dump(batch, f)
+    meta_key = cls.meta["key"]
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({meta_key: [f"class_{c}" for c in range(num_classes)]}, f)
+    return folder
+
+
+def write(name: str, root: str | Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
+    root, rng = Path(root).expanduser(), np.random.default_rng(seed)
+    if name == "mnist":
+        return write_mnist(root, n_train, n_test, rng)
+    return write_cifar(name, root, n_train, n_test, rng)

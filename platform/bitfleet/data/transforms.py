@@ -1,0 +1,30 @@
+"""Image transforms shared by the data sets: seed 004's pad-crop + flip augmentation and normalisation."""
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+
+def image_transform(size: int, mean, std, *, augment: bool, pad: int, flip: bool) -> v2.Compose:
+    """uint8 image (PIL or tensor) -> normalised float CHW tensor; random pad-crop (+ flip) when augment."""
+    steps = [v2.ToImage()]
+    if augment:
+        steps.append(v2.RandomCrop(size, padding=pad))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """Images held in memory as a uint8 tensor (N, C, H, W) with int labels, transformed on access."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and len(images) == len(labels)
+        self.images, self.targets, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), int(self.targets[i])

@@ -1,0 +1,81 @@
+"""The hook protocol workloads plug into: temperature schedules, rotation updates, freezes.
+
+A callback sees the `TrainState` at epoch start, after each optimizer step, after evaluation and at epoch
+end. Whatever it writes into `state.metrics` is reported with the epoch's metrics. Its `state_dict` is
+saved in every checkpoint, so a restored run continues its schedules exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass
+class TrainState:
+    """What the loop shares with callbacks. `model` is the bare module (not the DDP wrapper)."""
+
+    model: nn.Module
+    optimizer: Any
+    epoch: int = 0  # the epoch being run, 0-based; equals the number of completed epochs between epochs
+    epochs: int = 1
+    global_step: int = 0
+    steps_per_epoch: int = 1
+    rank: int = 0
+    world_size: int = 1
+    metrics: dict[str, float] = field(default_factory=dict)  # extra telemetry for this epoch
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1], at step resolution."""
+        return min(1.0, self.global_step / max(1, self.epochs * self.steps_per_epoch))
+
+
+class Callback:
+    """Override what you need; every hook defaults to nothing."""
+
+    def on_epoch_start(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Callbacks(Callback):
+    """Several callbacks called in order, saved and restored as one list."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = list(callbacks)
+
+    def on_epoch_start(self, state):
+        for cb in self.callbacks:
+            cb.on_epoch_start(state)
+
+    def on_step_end(self, state):
+        for cb in self.callbacks:
+            cb.on_step_end(state)
+
+    def on_eval_end(self, state, metrics):
+        for cb in self.callbacks:
+            cb.on_eval_end(state, metrics)
+
+    def on_epoch_end(self, state, metrics):
+        for cb in self.callbacks:
+            cb.on_epoch_end(state, metrics)
+
+    def state_dict(self):
+        return {"callbacks": [cb.state_dict() for cb in self.callbacks]}
+
+    def load_state_dict(self, state):
+        saved = state.get("callbacks", [])
+        assert len(saved) == len(self.callbacks), "checkpoint was written with other callbacks"
+        for cb, sd in zip(self.callbacks, saved):
+            cb.load_state_dict(sd)

@@ -1,0 +1,51 @@
+"""One checkpoint format: a directory with `state.pt` holding every stateful piece of a run.
+
+model, optimizer, lr scheduler, AMP grad scaler, EMA, callbacks, the epoch/step counters and the metric
+history. Randomness needs no saved generator state: the loop reseeds every epoch from
+(seed, epoch, rank), and the samplers derive their order from (seed, epoch), so a run restored at an
+epoch boundary draws exactly what the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+FILE = "state.pt"
+
+
+def save(directory: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(directory) / FILE
+    torch.save(state, path)
+    return path
+
+
+def load(directory: str | Path) -> dict[str, Any]:
+    return torch.load(Path(directory) / FILE, map_location="cpu", weights_only=True)
+
+
+@contextmanager
+def to_ray(state: dict[str, Any]) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
+    """A `ray.train.Checkpoint` of `state` in a temporary directory, valid inside the `with`."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="bitfleet-ckpt-") as tmp:
+        save(tmp, state)
+        yield ray.train.Checkpoint.from_directory(tmp)
+
+
+def from_ray(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as directory:
+        return load(directory)
+
+
+def weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The weights a user wants from a checkpoint: the EMA's when the run kept one, else the model's."""
+    state = load(directory)
+    ema = state.get("ema")
+    if ema:
+        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return state["model"]

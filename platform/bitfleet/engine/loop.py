@@ -1,0 +1,233 @@
+"""The per-worker epoch/step loop: DDP, AMP, grad clipping, EMA, evaluation, report, checkpoint.
+
+`run` is the `train_loop_per_worker` of every bitfleet TorchTrainer. Every rank calls
+`ray.train.report` exactly once per epoch; rank 0 attaches the checkpoint and writes `metrics.json`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from bitfleet import registry
+from bitfleet.data import build_datasets
+from bitfleet.engine import checkpoint
+from bitfleet.engine.callbacks import Callbacks, TrainState
+from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
+from bitfleet.spec import RunSpec
+
+
+def run(config: dict) -> None:
+    """Entry point inside each Ray Train worker; `config` is the resolved spec as JSON-able dict."""
+    Trainer(RunSpec.model_validate(config)).fit()
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    """Seed python, numpy and torch from (seed, epoch, rank): each epoch's randomness is reproducible alone."""
+    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+class Trainer:
+    """The state of one worker's training and the steps that advance it."""
+
+    def __init__(self, spec: RunSpec):
+        context = ray.train.get_context()
+        self.spec, self.train_spec = spec, spec.train
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+        self.workload = registry.get(spec.workload)
+
+        data = build_datasets(spec.data)
+        torch.manual_seed(spec.seed)  # identical initial weights on every rank
+        self.model = self.workload.build_model(self.workload.model_config(spec), data.info)
+        self.ddp = ray.train.torch.prepare_model(self.model)  # moves to device; DDP when world > 1
+        self._build_loaders(data)
+
+        self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, self.train_spec.lr_schedule, self.train_spec.epochs, self.steps_per_epoch
+        )
+        self.autocast, self.scaler = self._amp()
+        ema = self.train_spec.ema
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True) if ema else None
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.train_spec.label_smoothing)
+        self.callbacks = Callbacks(self.workload.callbacks(spec))
+        self.state = TrainState(
+            self.model, self.optimizer, epochs=self.train_spec.epochs, steps_per_epoch=self.steps_per_epoch,
+            rank=self.rank, world_size=self.world,
+        )
+        self.history: list[dict] = []
+        self.restores = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build_loaders(self, data) -> None:
+        per_worker = self.train_spec.batch_size // self.world
+        self.sampler = DistributedSampler(data.train, self.world, self.rank, shuffle=True, seed=self.spec.seed)
+        workers, pin = self.spec.data.loader_workers, self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            data.train, per_worker, sampler=self.sampler, num_workers=workers, pin_memory=pin,
+            drop_last=len(self.sampler) >= per_worker,  # a batch-of-one would break BatchNorm
+        )
+        # Eval shards by stride without padding: totals are summed over ranks, so every image counts once.
+        shard = Subset(data.test, range(self.rank, len(data.test), self.world))
+        self.test_loader = DataLoader(shard, self.train_spec.eval_batch_size, num_workers=workers, pin_memory=pin)
+        limit = self.train_spec.max_steps_per_epoch or math.inf
+        self.steps_per_epoch = int(min(len(self.train_loader), limit))
+
+    def _amp(self):
+        spec = self.train_spec
+        if not spec.amp:
+            return nullcontext, torch.amp.GradScaler(self.device.type, enabled=False)
+        cuda = self.device.type == "cuda"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_dtype, torch.float16 if cuda else torch.bfloat16)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
+
+    # ------------------------------------------------------------------ run
+    def fit(self) -> None:
+        self.restore()
+        while self.state.epoch < self.train_spec.epochs:
+            self.report(self.run_epoch())
+
+    def run_epoch(self) -> dict[str, float]:
+        state = self.state
+        state.metrics = {}
+        seed_everything(self.spec.seed, state.epoch, self.rank)
+        self.sampler.set_epoch(state.epoch)
+        self.callbacks.on_epoch_start(state)
+        metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics.update(self.evaluate())
+        self.callbacks.on_eval_end(state, metrics)
+        state.epoch += 1
+        self.callbacks.on_epoch_end(state, metrics)
+        return {**metrics, **state.metrics, "restores": self.restores}
+
+    def train_epoch(self) -> dict[str, float]:
+        self.ddp.train()
+        totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen
+        start = time.perf_counter()
+        for step, (images, labels) in enumerate(self.train_loader):
+            if step == self.steps_per_epoch:
+                break
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            loss, logits = self.train_step(images, labels)
+            totals += torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=self.device)])
+            self.state.global_step += 1
+            self.callbacks.on_step_end(self.state)
+        elapsed = time.perf_counter() - start
+        loss_sum, correct, seen = self._all_reduce(totals).tolist()
+        return {
+            "train/loss": loss_sum / seen, "train/acc": 100.0 * correct / seen,
+            "images_per_s": seen / elapsed, "epoch_time_s": elapsed,
+        }
+
+    def train_step(self, images, labels):
+        with self.autocast():
+            loss, logits = self.workload.train_step(self.ddp, images, labels, self.criterion)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.train_spec.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_spec.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss, logits
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy of the bare model (or its EMA) on this rank's shard, summed over ranks."""
+        use_ema = self.ema is not None and self.train_spec.ema.evaluate
+        model = self.ema.module if use_ema else self.model
+        model.eval()
+        totals = torch.zeros(3, device=self.device)
+        for step, (images, labels) in enumerate(self.test_loader):
+            if step == self.train_spec.max_eval_steps:
+                break
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self.autocast():
+                logits = model(images).float()
+            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=self.device)])
+        loss_sum, correct, seen = self._all_reduce(totals).tolist()
+        return {"test/loss": loss_sum / max(seen, 1), "test/acc": 100.0 * correct / max(seen, 1)}
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    # ------------------------------------------------------------------ report and checkpoint
+    def report(self, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        epoch, epochs = self.state.epoch, self.train_spec.epochs
+        if self.rank == 0:
+            self._write_metrics()
+            print(_progress_line(self.spec.name, metrics, epochs), flush=True)
+        if self.rank == 0 and (epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs):
+            with checkpoint.to_ray(self.state_dict()) as ckpt:
+                ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            ray.train.report(metrics)
+
+    def _write_metrics(self) -> None:
+        run_dir = self.spec.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(self.history, indent=1))
+        tmp.replace(run_dir / "metrics.json")  # atomic: a reader never sees half a file
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "callbacks": self.callbacks.state_dict(),
+            "epoch": self.state.epoch,
+            "global_step": self.state.global_step,
+            "history": self.history,
+            "restores": self.restores,
+        }
+
+    def restore(self) -> None:
+        """Continue from the checkpoint Ray hands over (after a worker failure or a driver rerun)."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        state = checkpoint.from_ray(ckpt)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.callbacks.load_state_dict(state["callbacks"])
+        self.state.epoch, self.state.global_step = state["epoch"], state["global_step"]
+        self.history, self.restores = state["history"], state["restores"] + 1
+        if self.rank == 0:
+            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
+
+
+def _progress_line(name: str, m: dict, epochs: int) -> str:
+    return (
+        f"[{name}] epoch {m['epoch']}/{epochs}  train loss {m['train/loss']:.4f} acc {m['train/acc']:.2f}%  "
+        f"test loss {m['test/loss']:.4f} acc {m['test/acc']:.2f}%  lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s"
+    )

@@ -1,0 +1,1 @@
+"""From a validated spec to Ray work: one run, a job submission."""

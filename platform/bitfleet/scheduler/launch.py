@@ -1,0 +1,85 @@
+"""One run -> `ray.train.torch.TorchTrainer` (ScalingConfig, RunConfig, FailureConfig, CheckpointConfig).
+
+The run's name is the spec's name and its directory is `storage_path/name`: a driver started again with
+the same spec finds the run there and resumes it from its latest checkpoint (Ray Train V2 semantics).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+import bitfleet
+from bitfleet.engine import loop
+from bitfleet.spec import RunSpec
+
+SCORE = "test/acc"  # checkpoints kept: the best `failure.keep` by this metric, and always the latest
+
+
+def build_trainer(spec: RunSpec) -> TorchTrainer:
+    scaling = spec.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        loop.run,
+        train_loop_config=spec.model_dump(mode="json"),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=spec.name,
+            storage_path=str(spec.run_dir.parent),
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.failure.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+        ),
+    )
+
+
+def run(spec: RunSpec, address: str | None = None):
+    """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+    record_config(spec)
+    result = build_trainer(spec).fit()
+    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")), default=None)
+    summary = {
+        "run_dir": str(spec.run_dir),
+        "final": result.metrics,
+        "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "best_checkpoint": best[0].path if best else None,
+        "best": best[1] if best else None,
+    }
+    (spec.run_dir / "result.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def record_config(spec: RunSpec) -> None:
+    """config.json: the resolved spec, the versions and the git revision this run was started from."""
+    import torch
+
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "spec": spec.model_dump(mode="json"),
+        "versions": {
+            "bitfleet": bitfleet.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "ray": ray.__version__, "platform": platform.platform(),
+        },
+        "git_revision": _git_revision(),
+    }
+    (spec.run_dir / "config.json").write_text(json.dumps(record, indent=1))
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(bitfleet.__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

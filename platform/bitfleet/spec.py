@@ -1,0 +1,236 @@
+"""RunSpec: the YAML workload spec as pydantic models, its loading and its dotted overrides.
+
+The spec is the only input of a run. Everything a user can get wrong is checked here, before any Ray
+call, and reported as one `SpecError` naming the field and what was expected.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class SpecError(ValueError):
+    """A spec the user wrote is wrong; the message names the field and what was expected."""
+
+
+class Strict(BaseModel):
+    """Base of every spec section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParamGroup(Strict):
+    """Parameters whose dotted name matches one of `match` (fnmatch globs) get these multipliers."""
+
+    name: str
+    match: list[str] = Field(min_length=1)
+    lr_mult: float = Field(1.0, ge=0)
+    weight_decay_mult: float = Field(1.0, ge=0)
+
+
+class OptimizerSpec(Strict):
+    type: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    param_groups: list[ParamGroup] = []
+
+
+class LRScheduleSpec(Strict):
+    """Learning-rate schedule over epochs; applied per step so warmup and cosine are smooth."""
+
+    type: Literal["constant", "step", "multistep", "cosine"] = "multistep"
+    milestones: list[int] = [100, 150]  # multistep, in epochs
+    step_size: int = Field(30, ge=1)  # step, in epochs
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)  # cosine floor
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+
+
+class EMASpec(Strict):
+    decay: float = Field(0.999, gt=0, lt=1)
+    evaluate: bool = True  # evaluate (and save as best) the averaged weights
+
+
+class TrainSpec(Strict):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)  # global: split evenly over the workers
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    lr_schedule: LRScheduleSpec = LRScheduleSpec()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = False
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm
+    ema: EMASpec | None = None
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
+    max_eval_steps: int | None = Field(None, ge=1)
+    strategy: Literal["ddp"] = "ddp"
+
+
+class DataSpec(Strict):
+    dataset: Literal["mnist_sample", "mnist", "cifar10", "cifar100"] = "cifar10"
+    root: str | None = None  # required for every dataset but the embedded mnist_sample
+    augment: bool = True
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+
+    @model_validator(mode="after")
+    def _root_given(self):
+        if self.dataset != "mnist_sample" and not self.root:
+            raise ValueError(f"root: dataset {self.dataset!r} needs `data.root`, the folder that holds it")
+        return self
+
+
+class ScalingSpec(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = {}  # extra custom resources
+
+
+class FailureSpec(Strict):
+    max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run fails; -1: unlimited
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+    keep: int = Field(2, ge=1)  # most recent checkpoints kept
+
+
+class RunSpec(Strict):
+    """A whole run. The workload's own section is a top-level key named after the workload."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    workload: str
+    model: dict[str, Any] = {}
+    data: DataSpec
+    train: TrainSpec = TrainSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    failure: FailureSpec = FailureSpec()
+    storage_path: str = "~/bitfleet_results"
+    seed: int = Field(0, ge=0)
+    targets: dict[str, float] = {}  # the paper's numbers, shown next to ours in reports
+
+    @model_validator(mode="after")
+    def _check(self):
+        extras = set(self.model_extra or {}) - {self.workload}
+        if extras:
+            raise ValueError(_unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
+        if self.train.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"train.batch_size: {self.train.batch_size} is the global batch and must divide evenly "
+                f"over scaling.num_workers={self.scaling.num_workers}"
+            )
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The workload's own section (`rbnn: {...}` for workload rbnn), raw."""
+        return dict((self.model_extra or {}).get(self.workload) or {})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(os.path.expanduser(self.storage_path)).absolute() / self.name
+
+
+def _unknown_key_message(key: str, fields, workload: str) -> str:
+    known = list(fields) + [workload]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(known)}"
+    return f"{key}: unknown key{hint}"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Read a YAML spec, apply `a.b.c=value` overrides, validate it and the workload's sections."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of spec fields at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_spec(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `train.epochs=3` in a raw spec dict; the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {item!r}: expected dotted.path=value, e.g. train.epochs=1")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"override {key}: {part!r} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
+
+
+def validate_spec(raw: dict) -> RunSpec:
+    """RunSpec from a dict, plus the workload's own checks (model section, options, data on disk)."""
+    from bitfleet import registry  # these import torch and the workloads: keep the spec light to import
+    from bitfleet.data import check_available
+
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, RunSpec)) from None
+    registry.get(spec.workload).validate(spec)
+    missing = check_available(spec.data)
+    if missing:
+        raise SpecError(missing)
+    return spec
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """The first pydantic error as `field.path: what was expected (got ...)`."""
+    err = exc.errors()[0]
+    loc = [prefix.rstrip(".")] if prefix else []
+    loc += [str(p) for p in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    own = re.match(r"^([\w.]+): (.*)$", msg, re.S)
+    if err["type"] == "extra_forbidden":
+        fields = _fields_at(model, err["loc"][:-1])
+        close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
+        msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; expected one of {', '.join(fields)}"
+    elif own:  # our own validators name the field, relative to where they sit
+        loc.append(own.group(1))
+        msg = own.group(2)
+    elif err["type"] != "missing":
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{'.'.join(loc)}: {msg}" if loc else msg
+
+
+def _fields_at(model: type[BaseModel], loc) -> list[str]:
+    """Field names of the nested model at `loc`, for close-match suggestions."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        for candidate in getattr(ann, "__args__", (ann,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+        else:
+            return []
+    return list(model.model_fields)

@@ -1,0 +1,60 @@
+"""The Workload protocol: what a paper's workload family gives the platform.
+
+A workload owns its config (the `model:` section and its own top-level section), builds its model
+from that config and the data's shape, and may add callbacks or override the training step. The engine
+never reads `spec.model.*` itself.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from bitfleet.data import DataInfo
+from bitfleet.engine.callbacks import Callback
+from bitfleet.spec import RunSpec, SpecError, format_validation_error
+
+
+class NoOptions(BaseModel):
+    model_config = {"extra": "forbid"}
+
+
+class Workload:
+    """Base class of every workload; subclasses set `name`, `ModelConfig` and implement `build_model`."""
+
+    name: ClassVar[str]
+    ModelConfig: ClassVar[type[BaseModel]]
+    Options: ClassVar[type[BaseModel]] = NoOptions  # the workload's own top-level spec section
+
+    # ---- configuration (driver side, before Ray)
+    def model_config(self, spec: RunSpec) -> BaseModel:
+        return _parse(self.ModelConfig, spec.model, "model")
+
+    def options(self, spec: RunSpec) -> BaseModel:
+        return _parse(self.Options, spec.options, self.name)
+
+    def validate(self, spec: RunSpec) -> None:
+        """Raise SpecError for anything wrong in this workload's sections."""
+        self.model_config(spec)
+        self.options(spec)
+
+    # ---- inside each worker
+    def build_model(self, config: BaseModel, data: DataInfo) -> nn.Module:
+        raise NotImplementedError
+
+    def callbacks(self, spec: RunSpec) -> list[Callback]:
+        return []
+
+    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass and loss; returns (loss, logits). Override for distillation, PPO, ..."""
+        logits = model(images)
+        return criterion(logits, labels), logits
+
+
+def _parse(model: type[BaseModel], raw: dict[str, Any], section: str) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, model, prefix=section)) from None

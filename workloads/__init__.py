@@ -1,0 +1,1 @@
+"""bitfleet's built-in workloads, one package per paper family."""
