@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+def _absolute(path: str | None) -> str | None:
+    """Resolve on the driver: Ray workers run in other working directories (URIs are left alone)."""
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class SpecError(ValueError):
@@ -83,6 +90,8 @@ class DataSpec(Strict):
     augment: bool = True
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
 
+    _root_absolute = field_validator("root")(_absolute)
+
     @model_validator(mode="after")
     def _root_given(self):
         if self.dataset != "mnist_sample" and not self.root:
@@ -115,9 +124,11 @@ class RunSpec(Strict):
     train: TrainSpec = TrainSpec()
     scaling: ScalingSpec = ScalingSpec()
     failure: FailureSpec = FailureSpec()
-    storage_path: str = "~/bitfleet_results"
+    storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
     targets: dict[str, float] = {}  # the paper's numbers, shown next to ours in reports
+
+    _storage_absolute = field_validator("storage_path")(_absolute)
 
     @model_validator(mode="after")
     def _check(self):
@@ -138,7 +149,7 @@ class RunSpec(Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(os.path.expanduser(self.storage_path)).absolute() / self.name
+        return Path(self.storage_path) / self.name
 
 
 def _unknown_key_message(key: str, fields, workload: str) -> str:

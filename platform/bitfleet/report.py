@@ -1,0 +1,63 @@
+"""`bitfleet report RUN_DIR...`: training curves of finished runs and a summary next to the paper.
+
+Reads each run's `config.json` (resolved spec, with the paper's numbers in `targets`) and `metrics.json`
+(one entry per epoch); writes `train_loss.png`, `test_accuracy.png` and `summary.json`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load_run(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    missing = [f for f in ("config.json", "metrics.json") if not (run_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: not a bitfleet run directory (missing {', '.join(missing)})")
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"dir": run_dir, "spec": config["spec"], "metrics": json.loads((run_dir / "metrics.json").read_text())}
+
+
+def summarize(run: dict) -> dict:
+    spec, metrics = run["spec"], run["metrics"]
+    best = max(metrics, key=lambda m: m["test/acc"])
+    last = metrics[-1]
+    row = {
+        "run": spec["name"], "workload": spec["workload"], "model": spec.get("model", {}),
+        "epochs": len(metrics), "final_test_acc": last["test/acc"], "final_test_error": round(100 - last["test/acc"], 2),
+        "best_test_acc": best["test/acc"], "best_epoch": best["epoch"], "final_train_loss": last["train/loss"],
+    }
+    target = spec.get("targets", {}).get("test/acc")
+    if target is not None:
+        row.update(paper_test_error=round(100 - target, 2), gap_to_paper_error=round((100 - last["test/acc"]) - (100 - target), 2))
+    return row
+
+
+def plot(runs: list[dict], key: str, ylabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        epochs = [m["epoch"] for m in run["metrics"]]
+        ax.plot(epochs, [m[key] for m in run["metrics"]], label=run["spec"]["name"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out) if out else runs[0]["dir"]
+    out.mkdir(parents=True, exist_ok=True)
+    plot(runs, "train/loss", "training loss", out / "train_loss.png")
+    plot(runs, "test/acc", "test accuracy (%)", out / "test_accuracy.png")
+    summary = [summarize(r) for r in runs]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return out
