@@ -14,9 +14,14 @@ import numpy as np
 from bitfleet.data import cifar
 
 
-def class_images(n: int, shape: tuple[int, ...], num_classes: int, rng: np.random.Generator):
-    """(uint8 images of `shape`, int labels): class template + Gaussian noise, labels balanced."""
-    templates = rng.integers(0, 256, size=(num_classes, *shape)).astype(np.float32)
+def class_templates(shape: tuple[int, ...], num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """One random image per class, shared by the train and test splits."""
+    return rng.integers(0, 256, size=(num_classes, *shape)).astype(np.float32)
+
+
+def class_images(n: int, templates: np.ndarray, rng: np.random.Generator):
+    """(uint8 images, int labels): class template + Gaussian noise, labels balanced."""
+    num_classes, shape = len(templates), templates.shape[1:]
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)
     images = templates[labels] + rng.normal(0, 40, size=(n, *shape))
@@ -32,8 +37,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_mnist(root: Path, n_train: int, n_test: int, rng) -> Path:
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
+    templates = class_templates((28, 28), 10, rng)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images, labels = class_images(n, (28, 28), 10, rng)
+        images, labels = class_images(n, templates, rng)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return raw
@@ -47,8 +53,9 @@ def write_cifar(name: str, root: Path, n_train: int, n_test: int, rng) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     train_files = [f for f, _ in cls.train_list]
     splits = [(f, n_train // len(train_files) + (i < n_train % len(train_files))) for i, f in enumerate(train_files)]
+    templates = class_templates((3, 32, 32), num_classes, rng)
     for filename, n in splits + [(cls.test_list[0][0], n_test)]:
-        images, labels = class_images(n, (3, 32, 32), num_classes, rng)
+        images, labels = class_images(n, templates, rng)
         batch = {"batch_label": filename, label_key: labels.tolist(), "data": images.reshape(n, -1),
                  "filenames": [f"synthetic_{i}.png" for i in range(n)]}
         with open(folder / filename, "wb") as f:

@@ -1,0 +1,107 @@
+"""A standing Ray cluster for the integration tests, started and stopped by the tests themselves.
+
+`ray start --head --block` runs as our child with token auth, its own temp dir and ports outside Ray's
+worker port range; it is stopped by SIGTERM to that pid (it drains and stops its processes), then its
+process group is killed if anything is left. Nothing else on the machine is touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+GCS_PORT, DASHBOARD_PORT = 26379, 28265
+_OTHER_PORTS = {
+    "--ray-client-server-port": 26380, "--node-manager-port": 26381, "--object-manager-port": 26382,
+    "--dashboard-agent-grpc-port": 26383, "--dashboard-agent-listen-port": 26384,
+    "--metrics-export-port": 26385, "--runtime-env-agent-port": 26386,
+}
+
+
+@dataclass
+class Cluster:
+    process: subprocess.Popen
+    env: dict[str, str]
+    address: str = f"127.0.0.1:{GCS_PORT}"
+    dashboard: str = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+    def train_worker_pids(self) -> list[int]:
+        """PIDs of the Ray Train worker actors under this cluster's processes."""
+        pids = []
+        for proc in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    pids.append(proc.pid)
+            except psutil.Error:
+                continue
+        return pids
+
+
+def _wait_for_dashboard(cluster: Cluster, timeout_s: float = 120) -> None:
+    """Until `ray job list` (with the cluster's token) answers: the Jobs API is what the tests need."""
+    deadline = time.monotonic() + timeout_s
+    command = [sys.executable, "-m", "ray.scripts.scripts", "job", "list", "--address", cluster.dashboard]
+    while subprocess.run(command, env=cluster.env, capture_output=True).returncode != 0:
+        if cluster.process.poll() is not None:
+            raise RuntimeError(f"ray start exited with {cluster.process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Ray dashboard at {cluster.dashboard} did not answer in {timeout_s}s")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="bf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ports = [f"{flag}={port}" for flag, port in _OTHER_PORTS.items()]
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={temp_dir}",
+        f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1",
+        "--num-cpus=2", "--disable-usage-stats", *ports,
+    ]
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    cluster = Cluster(process, env)
+    try:
+        _wait_for_dashboard(cluster)
+        yield cluster
+    finally:
+        _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever the drain left behind, in our group only
+    except ProcessLookupError:
+        pass
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(poll_s)
+    return value

@@ -1,0 +1,80 @@
+"""Runs on a real standing Ray cluster: completion, a worker SIGKILLed mid-epoch, a driver killed and rerun.
+
+On 2 busy cores Ray may restart a worker group by itself once: the specs allow failures and the tests
+assert outcomes (epochs, files, restores), never timings.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import write_spec
+from tests.integration.conftest import read_metrics, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def bitfleet(cluster, *args, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bitfleet.cli", *args], env=cluster.env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen,
+    )
+
+
+def finish(process: subprocess.Popen, timeout_s: float = 420) -> str:
+    out, _ = process.communicate(timeout=timeout_s)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def test_two_worker_run_completes(ray_cluster, mnist_root, tmp_path):
+    spec = write_spec(tmp_path, "complete", mnist_root, tmp_path / "results")
+    finish(bitfleet(ray_cluster, "run", str(spec), "--address", ray_cluster.address))
+
+    run_dir = tmp_path / "results" / "complete"
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert metrics[-1]["test/acc"] > 50  # synthetic classes are learnable; chance is 10%
+    assert all(m["images_per_s"] > 0 for m in metrics)
+    assert (run_dir / "config.json").is_file() and (run_dir / "result.json").is_file()
+    assert list(run_dir.glob("checkpoint_*/state.pt"))
+
+
+def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint(ray_cluster, mnist_root, tmp_path):
+    # 1024 images / batch 32 per step: 32 steps an epoch, long enough to be killed inside one.
+    spec = write_spec(tmp_path, "workerkill", mnist_root, tmp_path / "results", epochs=4, batch_size=32)
+    run_dir = tmp_path / "results" / "workerkill"
+    driver = bitfleet(ray_cluster, "run", str(spec), "--address", ray_cluster.address)
+
+    wait_until(lambda: len(read_metrics(run_dir)) >= 1 and list(run_dir.glob("checkpoint_*")), 300, "epoch 1")
+    victim = wait_until(ray_cluster.train_worker_pids, 30, "a train worker")[-1]
+    os.kill(victim, signal.SIGKILL)
+
+    out = finish(driver)
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["restores"] >= 1, out[-3000:]
+    assert "restored from checkpoint at epoch" in out
+
+
+def test_driver_killed_and_rerun_resumes(ray_cluster, mnist_root, tmp_path):
+    spec = write_spec(tmp_path, "driverkill", mnist_root, tmp_path / "results", epochs=4, batch_size=32)
+    run_dir = tmp_path / "results" / "driverkill"
+    args = ("run", str(spec), "--address", ray_cluster.address)
+    first = bitfleet(ray_cluster, *args)
+    wait_until(lambda: len(read_metrics(run_dir)) >= 2 and list(run_dir.glob("checkpoint_*")), 300, "epoch 2")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    wait_until(lambda: not ray_cluster.train_worker_pids(), 60, "the dead driver's workers to go")
+    done_before = len(read_metrics(run_dir))
+
+    out = finish(bitfleet(ray_cluster, *args))
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics[-1]["restores"] >= 1
+    resumed_at = int(out.split("restored from checkpoint at epoch ")[1].split()[0])
+    assert 1 <= resumed_at <= done_before  # continued, not started over
