@@ -224,7 +224,8 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     if err["type"] == "extra_forbidden":
         fields = _fields_at(model, err["loc"][:-1])
         close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
-        msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; expected one of {', '.join(fields)}"
+        expected = f"expected one of {', '.join(fields)}" if fields else "this section takes no keys"
+        msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; {expected}"
     elif own:  # our own validators name the field, relative to where they sit
         loc.append(own.group(1))
         msg = own.group(2)

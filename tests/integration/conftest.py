@@ -36,12 +36,13 @@ class Cluster:
     address: str = f"127.0.0.1:{GCS_PORT}"
     dashboard: str = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
-    def train_worker_pids(self) -> list[int]:
-        """PIDs of the Ray Train worker actors under this cluster's processes."""
+    def train_worker_pids(self, started_after: float = 0.0) -> list[int]:
+        """PIDs of live Ray Train worker actors under this cluster, started after a given time."""
         pids = []
         for proc in psutil.Process(self.process.pid).children(recursive=True):
             try:
-                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                alive = proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() >= started_after
+                if alive and "RayTrainWorker" in " ".join(proc.cmdline()):
                     pids.append(proc.pid)
             except psutil.Error:
                 continue

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,10 +49,11 @@ def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint(ray_cluster, mnist_
     # 1024 images / batch 32 per step: 32 steps an epoch, long enough to be killed inside one.
     spec = write_spec(tmp_path, "workerkill", mnist_root, tmp_path / "results", epochs=4, batch_size=32)
     run_dir = tmp_path / "results" / "workerkill"
+    started = time.time()
     driver = bitfleet(ray_cluster, "run", str(spec), "--address", ray_cluster.address)
 
     wait_until(lambda: len(read_metrics(run_dir)) >= 1 and list(run_dir.glob("checkpoint_*")), 300, "epoch 1")
-    victim = wait_until(ray_cluster.train_worker_pids, 30, "a train worker")[-1]
+    victim = wait_until(lambda: ray_cluster.train_worker_pids(started), 30, "a train worker of this run")[-1]
     os.kill(victim, signal.SIGKILL)
 
     out = finish(driver)

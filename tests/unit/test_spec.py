@@ -50,7 +50,7 @@ BAD_OVERRIDES = [
      ["bitfleet data download cifar100"]),
     ("mnist-missing", ["data.dataset=mnist", "data.root=/nonexistent/bitfleet"], "data.root",
      ["bitfleet data download mnist", "train-images-idx3-ubyte"]),
-    ("batch-not-divisible", ["train.batch_size=129"], "train.batch_size", ["129", "scaling.num_workers=2"]),
+    ("batch-not-divisible", ["scaling.num_workers=2", "train.batch_size=129"], "train.batch_size", ["129", "scaling.num_workers=2"]),
     ("workload-section-unknown-key", ["resnet_cifar.depth=3"], "resnet_cifar.depth", ["unknown key"]),
 ]
 
