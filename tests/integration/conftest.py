@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 GCS_PORT, DASHBOARD_PORT = 26379, 28265
@@ -35,18 +34,6 @@ class Cluster:
     env: dict[str, str]
     address: str = f"127.0.0.1:{GCS_PORT}"
     dashboard: str = f"http://127.0.0.1:{DASHBOARD_PORT}"
-
-    def train_worker_pids(self, started_after: float = 0.0) -> list[int]:
-        """PIDs of live Ray Train worker actors under this cluster, started after a given time."""
-        pids = []
-        for proc in psutil.Process(self.process.pid).children(recursive=True):
-            try:
-                alive = proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() >= started_after
-                if alive and "RayTrainWorker" in " ".join(proc.cmdline()):
-                    pids.append(proc.pid)
-            except psutil.Error:
-                continue
-        return pids
 
 
 def _wait_for_dashboard(cluster: Cluster, timeout_s: float = 120) -> None:
