@@ -126,7 +126,7 @@ class Trainer:
                 break
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             loss, logits = self.train_step(images, labels)
-            totals += torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=self.device)])
+            totals += _batch_totals(loss.detach() * len(labels), logits, labels)
             self.state.global_step += 1
             self.callbacks.on_step_end(self.state)
         elapsed = time.perf_counter() - start
@@ -164,7 +164,7 @@ class Trainer:
             images, labels = images.to(self.device), labels.to(self.device)
             with self.autocast():
                 logits = model(images).float()
-            totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=self.device)])
+            totals += _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
         loss_sum, correct, seen = self._all_reduce(totals).tolist()
         return {"test/loss": loss_sum / max(seen, 1), "test/acc": 100.0 * correct / max(seen, 1)}
 
@@ -224,6 +224,12 @@ class Trainer:
         self.history, self.restores = state["history"], state["restores"] + 1
         if self.rank == 0:
             print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
+
+
+def _batch_totals(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(summed loss, correct, seen) of one batch, to be added up and all-reduced once per epoch."""
+    correct = (logits.argmax(1) == labels).sum()
+    return torch.stack([loss_sum.float(), correct.float(), correct.new_tensor(len(labels)).float()])
 
 
 def _progress_line(name: str, m: dict, epochs: int) -> str:
