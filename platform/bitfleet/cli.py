@@ -1,4 +1,4 @@
-"""`bitfleet run | submit | validate | report | data`: parse the command line and delegate."""
+"""`bitfleet run | submit | validate | report | export | data`: parse the command line and delegate."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from bitfleet import export
+
+    result = export.export(args.run_dir, args.out, args.checkpoint)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
 def cmd_data_download(args) -> int:
     from bitfleet import data
 
@@ -103,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the first run's folder)")
     report.set_defaults(command=cmd_report)
+
+    exp = sub.add_parser("export", help="export a finished run's model with its workload's exporter")
+    exp.add_argument("run_dir", metavar="RUN_DIR")
+    exp.add_argument("--out", required=True, help="output file")
+    exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
+    exp.set_defaults(command=cmd_export)
 
     data = sub.add_parser("data", help="data sets: download, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")

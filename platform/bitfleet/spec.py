@@ -89,6 +89,9 @@ class DataSpec(Strict):
     root: str | None = None  # required for every dataset but the embedded mnist_sample
     augment: bool = True
     loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+    val_size: int = Field(0, ge=0)  # images held out of the training set and evaluated as `val/*`
+    split_seed: int = 42
+    stratified: bool = True  # the held-out images in proportion to each class
 
     _root_absolute = field_validator("root")(_absolute)
 

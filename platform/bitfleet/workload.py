@@ -41,6 +41,9 @@ class Workload:
         self.options(spec)
 
     # ---- inside each worker
+    def prepare(self, spec: RunSpec) -> None:
+        """Called once in each worker before anything is built: keep what `train_step` needs."""
+
     def build_model(self, config: BaseModel, data: DataInfo) -> nn.Module:
         raise NotImplementedError
 
@@ -51,6 +54,10 @@ class Workload:
         """One forward pass and loss; returns (loss, logits). Override for distillation, PPO, ..."""
         logits = model(images)
         return criterion(logits, labels), logits
+
+    def export(self, model: nn.Module, config: BaseModel, data: DataInfo, path) -> dict:
+        """Write a trained model in the workload's deployment format; returns what was written."""
+        raise SpecError(f"workload {self.name!r} has no exporter")
 
 
 def _parse(model: type[BaseModel], raw: dict[str, Any], section: str) -> BaseModel:

@@ -1,7 +1,7 @@
 """The hook protocol workloads plug into: temperature schedules, rotation updates, freezes.
 
-A callback sees the `TrainState` at epoch start, after each optimizer step, after evaluation and at epoch
-end. Whatever it writes into `state.metrics` is reported with the epoch's metrics. Its `state_dict` is
+A callback sees the `TrainState` at epoch start, after each optimizer step, before and after evaluation
+and at epoch end. Whatever it writes into `state.metrics` is reported with the epoch's metrics. Its `state_dict` is
 saved in every checkpoint, so a restored run continues its schedules exactly.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # extra telemetry for this epoch
+    eval_model: nn.Module | None = None  # what evaluation runs: the EMA's module or `model`
+    train_loader: Any = None  # this rank's training batches (BN recalibration reads a few)
 
     @property
     def progress(self) -> float:
@@ -38,6 +40,8 @@ class Callback:
     def on_epoch_start(self, state: TrainState) -> None: ...
 
     def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_eval_start(self, state: TrainState) -> None: ...
 
     def on_eval_end(self, state: TrainState, metrics: dict[str, float]) -> None: ...
 
@@ -62,6 +66,10 @@ class Callbacks(Callback):
     def on_step_end(self, state):
         for cb in self.callbacks:
             cb.on_step_end(state)
+
+    def on_eval_start(self, state):
+        for cb in self.callbacks:
+            cb.on_eval_start(state)
 
     def on_eval_end(self, state, metrics):
         for cb in self.callbacks:

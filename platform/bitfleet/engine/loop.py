@@ -51,6 +51,7 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
         self.workload = registry.get(spec.workload)
+        self.workload.prepare(spec)
 
         data = build_datasets(spec.data)
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
@@ -69,7 +70,8 @@ class Trainer:
         self.callbacks = Callbacks(self.workload.callbacks(spec))
         self.state = TrainState(
             self.model, self.optimizer, epochs=self.train_spec.epochs, steps_per_epoch=self.steps_per_epoch,
-            rank=self.rank, world_size=self.world,
+            rank=self.rank, world_size=self.world, train_loader=self.train_loader,
+            eval_model=self.ema.module if self.ema is not None and self.train_spec.ema.evaluate else self.model,
         )
         self.history: list[dict] = []
         self.restores = 0
@@ -84,8 +86,13 @@ class Trainer:
             drop_last=len(self.sampler) >= per_worker,  # a batch-of-one would break BatchNorm
         )
         # Eval shards by stride without padding: totals are summed over ranks, so every image counts once.
-        shard = Subset(data.test, range(self.rank, len(data.test), self.world))
-        self.test_loader = DataLoader(shard, self.train_spec.eval_batch_size, num_workers=workers, pin_memory=pin)
+        self.eval_loaders = {
+            split: DataLoader(
+                Subset(dataset, range(self.rank, len(dataset), self.world)), self.train_spec.eval_batch_size,
+                num_workers=workers, pin_memory=pin,
+            )
+            for split, dataset in (("val", data.val), ("test", data.test)) if dataset is not None
+        }
         limit = self.train_spec.max_steps_per_epoch or math.inf
         self.steps_per_epoch = int(min(len(self.train_loader), limit))
 
@@ -109,16 +116,18 @@ class Trainer:
         state.metrics = {}
         seed_everything(self.spec.seed, state.epoch, self.rank)
         self.sampler.set_epoch(state.epoch)
+        self.ddp.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
         self.callbacks.on_epoch_start(state)
         metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
-        metrics.update(self.evaluate())
+        self.callbacks.on_eval_start(state)
+        for split, loader in self.eval_loaders.items():
+            metrics.update(self.evaluate(split, loader))
         self.callbacks.on_eval_end(state, metrics)
         state.epoch += 1
         self.callbacks.on_epoch_end(state, metrics)
         return {**metrics, **state.metrics, "restores": self.restores}
 
     def train_epoch(self) -> dict[str, float]:
-        self.ddp.train()
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen
         start = time.perf_counter()
         for step, (images, labels) in enumerate(self.train_loader):
@@ -152,13 +161,12 @@ class Trainer:
         return loss, logits
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Test loss and accuracy of the bare model (or its EMA) on this rank's shard, summed over ranks."""
-        use_ema = self.ema is not None and self.train_spec.ema.evaluate
-        model = self.ema.module if use_ema else self.model
+    def evaluate(self, split: str, loader) -> dict[str, float]:
+        """Loss and accuracy of the bare model (or its EMA) on this rank's shard of `split`, summed over ranks."""
+        model = self.state.eval_model
         model.eval()
         totals = torch.zeros(3, device=self.device)
-        for step, (images, labels) in enumerate(self.test_loader):
+        for step, (images, labels) in enumerate(loader):
             if step == self.train_spec.max_eval_steps:
                 break
             images, labels = images.to(self.device), labels.to(self.device)
@@ -166,7 +174,7 @@ class Trainer:
                 logits = model(images).float()
             totals += _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
         loss_sum, correct, seen = self._all_reduce(totals).tolist()
-        return {"test/loss": loss_sum / max(seen, 1), "test/acc": 100.0 * correct / max(seen, 1)}
+        return {f"{split}/loss": loss_sum / max(seen, 1), f"{split}/acc": 100.0 * correct / max(seen, 1)}
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

@@ -1,0 +1,44 @@
+"""`bitfleet export RUN_DIR`: a finished run's weights handed to its workload's exporter.
+
+The run's recorded spec (config.json) rebuilds the model; the weights are the checkpoint's EMA when the
+run kept one (what it evaluated), else the model's; the best checkpoint unless another is named.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bitfleet import registry
+from bitfleet.data import info
+from bitfleet.engine import checkpoint as ckpt
+from bitfleet.spec import RunSpec, SpecError
+
+
+def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
+    """(spec, workload, model in eval mode on the CPU) of a run, from `checkpoint` or its best one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise SpecError(f"{run_dir}: not a bitfleet run folder (no config.json)")
+    spec = RunSpec.model_validate(json.loads((run_dir / "config.json").read_text())["spec"])
+    directory = Path(checkpoint) if checkpoint else _best_checkpoint(run_dir)
+    workload = registry.get(spec.workload)
+    model = workload.build_model(workload.model_config(spec), info(spec.data.dataset))
+    model.load_state_dict(ckpt.weights(directory))
+    return spec, workload, model.eval()
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict:
+    spec, workload, model = load_model(run_dir, checkpoint)
+    return workload.export(model, workload.model_config(spec), info(spec.data.dataset), Path(out))
+
+
+def _best_checkpoint(run_dir: Path) -> Path:
+    result = run_dir / "result.json"
+    if result.is_file():
+        best = json.loads(result.read_text()).get("best_checkpoint") or json.loads(result.read_text()).get("last_checkpoint")
+        if best and (Path(best) / ckpt.FILE).is_file():
+            return Path(best)
+    found = sorted(run_dir.glob(f"checkpoint_*/{ckpt.FILE}"))
+    if not found:
+        raise SpecError(f"{run_dir}: no checkpoint to export")
+    return found[-1].parent

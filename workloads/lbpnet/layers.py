@@ -1,0 +1,250 @@
+"""LBPNet's layers (Lin et al., "Local Binary Pattern Networks", WACV 2020), vectorised.
+
+- `hard_step`: the Heaviside step 1[x > 0] with a surrogate gradient (straight-through or tanh-relaxed).
+- `LBPLayer`: local-binary-pattern comparisons with learnable sampling offsets, Eq. (1) of the paper.
+- `RPFusion`: the MAC-free random-projection fusion: fixed seeded bit routing, popcount, threshold, gates.
+- `Conv1x1Fusion`: the paper's 1x1-convolution fusion (the ablation with multiply-accumulates).
+
+Bit planes are addressed by one flat index over (input channel c, pattern p, point n):
+`index = (c * num_patterns + p) * num_points + n`. A fusion asks the LBP layer only for the bits it
+routes (`needed_bits`); computing the others would be work whose result nobody reads.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SURROGATES = ("ste", "tanh")
+
+
+class _HardStep(torch.autograd.Function):
+    """Forward 1[x > 0]; backward the derivative of a relaxation of the step at `scale` (a temperature's inverse).
+
+    `ste`:  d/dx clamp((scale·x + 1) / 2, 0, 1) = scale/2 on |scale·x| <= 1 (the clipped straight-through estimator)
+    `tanh`: d/dx (1 + tanh(scale·x)) / 2 = scale/2 · (1 - tanh²(scale·x))
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, surrogate):
+        ctx.save_for_backward(x, scale)
+        ctx.surrogate = surrogate
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        z = scale * x
+        if ctx.surrogate == "ste":
+            local = (z.abs() <= 1).to(grad.dtype) * (scale / 2)
+        else:
+            local = (1 - torch.tanh(z).square()) * (scale / 2)
+        grad_x = grad * local
+        grad_scale = None
+        if ctx.needs_input_grad[1]:  # a learnable temperature: d/dscale of the same relaxation
+            dz = grad * (local / scale) * x
+            grad_scale = dz.sum().reshape(scale.shape)
+        return grad_x, grad_scale, None
+
+
+def _relaxed_step(x: torch.Tensor, scale, surrogate: str) -> torch.Tensor:
+    """The relaxation whose derivative `_HardStep` uses, as a value: for soft forward passes."""
+    z = scale * x
+    return (z.clamp(-1, 1) + 1) / 2 if surrogate == "ste" else (torch.tanh(z) + 1) / 2
+
+
+def hard_step(x: torch.Tensor, scale: torch.Tensor | float, surrogate: str = "tanh") -> torch.Tensor:
+    """1[x > 0] in the forward pass, a relaxed step's gradient (see `_HardStep`) in the backward pass."""
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return _HardStep.apply(x, scale.to(x.dtype), surrogate)
+
+
+class LBPLayer(nn.Module):
+    """Learnable local binary patterns, LBPNet Eq. (1): for sampling point i of a layer,
+
+        b[i](y, x) = 1[ I_{c(i)}(y + dy[i], x + dx[i]) > I_{c(i)}(y, x) ]
+
+    The points are num_patterns x num_points. With `share_across_channels` one set of points serves the
+    whole input: point i compares pixels of input channel c(i), a fixed seeded random channel (the
+    paper's random projection of sampling points onto input channels) — P·N bits. Without it every
+    input channel has its own set — C·P·N bits, flat index `(c·P + p)·N + n`.
+
+    The offsets (dy, dx) are learnable, bounded to the window by r·tanh(raw / r), r = (window - 1) / 2.
+    Positions are rounded to whole pixels in every forward pass (the hard path the integer engine
+    computes); as in the official LBPNet, the loss reaches an offset through the image gradient (central
+    differences) at its sampling point. The comparison is hard in the forward pass (relaxed while
+    `soft_forward`) and its gradient is `hard_step`'s surrogate at scale 1/alpha.
+    """
+
+    def __init__(
+        self, in_channels: int, num_patterns: int = 2, num_points: int = 8, window: int = 3,
+        offset_init_std: float = 0.8, share_across_channels: bool = True, alpha_init: float = 0.2,
+        learn_alpha: bool = True, surrogate: str = "tanh", soft_forward: bool = False,
+    ):
+        super().__init__()
+        assert window % 2 == 1 and surrogate in SURROGATES
+        self.in_channels, self.num_patterns, self.num_points, self.window = in_channels, num_patterns, num_points, window
+        self.radius = (window - 1) / 2
+        self.share_across_channels, self.surrogate = share_across_channels, surrogate
+        tables = 1 if share_across_channels else in_channels
+        raw = torch.randn(tables, num_patterns, num_points, 2) * offset_init_std
+        self.offsets = nn.Parameter(raw.clamp(-self.radius, self.radius))
+        channels = torch.randint(in_channels, (num_patterns * num_points,))  # from the seeded global RNG
+        self.register_buffer("point_channels", channels if share_across_channels else torch.empty(0, dtype=torch.long))
+        alpha = torch.tensor(float(alpha_init))
+        if learn_alpha:
+            self.alpha = nn.Parameter(alpha)
+        else:
+            self.register_buffer("alpha", alpha)
+        self.soft_forward = soft_forward  # relaxed comparisons in the forward pass (before hardening)
+
+    @property
+    def num_bits(self) -> int:
+        points = self.num_patterns * self.num_points
+        return points if self.share_across_channels else self.in_channels * points
+
+    def positions(self) -> torch.Tensor:
+        """Offsets in pixels, (tables, P, N, 2) as (dy, dx), inside the window."""
+        r = self.radius
+        return r * torch.tanh(self.offsets / r)
+
+    def integer_positions(self) -> torch.Tensor:
+        """The offsets every forward pass uses: rounded to whole pixels."""
+        return torch.round(self.positions().detach()).long()
+
+    def bit_sources(self, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input channel, row of the flattened offset table) of each flat bit index."""
+        if index is None:
+            index = torch.arange(self.num_bits, device=self.offsets.device)
+        if self.share_across_channels:
+            return self.point_channels[index], index
+        return torch.div(index, self.num_patterns * self.num_points, rounding_mode="floor"), index
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Bits (B, S, H, W) of the flat bit indices `index` (all C·P·N bits when None)."""
+        channel, row = self.bit_sources(index)
+        pos = self.positions().reshape(-1, 2)[row]  # (S, 2), differentiable
+        b, c, h, w = x.shape
+        pad = int(math.ceil(self.radius)) + 1  # +1: room for the central differences
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
+        wp = w + 2 * pad
+        rows = torch.arange(h, device=x.device).view(h, 1) + pad
+        cols = torch.arange(w, device=x.device).view(1, w) + pad
+        centre = (channel.view(-1, 1, 1) * ((h + 2 * pad) * wp) + rows * wp + cols).flatten(1)  # (S, H·W)
+        whole = torch.round(pos.detach()).long()
+        sample = centre + (whole[:, 0] * wp + whole[:, 1]).view(-1, 1)
+        scale = 1.0 / self.alpha.clamp(min=1e-3)
+        bits = _LBPCompare.apply(xp, pos, scale.to(x.dtype), sample.flatten(), centre.flatten(), wp, self.surrogate, self.soft_forward and self.training)
+        return bits.view(b, len(channel), h, w)
+
+    def offset_penalty(self, target_radius: float | None) -> torch.Tensor:
+        """Mean squared distance of the sampling radius from `target_radius` (or of the offsets from 0)."""
+        radius = self.positions().norm(dim=-1)
+        target = 0.0 if target_radius is None else target_radius
+        return (radius - target).square().mean()
+
+
+class _LBPCompare(torch.autograd.Function):
+    """d = x[sample] - x[centre] over the flattened padded input; forward 1[d > 0] (or its relaxation).
+
+    Backward: dL/dd = grad · surrogate'(scale·d) · scale, which flows to x at both ends and, through the
+    central-difference image gradient at the sampling point, to the (real-valued) positions.
+    """
+
+    @staticmethod
+    def forward(ctx, xp, pos, scale, sample, centre, wp, surrogate, soft):
+        d = xp.index_select(1, sample) - xp.index_select(1, centre)
+        ctx.save_for_backward(xp, d, scale, sample, centre)
+        ctx.wp, ctx.surrogate, ctx.npos = wp, surrogate, len(pos)
+        return _relaxed_step(d, scale, surrogate) if soft else (d > 0).to(xp.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xp, d, scale, sample, centre = ctx.saved_tensors
+        grad = grad.reshape(d.shape)
+        z = scale * d
+        slope = (z.abs() <= 1).to(d.dtype) if ctx.surrogate == "ste" else 1 - torch.tanh(z).square()
+        g = grad * slope * (scale / 2)  # dL/dd
+        grad_xp = grad_pos = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_xp = torch.zeros_like(xp).index_add_(1, sample, g).index_add_(1, centre, -g)
+        if ctx.needs_input_grad[1]:
+            b, wp = len(xp), ctx.wp
+            dy = (xp.index_select(1, sample + wp) - xp.index_select(1, sample - wp)) / 2
+            dx = (xp.index_select(1, sample + 1) - xp.index_select(1, sample - 1)) / 2
+            per_bit = lambda t: (g * t).view(b, ctx.npos, -1).sum((0, 2))  # noqa: E731
+            grad_pos = torch.stack([per_bit(dy), per_bit(dx)], 1)
+        if ctx.needs_input_grad[2]:
+            grad_scale = (grad * slope * d / 2).sum().reshape(scale.shape)
+        return grad_xp, grad_pos, grad_scale, None, None, None, None, None
+
+
+class RPFusion(nn.Module):
+    """Random-projection fusion, MAC-free (LBPNet §3.2): for output channel o,
+
+        popcount[o] = Σ_{j < k} bit[route[o, j]]          (k = n_bits_per_out, a fixed seeded routing)
+        y[o] = gate[o] · 1[popcount[o] >= θ]             (activation "threshold")
+        y[o] = gate[o] · max(popcount[o] - θ + 1, 0)     (activation "shifted_relu": how far above θ)
+
+    with θ = ceil(k / 2) unless given, and gate[o] = 1[logit[o] > 0] whose gradient is `hard_step`'s
+    surrogate at scale 1/tau. No multiply-accumulate in the forward pass: routing, additions, comparisons.
+    """
+
+    def __init__(
+        self, num_bits_in: int, out_channels: int, n_bits_per_out: int = 4, seed: int = 42,
+        threshold: int | None = None, activation: str = "threshold", gate_logits_init: float = 0.3,
+        tau: float = 3.0, use_ste: bool = True, soft_forward: bool = False, surrogate: str = "tanh",
+    ):
+        super().__init__()
+        assert activation in ("threshold", "shifted_relu") and 1 <= n_bits_per_out <= num_bits_in
+        self.out_channels, self.k, self.activation, self.surrogate = out_channels, n_bits_per_out, activation, surrogate
+        self.use_ste = use_ste
+        self.soft_forward = soft_forward  # relaxed gates in the forward pass (before hardening)
+        self.threshold = math.ceil(n_bits_per_out / 2) if threshold is None else int(threshold)
+        generator = torch.Generator().manual_seed(seed)
+        routes = torch.stack([torch.randperm(num_bits_in, generator=generator)[:n_bits_per_out] for _ in range(out_channels)])
+        needed, local = torch.unique(routes, return_inverse=True)
+        self.register_buffer("routes", routes)  # (C_out, k) flat LBP bit indices: part of the model
+        self.register_buffer("needed_bits", needed, persistent=False)  # the LBP bits to compute, sorted
+        self.register_buffer("local_routes", local, persistent=False)  # routes into `needed_bits`
+        self.gate_logits = nn.Parameter(torch.full((out_channels,), float(gate_logits_init)))
+        self.register_buffer("tau", torch.tensor(float(tau)))
+
+    def gates(self) -> torch.Tensor:
+        if not self.use_ste:  # gates keep their initial state
+            return (self.gate_logits.detach() > 0).float()
+        scale = 1.0 / self.tau.clamp(min=1e-3)
+        if self.soft_forward and self.training:
+            return _relaxed_step(self.gate_logits, scale, self.surrogate)
+        return hard_step(self.gate_logits, scale, self.surrogate)
+
+    def popcount(self, bits: torch.Tensor) -> torch.Tensor:
+        """Σ_j bits[route[:, j]]: k whole-plane gathers added up (a loop over the k routed bits only)."""
+        count = bits.index_select(1, self.local_routes[:, 0])
+        for j in range(1, self.k):
+            count = count + bits.index_select(1, self.local_routes[:, j])
+        return count
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits`."""
+        count = self.popcount(bits)
+        if self.activation == "threshold":
+            y = hard_step(count - self.threshold + 0.5, 1.0, self.surrogate)
+        else:
+            y = F.relu(count - self.threshold + 1)
+        return y * self.gates().view(1, -1, 1, 1).to(y.dtype)
+
+
+class Conv1x1Fusion(nn.Module):
+    """The paper's 1x1-convolution fusion of all LBP bits (with multiply-accumulates), for the ablation."""
+
+    def __init__(self, num_bits_in: int, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+        self.conv = nn.Conv2d(num_bits_in, out_channels, 1, bias=False)
+        self.needed_bits = None  # every bit
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        return self.conv(bits)

@@ -1,0 +1,124 @@
+"""LBPNet networks: stages of LBP blocks and a small float head, three block kinds to compare.
+
+- `residual` (the seed's network): y = BN(fusion(LBP(x))); out = y + tile(x) — channels of x repeated
+  to the block's width, no parameters — then a 2x2 average pool where the stage downsamples.
+- `macfree` (the paper's MAC-free block): y = RP(LBP(x)) with the shifted-ReLU activation;
+  out = concat(x, y), then a 2x2 max pool where the stage downsamples. Comparisons, additions and
+  maxima only: every value in the feature path is an integer count or an input pixel, which is what
+  lets the integer engine (`intengine.py`) reproduce it bit for bit.
+- `conv` (a float baseline of the same skeleton): y = ReLU(BN(conv3x3(x))), residual as `residual`.
+
+Head: global average pool -> Linear(hidden) -> BN -> ReLU -> Dropout -> Linear(num_classes).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workloads.lbpnet.layers import Conv1x1Fusion, LBPLayer, RPFusion
+
+
+def _tile(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """x's channels repeated (and cut) to `channels`: a parameter-free residual alignment."""
+    index = torch.arange(channels, device=x.device) % x.shape[1]
+    return x.index_select(1, index)
+
+
+class LBPBlock(nn.Module):
+    """LBP comparisons fused into `out_channels` maps by RP or 1x1 fusion, in the `residual` or `macfree` form."""
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str, downsample: bool, lbp: dict, fusion: str, rp: dict):
+        super().__init__()
+        self.kind, self.downsample = kind, downsample
+        self.lbp = LBPLayer(in_channels, **lbp)
+        if fusion == "rp_paper":
+            activation = "shifted_relu" if kind == "macfree" else "threshold"
+            self.fusion = RPFusion(self.lbp.num_bits, out_channels, activation=activation, surrogate=self.lbp.surrogate, **rp)
+        else:
+            self.fusion = Conv1x1Fusion(self.lbp.num_bits, out_channels)
+        self.bn = nn.BatchNorm2d(out_channels) if kind == "residual" or fusion == "conv1x1" else nn.Identity()
+        self.out_channels = in_channels + out_channels if kind == "macfree" else out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits)))
+        if isinstance(self.fusion, Conv1x1Fusion):
+            y = F.relu(y)
+        if self.kind == "macfree":
+            out = torch.cat([x, y.to(x.dtype)], 1)
+            return F.max_pool2d(out, 2) if self.downsample else out
+        out = y + _tile(x, y.shape[1])
+        return F.avg_pool2d(out, 2) if self.downsample else out
+
+
+class ConvBlock(nn.Module):
+    """The float baseline: conv3x3 -> BN -> ReLU with the `residual` block's shortcut and pooling."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool):
+        super().__init__()
+        self.downsample, self.out_channels = downsample, out_channels
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.conv(x))) + _tile(x, self.conv.out_channels)
+        return F.avg_pool2d(out, 2) if self.downsample else out
+
+
+class Head(nn.Module):
+    """Global average pool (or the flattened final map) -> Linear -> BN -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout_rate: float, use_bn: bool, pool: str):
+        super().__init__()
+        self.pool = pool
+        self.fc1 = nn.LazyLinear(hidden) if pool == "flatten" else nn.Linear(in_features, hidden)
+        self.bn = nn.BatchNorm1d(hidden) if use_bn else nn.Identity()
+        self.dropout = nn.Dropout(dropout_rate)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        pooled = features.flatten(1) if self.pool == "flatten" else features.mean((2, 3))
+        return self.fc2(self.dropout(F.relu(self.bn(self.fc1(pooled)))))
+
+
+class LBPNet(nn.Module):
+    """Stages of blocks; a stage whose index is in `downsample_at` halves the resolution after its block."""
+
+    def __init__(self, config, in_channels: int, num_classes: int, image_size: int = 28):
+        super().__init__()
+        blocks, channels = [], in_channels
+        lbp = config.lbp_layer.model_dump()
+        rp = {**config.rp_config.model_dump(), **config.rp_layer.model_dump()}
+        for stage, width in enumerate(config.blocks.channels_per_stage):
+            down = stage in config.blocks.downsample_at
+            if config.blocks.block == "conv":
+                block = ConvBlock(channels, width, down)
+            else:
+                block = LBPBlock(channels, width, config.blocks.block, down, lbp, config.blocks.fusion_type, rp)
+            blocks.append(block)
+            channels = block.out_channels
+        self.blocks = nn.ModuleList(blocks)
+        h = config.head
+        self.head = Head(channels, h.hidden, num_classes, h.dropout_rate, h.use_bn, h.pool)
+        if h.pool == "flatten":  # materialise the lazy layer: its width depends on the final map's size
+            with torch.no_grad():
+                self.train(False)
+                self(torch.zeros(1, in_channels, image_size, image_size))
+                self.train(True)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def lbp_layers(model: nn.Module) -> list[LBPLayer]:
+    return [m for m in model.modules() if isinstance(m, LBPLayer)]
+
+
+def rp_layers(model: nn.Module) -> list[RPFusion]:
+    return [m for m in model.modules() if isinstance(m, RPFusion)]
