@@ -65,7 +65,7 @@ def test_torchvision_reads_the_mnist_files_back(mnist_root):
 def test_mnist_build_datasets_normalises(mnist_root):
     ds = build_datasets(DataSpec(dataset="mnist", root=str(mnist_root), augment=False))
     assert (len(ds.train), len(ds.test)) == (30, 12)
-    assert ds.info == info("mnist") == ds.info.__class__(10, 1, 28)
+    assert ds.info == info("mnist") == ds.info.__class__(10, 1, 28, (0.1307,), (0.3081,))
     raw = torchvision.datasets.MNIST(str(mnist_root), train=False, download=False)
     for i in (0, 11):
         x, y = ds.test[i]
@@ -207,3 +207,15 @@ def test_mnist_sample_augmentation(sample):
     assert all(torch.equal(x, d) for d in _draws(plain, 5))
     assert y == int(ytr[5]) and x.shape == (1, 28, 28)
     assert torch.allclose(x[0], (xtr[5, 0].float() / 255 - mnist.MEAN[0]) / mnist.STD[0], atol=1e-5)
+
+
+def test_validation_split_is_stratified_seeded_and_unaugmented(mnist_root):
+    spec = DataSpec(dataset="mnist", root=str(mnist_root), augment=True, val_size=10, split_seed=42)
+    ds = build_datasets(spec)
+    assert (len(ds.train), len(ds.val)) == (20, 10)
+    assert sorted(set(ds.train.indices) | set(ds.val.indices)) == list(range(30))
+    val_labels = [int(ds.val.dataset.targets[i]) for i in ds.val.indices]
+    assert sorted(val_labels) == list(range(10))  # 3 per class in train: one of each held out
+    again = build_datasets(spec)
+    assert list(again.val.indices) == list(ds.val.indices)
+    assert torch.equal(ds.val[0][0], ds.val[0][0])  # no random crop on validation images

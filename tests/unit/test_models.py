@@ -115,6 +115,7 @@ def test_every_workload_builds_its_default_model(name, dataset):
     assert workload.name == name
     spec = _spec(name)
     workload.validate(spec)
+    workload.prepare(spec)
     config = workload.model_config(spec)
     info = data.info(dataset)
     torch.manual_seed(0)
