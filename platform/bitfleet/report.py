@@ -31,6 +31,8 @@ def summarize(run: dict) -> dict:
         "run": spec["name"], "workload": spec["workload"], "model": spec.get("model", {}),
         "epochs": len(metrics), "final_test_acc": last["test/acc"], "final_test_error": round(100 - last["test/acc"], 2),
         "best_test_acc": best["test/acc"], "best_epoch": best["epoch"], "final_train_loss": last["train/loss"],
+        # the workload's own figures at the end (validation, paper metrics, temperatures, ...)
+        "final_metrics": {k: v for k, v in last.items() if "/" in k and not k.startswith(("train/", "test/"))},
     }
     target = spec.get("targets", {}).get("test/acc")
     if target is not None:

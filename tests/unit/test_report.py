@@ -1,0 +1,35 @@
+"""`bitfleet report`: curves and a summary next to the paper's number, from a run folder's files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bitfleet import report
+
+
+def write_run(folder, name="lbp", accs=(90.0, 97.0, 96.5)):
+    folder.mkdir(parents=True)
+    spec = {"name": name, "workload": "lbpnet", "model": {}, "targets": {"test/acc": 99.5}}
+    (folder / "config.json").write_text(json.dumps({"spec": spec}))
+    metrics = [
+        {"epoch": i + 1, "train/loss": 1.0 / (i + 1), "test/acc": acc, "val/acc": acc - 1, "paper/size_bytes": 2928.0}
+        for i, acc in enumerate(accs)
+    ]
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_report_writes_curves_and_a_summary_with_the_gap_to_the_paper(tmp_path):
+    run = write_run(tmp_path / "lbp")
+    out = report.write([run])
+    assert (out / "train_loss.png").stat().st_size > 0 and (out / "test_accuracy.png").stat().st_size > 0
+    (row,) = json.loads((out / "summary.json").read_text())
+    assert (row["best_test_acc"], row["best_epoch"], row["final_test_error"]) == (97.0, 2, 3.5)
+    assert (row["paper_test_error"], row["gap_to_paper_error"]) == (0.5, 3.0)
+    assert row["final_metrics"] == {"val/acc": 95.5, "paper/size_bytes": 2928.0}
+
+
+def test_report_names_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing config.json"):
+        report.write([tmp_path])
