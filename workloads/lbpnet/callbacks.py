@@ -125,14 +125,14 @@ class HardFinetune(Callback):
 
 class BNRecalibration(Callback):
     """Re-estimate BatchNorm statistics of the evaluated model on `batches` training batches, hard path,
-    before evaluation — during the hard fine-tune and before the final evaluation."""
+    before evaluation — every time, or during the hard fine-tune and before the final evaluation."""
 
-    def __init__(self, batches: int, hard_finetune: HardFinetune):
-        self.batches, self.hard_finetune = batches, hard_finetune
+    def __init__(self, batches: int, every_eval: bool, hard_finetune: HardFinetune):
+        self.batches, self.every_eval, self.hard_finetune = batches, every_eval, hard_finetune
 
     def on_eval_start(self, state):
-        last = state.epoch + 1 == state.epochs
-        if not self.batches or not (last or self.hard_finetune.active(state.epoch)):
+        due = self.every_eval or state.epoch + 1 == state.epochs or self.hard_finetune.active(state.epoch)
+        if not self.batches or not due:
             return
         recalibrate_bn(state.eval_model, state.train_loader, self.batches)
         state.metrics["bn/recalibrated_batches"] = float(self.batches)

@@ -125,6 +125,9 @@ class HardFinetune(Strict):
     hard_forward_gates: bool = True  # gates are hard in every forward pass; kept for the seed's name
     bn_mode: Literal["track", "frozen"] = "track"
     bn_recal_batches: int = Field(200, ge=0)  # BN statistics re-estimated on the hard path before evaluation
+    # when: during the hard fine-tune (and before the final evaluation), or before every evaluation —
+    # needed when an EMA is evaluated, since averaged BN statistics do not match the averaged weights
+    bn_recal: Literal["hard_finetune", "every_eval"] = "hard_finetune"
 
 
 class AliveRatioReg(Strict):
