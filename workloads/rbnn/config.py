@@ -1,0 +1,33 @@
+"""The rbnn spec sections: `model:` (arch, a32) and the `rbnn:` options, named after the seed's flags."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from bitfleet.spec import Strict
+from workloads.rbnn.models import ARCHS
+
+Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
+
+
+class ModelConfig(Strict):
+    arch: Arch = "resnet20_1w1a"
+    a32: bool = False  # w1a32: real activations (the seed's --a32)
+
+
+class Options(Strict):
+    tmin: float = Field(1e-2, gt=0)  # --Tmin: t of the sign approximation at the first epoch
+    tmax: float = Field(10.0, gt=0)  # --Tmax: at the last; log-linear in between, k = max(1/t, 1)
+    rotation_update: int = Field(2, ge=0)  # --rotation_update: rotations re-fit every n epochs (0: never)
+    rotation_iterations: int = Field(3, ge=1)  # alternating B/R1/R2 steps per update
+    svd_device: Literal["cpu", "device"] = "cpu"  # --use_gpu: SVD on the worker's device instead of the CPU
+    mixup: float = Field(0.0, ge=0)  # --mixup: Beta(alpha, alpha) mixing of each batch; 0 = off
+    weight_hist: int = Field(0, ge=0)  # --weight_hist: histogram PNG and metrics every n epochs; 0 = off
+    bn_only_epochs: int = Field(0, ge=0)  # the last n epochs: binary weights and scales fixed, BN trained only
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.tmin >= self.tmax:
+            raise ValueError(f"tmin: must be below tmax={self.tmax} (got {self.tmin})")
+        return self

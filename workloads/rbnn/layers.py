@@ -1,0 +1,115 @@
+"""Rotated Binary Neural Network layers (Lin et al., "Rotated Binary Neural Network", NeurIPS 2020).
+
+- `sign_approx`: sign(x) forward; the training-aware approximation's gradient backward (Eq. 13):
+      d sign(x)/dx ≈ k · max(0, √2·t − t²·|x|)
+  with t annealed from Tmin to Tmax over training and k = max(1/t, 1).
+- `BinaryConv2d`: a convolution whose weight is standardised, bi-rotated (R1ᵀ X R2, Eq. 4, R1 and R2
+  orthogonal of sizes a x a and b x b with a·b = Cin·k·k the divisor pair closest to a square), adjusted by
+  a learnable angle per output channel (Eq. 10: w' = w + |sin θ|·(R1ᵀ X R2 − w)), binarized, convolved
+  with binarized activations (or real ones with `a32`) and scaled per output channel (learnable).
+  `update_rotation` runs the alternating optimisation of Eq. 6-8 (B, then R1 by an SVD, then R2), batched
+  over output channels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _SignApprox(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, t, k):
+        ctx.save_for_backward(x, t, k)
+        return torch.sign(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, t, k = ctx.saved_tensors
+        slope = k * (math.sqrt(2.0) * t - t.square() * x.abs()).clamp(min=0)
+        return grad * slope, None, None
+
+
+def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return _SignApprox.apply(x, t.to(x.dtype), k.to(x.dtype))
+
+
+def divisor_pair(n: int) -> tuple[int, int]:
+    """(a, b) with a·b = n and a the largest divisor not above √n."""
+    a = next(d for d in range(math.isqrt(n), 0, -1) if n % d == 0)
+    return a, n // a
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (QR of a Gaussian matrix with the signs of R's diagonal fixed)."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+class BinaryConv2d(nn.Conv2d):
+    """1-bit weights (rotated, then sign) and 1-bit activations (sign, unless `a32`), scaled per channel."""
+
+    def __init__(self, *args, a32: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.a32 = a32
+        fan_in = self.weight[0].numel()
+        self.a, self.b = divisor_pair(fan_in)
+        self.register_buffer("R1", random_orthogonal(self.a))
+        self.register_buffer("R2", random_orthogonal(self.b))
+        self.register_buffer("t", torch.tensor(0.1))
+        self.register_buffer("k", torch.tensor(10.0))
+        scale = self.weight.detach().abs().flatten(1).mean(1).view(-1, 1, 1, 1)
+        self.scale = nn.Parameter(scale)  # per output channel, learnable
+        self.rotate = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) * math.pi / 2)  # θ of Eq. 10
+
+    def standardised(self) -> torch.Tensor:
+        """The weight with zero mean and unit std per output channel, as (O, a, b)."""
+        w = self.weight.flatten(1)
+        w = (w - w.mean(1, keepdim=True)) / w.std(1, keepdim=True).clamp(min=1e-8)
+        return w.view(-1, self.a, self.b)
+
+    def rotated_weight(self) -> torch.Tensor:
+        """w + |sin θ|·(R1ᵀ X R2 − w): the real weight that is binarized."""
+        x = self.standardised()
+        rotated = (self.R1.t() @ x.detach() @ self.R2).detach()
+        mix = torch.sin(self.rotate).abs().view(-1, 1, 1)
+        return (x + mix * (rotated - x)).view_as(self.weight)
+
+    def binary_weight(self) -> torch.Tensor:
+        return sign_approx(self.rotated_weight(), self.t, self.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.a32:
+            x = sign_approx(x, self.t, self.k)
+        out = F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return out * self.scale.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def quantization_error(self) -> float:
+        """‖sign(R1ᵀ X R2) − R1ᵀ X R2‖²_F averaged over output channels: what the rotation minimises."""
+        v = self.R1.t() @ self.standardised() @ self.R2
+        return (torch.sign(v) - v).square().sum((1, 2)).mean().item()
+
+    @torch.no_grad()
+    def update_rotation(self, iterations: int = 3, svd_device: str = "cpu") -> tuple[float, float]:
+        """Alternate B = sign(R1ᵀXR2), R1 and R2 by SVD (Eq. 6-8), batched over the O output channels.
+
+        R1 = V1·U1ᵀ with U1 S1 V1ᵀ = Σ_i B_i R2ᵀ X_iᵀ;  R2 = U2·V2ᵀ with U2 S2 V2ᵀ = Σ_i X_iᵀ R1 B_i.
+        Returns the quantization error before and after.
+        """
+        before = self.quantization_error()
+        x = self.standardised()
+        device = self.R1.device if svd_device == "device" else torch.device("cpu")
+        for _ in range(iterations):
+            b = torch.sign(self.R1.t() @ x @ self.R2)
+            u1, _, v1h = torch.linalg.svd((b @ self.R2.t() @ x.transpose(1, 2)).sum(0).to(device))
+            self.R1.copy_((v1h.t() @ u1.t()).to(self.R1))
+            u2, _, v2h = torch.linalg.svd((x.transpose(1, 2) @ self.R1 @ b).sum(0).to(device))
+            self.R2.copy_((u2 @ v2h).to(self.R2))
+        return before, self.quantization_error()
+
+
+def binary_convs(model: nn.Module) -> list[BinaryConv2d]:
+    return [m for m in model.modules() if isinstance(m, BinaryConv2d)]
