@@ -3,7 +3,8 @@
 1. a training step of our resnet20_1w1a against the float ResNet-20 of `resnet_cifar` — the cost of
    binarizing, as a ratio (the official code's is ~1.96x on 2 threads);
 2. one rotation update of every binarized layer of resnet20_1w1a: ours (batched over output channels)
-   against the paper's formulas written as a loop over output channels.
+   against the paper's formulas written as a loop over output channels;
+3. with --models: every architecture's parameter count, binarized share of weights and step time.
 
     python bench/rbnn_speed.py [--threads 2] [--steps 10] [--out bench/results/rbnn_speed.json]
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from workloads.rbnn.layers import binary_convs
-from workloads.rbnn.models import build
+from workloads.rbnn.models import ARCHS, build
 from workloads.resnet_cifar import models as float_models
 
 
@@ -62,11 +63,24 @@ def rotation_seconds(update, repeats: int = 3) -> float:
     return best
 
 
+def model_table(steps: int, batch: int) -> list[dict]:
+    rows = []
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        model = build(arch, 10, 3, 32)
+        params = sum(p.numel() for p in model.parameters())
+        binary = sum(c.weight.numel() for c in binary_convs(model))
+        rows.append({"arch": arch, "params": params, "binary_share": binary / params, "step_s": step_seconds(model, steps, batch)})
+        print(f"  {arch:38s} {params:>10,d} params  {100 * binary / params:5.1f}% binary  {rows[-1]['step_s']:.3f} s/step")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--models", action="store_true", help="also time every architecture (CIFAR shape)")
     parser.add_argument("--out", default="bench/results/rbnn_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,6 +94,8 @@ def main() -> None:
         "float_resnet20_step_s": float_s, "resnet20_1w1a_step_s": binary_s, "binarize_cost_ratio": binary_s / float_s,
         "rotation_update_batched_s": ours, "rotation_update_loop_s": loop, "rotation_speedup": loop / ours,
     }
+    if args.models:
+        result["models"] = model_table(max(2, args.steps // 3), args.batch)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -64,7 +64,7 @@ class IntegerLBPNet:
         self.num_blocks = int(self.t["num_blocks"])
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.int32)
+        x = images.astype(np.uint8)  # pixel codes, then counts of at most k: 8 bits hold every value
         for i in range(self.num_blocks):
             x = self._block(x, i)
         return x
@@ -89,10 +89,11 @@ class IntegerLBPNet:
         b, c, h, w = x.shape
         planes = _compare(x, t["channels"], t["offsets"], int(t["radius"]) + 1)  # (B, U, words) uint64
         count = _popcount(planes[:, t["routes"]], h * w)  # (B, C_out, H·W)
-        y = np.maximum(count - int(t["threshold"]) + 1, 0) * t["gates"][None, :, None]
-        out = np.concatenate([x, y.reshape(b, -1, h, w).astype(np.int32)], 1)
-        if t["downsample"]:
-            out = out[:, :, : h // 2 * 2, : w // 2 * 2].reshape(b, out.shape[1], h // 2, 2, w // 2, 2).max((3, 5))
+        y = np.maximum(count - (int(t["threshold"]) - 1), 0).astype(np.uint8) * t["gates"][None, :, None].astype(np.uint8)
+        out = np.concatenate([x, y.reshape(b, -1, h, w)], 1)
+        if t["downsample"]:  # 2x2 max pool as three element-wise maxima of strided views
+            even = out[:, :, : h // 2 * 2, : w // 2 * 2]
+            out = np.maximum(np.maximum(even[:, :, ::2, ::2], even[:, :, 1::2, ::2]), np.maximum(even[:, :, ::2, 1::2], even[:, :, 1::2, 1::2]))
         return out
 
 
@@ -118,8 +119,8 @@ def _popcount(routed: np.ndarray, pixels: int) -> np.ndarray:
         carry = routed[:, :, j]
         for i, digit in enumerate(counter):
             counter[i], carry = digit ^ carry, digit & carry
-    total = np.zeros(routed.shape[:2] + (pixels,), np.int32)
+    total = np.zeros(routed.shape[:2] + (pixels,), np.int16)
     for i, digit in enumerate(counter):
         bits = np.unpackbits(digit.view(np.uint8), axis=-1, bitorder="little")[..., :pixels]
-        total += bits.astype(np.int32) << i
+        total += bits.astype(np.int16) << i
     return total
