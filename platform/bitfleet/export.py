@@ -20,7 +20,10 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
     if not (run_dir / "config.json").is_file():
         raise SpecError(f"{run_dir}: not a bitfleet run folder (no config.json)")
     spec = RunSpec.model_validate(json.loads((run_dir / "config.json").read_text())["spec"])
-    directory = Path(checkpoint) if checkpoint else _best_checkpoint(run_dir)
+    try:
+        directory = ckpt.find(checkpoint or run_dir)
+    except FileNotFoundError as exc:
+        raise SpecError(str(exc)) from None
     workload = registry.get(spec.workload)
     model = workload.build_model(workload.model_config(spec), info(spec.data.dataset))
     model.load_state_dict(ckpt.weights(directory))
@@ -30,15 +33,3 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict:
     spec, workload, model = load_model(run_dir, checkpoint)
     return workload.export(model, workload.model_config(spec), info(spec.data.dataset), Path(out))
-
-
-def _best_checkpoint(run_dir: Path) -> Path:
-    result = run_dir / "result.json"
-    if result.is_file():
-        best = json.loads(result.read_text()).get("best_checkpoint") or json.loads(result.read_text()).get("last_checkpoint")
-        if best and (Path(best) / ckpt.FILE).is_file():
-            return Path(best)
-    found = sorted(run_dir.glob(f"checkpoint_*/{ckpt.FILE}"))
-    if not found:
-        raise SpecError(f"{run_dir}: no checkpoint to export")
-    return found[-1].parent

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
-def _absolute(path: str | None) -> str | None:
+def absolute_path(path: str | None) -> str | None:
     """Resolve on the driver: Ray workers run in other working directories (URIs are left alone)."""
     if path is None or "://" in path:
         return path
@@ -54,11 +54,11 @@ class OptimizerSpec(Strict):
 class LRScheduleSpec(Strict):
     """Learning-rate schedule over epochs; applied per step so warmup and cosine are smooth."""
 
-    type: Literal["constant", "step", "multistep", "cosine"] = "multistep"
+    type: Literal["constant", "step", "multistep", "cosine", "linear"] = "multistep"  # linear: decay to min_lr
     milestones: list[int] = [100, 150]  # multistep, in epochs
     step_size: int = Field(30, ge=1)  # step, in epochs
     gamma: float = Field(0.1, gt=0, le=1)
-    min_lr: float = Field(0.0, ge=0)  # cosine floor
+    min_lr: float = Field(0.0, ge=0)  # cosine and linear floor
     warmup_epochs: float = Field(0.0, ge=0)
     warmup_start_factor: float = Field(0.01, gt=0, le=1)
 
@@ -82,6 +82,9 @@ class TrainSpec(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
     max_eval_steps: int | None = Field(None, ge=1)
     strategy: Literal["ddp"] = "ddp"
+    init_from: str | None = None  # a checkpoint folder, or a run folder (its best checkpoint): initial weights
+
+    _init_from_absolute = field_validator("init_from")(absolute_path)
 
 
 class DataSpec(Strict):
@@ -93,7 +96,7 @@ class DataSpec(Strict):
     split_seed: int = 42
     stratified: bool = True  # the held-out images in proportion to each class
 
-    _root_absolute = field_validator("root")(_absolute)
+    _root_absolute = field_validator("root")(absolute_path)
 
     @model_validator(mode="after")
     def _root_given(self):
@@ -131,7 +134,7 @@ class RunSpec(Strict):
     seed: int = Field(0, ge=0)
     targets: dict[str, float] = {}  # the paper's numbers, shown next to ours in reports
 
-    _storage_absolute = field_validator("storage_path")(_absolute)
+    _storage_absolute = field_validator("storage_path")(absolute_path)
 
     @model_validator(mode="after")
     def _check(self):
@@ -211,10 +214,22 @@ def validate_spec(raw: dict) -> RunSpec:
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, RunSpec)) from None
     registry.get(spec.workload).validate(spec)
+    if spec.train.init_from:
+        existing_checkpoint(spec.train.init_from, "train.init_from")
     missing = check_available(spec.data)
     if missing:
         raise SpecError(missing)
     return spec
+
+
+def existing_checkpoint(path: str, field: str) -> Path:
+    """The checkpoint folder a spec field names (a checkpoint or a run folder), or a SpecError naming the field."""
+    from bitfleet.engine.checkpoint import find
+
+    try:
+        return find(path)
+    except FileNotFoundError as exc:
+        raise SpecError(f"{field}: {exc}") from None
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:

@@ -235,3 +235,23 @@ def test_train_state_progress():
     assert state.progress == pytest.approx(0.25)
     state.global_step = 50
     assert state.progress == 1.0
+
+
+def test_find_resolves_checkpoints_and_run_folders(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoint_2026-01-01_00-00-00.000000"
+    ckpt.mkdir(parents=True)
+    checkpoint.save(ckpt, {"model": {}})
+    assert checkpoint.find(ckpt) == ckpt  # a checkpoint itself
+    assert checkpoint.find(tmp_path / "run") == ckpt  # a run folder: its latest checkpoint
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        checkpoint.find(tmp_path / "empty")
+
+
+def test_init_from_must_name_a_checkpoint(tmp_path):
+    from bitfleet.spec import SpecError, validate_spec
+
+    raw = {"name": "x", "workload": "resnet_cifar", "data": {"dataset": "mnist_sample"}, "train": {"init_from": str(tmp_path)}}
+    with pytest.raises(SpecError, match="train.init_from: .*neither a checkpoint"):
+        validate_spec(raw)
+    checkpoint.save(tmp_path, {"model": {}})
+    assert validate_spec(raw).train.init_from == str(tmp_path)

@@ -25,7 +25,9 @@ def expected_lr(step: int, s: LRScheduleSpec, lr: float, epochs: int, spe: int) 
         return lr * s.gamma ** sum(step >= m * spe for m in s.milestones)
     if s.type == "step":
         return lr * s.gamma ** (step // (s.step_size * spe))
-    total = epochs * spe  # cosine over the steps after warmup, from lr down to min_lr
+    total = epochs * spe  # cosine or linear over the steps after warmup, from lr down to min_lr
+    if s.type == "linear":
+        return lr + (s.min_lr - lr) * (step - warmup) / (total - warmup)
     return s.min_lr + (lr - s.min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
 
 
@@ -53,6 +55,8 @@ SCHEDULES = {
     "cosine": dict(type="cosine", min_lr=0.01),
     "cosine-to-zero": dict(type="cosine"),
     "constant": dict(type="constant"),
+    "linear": dict(type="linear", min_lr=0.001),
+    "linear-to-zero": dict(type="linear"),
 }
 WARMUPS = {"no-warmup": 0.0, "warmup-1-epoch": 1.0, "warmup-0.4-epoch": 0.4}
 

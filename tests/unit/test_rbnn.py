@@ -144,3 +144,62 @@ def test_telemetry_reports_flips_angles_and_writes_histograms(tmp_path):
     callback.on_epoch_end(state, {})
     assert 0 < state.metrics["rbnn/flip_ratio"] < 1
     assert (tmp_path / "weight_hist" / "epoch_0001.png").stat().st_size > 0
+
+
+def test_w32_keeps_real_weights_and_binary_activations():
+    layer = BinaryConv2d(16, 8, 3, 1, 1, bias=False, w32=True)
+    x = torch.randn(2, 16, 5, 5)
+    weight = layer.rotated_weight()
+    assert len(weight.unique()) > 2
+    ref = torch.nn.functional.conv2d(torch.sign(x), weight, padding=1) * layer.scale.view(1, -1, 1, 1)
+    assert torch.allclose(layer(x), ref, atol=1e-5)
+
+
+def reactnet_spec(tmp_path, checkpoint_dir, **teacher):
+    from bitfleet.spec import validate_spec
+
+    raw = {
+        "name": "reactnet", "workload": "rbnn", "model": {"arch": "mobilenetv1_bireal_025_1w1a", "w32": True},
+        "data": {"dataset": "mnist_sample"}, "storage_path": str(tmp_path),
+        "rbnn": {"teacher": {"workload": "resnet_cifar", "model": {"arch": "resnet20"}, "checkpoint": str(checkpoint_dir), **teacher}},
+    }
+    return validate_spec(raw)
+
+
+def test_teacher_gives_the_distributional_loss(tmp_path):
+    from bitfleet import registry
+    from bitfleet.data import info
+    from bitfleet.engine import checkpoint
+    from workloads.resnet_cifar import models as float_models
+
+    teacher = float_models.build("resnet20", "A", num_classes=10, in_channels=1)
+    checkpoint.save(tmp_path, {"model": teacher.state_dict(), "ema": None})
+    spec = reactnet_spec(tmp_path, tmp_path)
+    workload = registry.get("rbnn")
+    workload.prepare(spec)
+    student = workload.build_model(workload.model_config(spec), info("mnist_sample"))
+    images, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
+    loss, logits = workload.train_step(student, images, labels, torch.nn.CrossEntropyLoss())
+    with torch.no_grad():
+        target = torch.softmax(teacher.eval()(images), 1)
+    expected = (target * (target.log() - torch.log_softmax(logits, 1))).sum(1).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in workload.teacher.parameters())
+    workload.prepare(reactnet_spec(tmp_path, tmp_path).model_copy(update={"rbnn": {}}))  # leave the cached workload clean
+
+
+@pytest.mark.parametrize("teacher, field", [({"workload": "rbnn"}, "rbnn.teacher.workload"), ({"model": {"arch": "resnet21"}}, "model.arch")])
+def test_bad_teachers_are_refused_before_any_run(tmp_path, teacher, field):
+    from bitfleet.spec import SpecError
+
+    (tmp_path / "state.pt").write_bytes(b"")
+    with pytest.raises(SpecError, match=field):
+        reactnet_spec(tmp_path, tmp_path, **teacher)
+
+
+def test_missing_teacher_checkpoint_names_the_field(tmp_path):
+    from bitfleet.spec import SpecError
+
+    with pytest.raises(SpecError, match="rbnn.teacher.checkpoint: .*neither a checkpoint"):
+        reactnet_spec(tmp_path, tmp_path / "nowhere")

@@ -182,6 +182,14 @@ def test_every_shipped_spec_validates(path, tmp_path):
     if dataset != "mnist_sample":  # a real data set: validate against synthetic files in its on-disk format
         synthetic.write(dataset, tmp_path, n_train=10, n_test=10)
         overrides.append(f"data.root={tmp_path}")
+    # checkpoints of other runs a spec starts from (a teacher, stage 1): validation checks they exist
+    placeholder = tmp_path / "checkpoint"
+    placeholder.mkdir()
+    (placeholder / "state.pt").write_bytes(b"")
+    if (raw.get("train") or {}).get("init_from"):
+        overrides.append(f"train.init_from={placeholder}")
+    if ((raw.get(raw["workload"]) or {}).get("teacher") or {}).get("checkpoint"):
+        overrides.append(f"{raw['workload']}.teacher.checkpoint={placeholder}")
     spec = load_spec(path, overrides)
     assert isinstance(spec, RunSpec)
     assert spec.workload == raw["workload"] and spec.name == raw["name"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from bitfleet.spec import Strict
+from bitfleet.spec import Strict, absolute_path
 from workloads.rbnn.models import ARCHS
 
 Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
@@ -14,6 +14,23 @@ Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]
 class ModelConfig(Strict):
     arch: Arch = "resnet20_1w1a"
     a32: bool = False  # w1a32: real activations (the seed's --a32)
+    w32: bool = False  # w32a1: real weights, binary activations (ReActNet's first stage)
+
+    @model_validator(mode="after")
+    def _something_binary(self):
+        if self.a32 and self.w32:
+            raise ValueError("w32: a32 and w32 together leave nothing binary; use the resnet_cifar workload for float nets")
+        return self
+
+
+class Teacher(Strict):
+    """A trained real-valued network whose output distribution the student matches (ReActNet's loss)."""
+
+    workload: str  # e.g. resnet_cifar
+    model: dict = {}  # that workload's model section
+    checkpoint: str  # a checkpoint folder or a run folder (its best checkpoint)
+
+    _checkpoint_absolute = field_validator("checkpoint")(absolute_path)
 
 
 class Options(Strict):
@@ -25,6 +42,7 @@ class Options(Strict):
     mixup: float = Field(0.0, ge=0)  # --mixup: Beta(alpha, alpha) mixing of each batch; 0 = off
     weight_hist: int = Field(0, ge=0)  # --weight_hist: histogram PNG and metrics every n epochs; 0 = off
     bn_only_epochs: int = Field(0, ge=0)  # the last n epochs: binary weights and scales fixed, BN trained only
+    teacher: Teacher | None = None  # when set, the loss is KL(teacher || student) instead of cross-entropy
 
     @model_validator(mode="after")
     def _range(self):

@@ -49,11 +49,11 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
 
 
 class BinaryConv2d(nn.Conv2d):
-    """1-bit weights (rotated, then sign) and 1-bit activations (sign, unless `a32`), scaled per channel."""
+    """1-bit weights (rotated, then sign, unless `w32`) and 1-bit activations (sign, unless `a32`), scaled per channel."""
 
-    def __init__(self, *args, a32: bool = False, **kwargs):
+    def __init__(self, *args, a32: bool = False, w32: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.a32 = a32
+        self.a32, self.w32 = a32, w32
         fan_in = self.weight[0].numel()
         self.a, self.b = divisor_pair(fan_in)
         self.register_buffer("R1", random_orthogonal(self.a))
@@ -78,7 +78,9 @@ class BinaryConv2d(nn.Conv2d):
         return (x + mix * (rotated - x)).view_as(self.weight)
 
     def binary_weight(self) -> torch.Tensor:
-        return sign_approx(self.rotated_weight(), self.t, self.k)
+        """sign of the rotated weight (the rotated weight itself with `w32`, ReActNet's first stage)."""
+        weight = self.rotated_weight()
+        return weight if self.w32 else sign_approx(weight, self.t, self.k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a32:

@@ -120,7 +120,7 @@ class ChannelShortcut(nn.Module):
 
     def forward(self, x):
         if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride)
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)  # odd sizes: as many outputs as the strided conv
         if self.cout > self.cin:
             return x.repeat(1, self.cout // self.cin, 1, 1)
         if self.cout < self.cin:
@@ -206,8 +206,8 @@ ARCHS = {
 }
 
 
-def build(arch: str, num_classes: int, in_channels: int, image_size: int, a32: bool = False) -> nn.Module:
-    model = ARCHS[arch](num_classes, in_channels, image_size, partial(BinaryConv2d, a32=a32))
+def build(arch: str, num_classes: int, in_channels: int, image_size: int, a32: bool = False, w32: bool = False) -> nn.Module:
+    model = ARCHS[arch](num_classes, in_channels, image_size, partial(BinaryConv2d, a32=a32, w32=w32))
     if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
         with torch.no_grad():  # materialise VGG-small's classifier for this image size
             model.eval()(torch.zeros(1, in_channels, image_size, image_size))

@@ -7,6 +7,7 @@ epoch boundary draws exactly what the uninterrupted run would have drawn.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,3 +50,20 @@ def weights(directory: str | Path) -> dict[str, torch.Tensor]:
     if ema:
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     return state["model"]
+
+
+def find(path: str | Path) -> Path:
+    """The checkpoint folder `path` names: itself, or a run folder's best (else latest) checkpoint."""
+    path = Path(path)
+    if (path / FILE).is_file():
+        return path
+    result = path / "result.json"
+    if result.is_file():
+        summary = json.loads(result.read_text())
+        for key in ("best_checkpoint", "last_checkpoint"):
+            if summary.get(key) and (Path(summary[key]) / FILE).is_file():
+                return Path(summary[key])
+    found = sorted(path.glob(f"checkpoint_*/{FILE}"))
+    if not found:
+        raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with checkpoints")
+    return found[-1].parent

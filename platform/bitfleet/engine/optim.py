@@ -46,6 +46,9 @@ def build_lr_scheduler(optimizer, spec, epochs: int, steps_per_epoch: int) -> lr
         epochs_at = spec.milestones if spec.type == "multistep" else range(spec.step_size, epochs, spec.step_size)
         milestones = [m * steps_per_epoch - warmup for m in epochs_at]
         main = lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=spec.gamma)
+    elif spec.type == "linear":
+        end = min(1.0, spec.min_lr / optimizer.defaults["lr"])
+        main = lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=end, total_iters=max(1, total - warmup))
     else:
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=spec.min_lr)
     if not warmup:
