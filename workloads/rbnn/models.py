@@ -55,8 +55,10 @@ class BinaryConvBN(nn.Module):
         self.conv, self.bn, self.shortcut, self.bireal = conv, bn, shortcut or nn.Identity(), bireal
 
     def forward(self, x):
-        out = self.bn(self.conv(x))
-        return F.hardtanh(out + self.shortcut(x)) if self.bireal else out
+        if not self.bireal:
+            return self.bn(self.conv(x))
+        # hardtanh leaves the conv's sign(x) unchanged and clips its gradient to |x| <= 1; the stream is unclipped
+        return self.bn(self.conv(F.hardtanh(x))) + self.shortcut(x)
 
 
 class CifarBlock(nn.Module):
@@ -145,10 +147,11 @@ class MobileNetV1BiReal(nn.Module):
             layers.append(BinaryConvBN(conv(c, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out), ChannelShortcut(c, out, 1)))
             c = out
         self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm1d(c)  # the unclipped stream's scale grows with depth: normalise before the classifier
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
+        return self.fc(self.bn(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)))
 
 
 class ImageNetBiRealResNet(nn.Module):
