@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 from bitfleet.data import info
+from timing import step_seconds
 from workloads.lbpnet import intengine
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.models import LBPNet
@@ -59,15 +60,7 @@ def model_from(spec_file: str) -> LBPNet:
 def train_images_per_s(model, steps: int, batch: int = 256) -> float:
     opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    times = []
-    for _ in range(steps + 1):  # the first step warms up allocators
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - start)
-    return batch / (sum(times[1:]) / steps)
+    return batch / step_seconds(model, opt, x, y, steps)
 
 
 def training(steps: int) -> dict:

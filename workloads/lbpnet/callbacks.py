@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bitfleet import schedules
-from bitfleet.engine.callbacks import Callback, TrainState
+from bitfleet.engine.callbacks import Callback, HoldParameters, TrainState
 from workloads.lbpnet import paper_metrics
 from workloads.lbpnet.models import lbp_layers, rp_layers
 
@@ -45,42 +45,24 @@ class Temperatures(Callback):
         self.soften_factor, self.soften_until = state["soften_factor"], state["soften_until"]
 
 
-class Freeze(Callback):
-    """Offsets and alpha frozen for the first epochs, gates longer; frozen values are put back after every
-    optimizer step (which works the same under DDP and any optimizer), and their optimizer state is cleared
-    when they thaw so no momentum from the frozen epochs carries over."""
+class Freeze(HoldParameters):
+    """Offsets and alpha held for the first epochs, gates longer (and alpha again when the collapse guard
+    softens it)."""
 
     def __init__(self, spec):
+        super().__init__()
         self.spec = spec  # FreezeSchedule
         self.alpha_until = -1  # the collapse guard extends alpha's freeze
-        self.frozen: dict[str, torch.Tensor] = {}
 
-    def _targets(self, state: TrainState) -> dict[str, nn.Parameter]:
+    def held(self, state: TrainState) -> set[str]:
         epoch, spec = state.epoch, self.spec
-        out = {}
-        for name, param in state.model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if (leaf == "offsets" and epoch < spec.freeze_offsets_epochs) or (
-                leaf == "alpha" and epoch < max(spec.freeze_offsets_epochs, self.alpha_until)
-            ) or (leaf == "gate_logits" and epoch < spec.gate_epochs):
-                out[name] = param
-        return out
+        until = {"offsets": spec.freeze_offsets_epochs, "alpha": max(spec.freeze_offsets_epochs, self.alpha_until),
+                 "gate_logits": spec.gate_epochs}
+        return {name for name, _ in state.model.named_parameters() if epoch < until.get(name.rsplit(".", 1)[-1], -1)}
 
     def on_epoch_start(self, state):
-        targets = self._targets(state)
-        params = dict(state.model.named_parameters())
-        for name in set(self.frozen) - set(targets):  # thawing
-            state.optimizer.state.pop(params[name], None)
-        self.frozen = {name: p.detach().clone() for name, p in targets.items()}
-        state.metrics["freeze/frozen_tensors"] = float(len(self.frozen))
-
-    def on_step_end(self, state):
-        if not self.frozen:
-            return
-        params = dict(state.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.frozen.items():
-                params[name].copy_(value)
+        super().on_epoch_start(state)
+        state.metrics["freeze/frozen_tensors"] = float(len(self.values))
 
     def state_dict(self):
         return {"alpha_until": self.alpha_until}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bitfleet import schedules
-from bitfleet.engine.callbacks import Callback, TrainState
+from bitfleet.engine.callbacks import Callback, HoldParameters, TrainState
 from workloads.rbnn.layers import binary_convs
 
 
@@ -46,28 +46,24 @@ class Rotation(Callback):
         })
 
 
-class BNOnly(Callback):
-    """From `start`: every parameter but BatchNorm's put back after each optimizer step, so the binary
-    weights (and their scales and angles) stay fixed and only BN learns — the paper's final epoch."""
+class BNOnly(HoldParameters):
+    """From `start`: every parameter but BatchNorm's held, so the binary weights (and their scales and
+    angles) stay fixed and only BN learns — the paper's final epoch."""
 
     def __init__(self, start: int):
+        super().__init__()
         self.start = start
-        self.fixed: dict[str, torch.Tensor] = {}
+
+    def held(self, state: TrainState) -> set[str]:
+        if state.epoch < self.start:
+            return set()
+        bn = {id(p) for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+        return {name for name, p in state.model.named_parameters() if id(p) not in bn}
 
     def on_epoch_start(self, state):
-        if state.epoch < self.start:
-            return
-        bn = {id(p) for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
-        self.fixed = {n: p.detach().clone() for n, p in state.model.named_parameters() if id(p) not in bn}
-        state.metrics["rbnn/bn_only"] = 1.0
-
-    def on_step_end(self, state):
-        if not self.fixed:
-            return
-        params = dict(state.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.fixed.items():
-                params[name].copy_(value)
+        super().on_epoch_start(state)
+        if self.values:
+            state.metrics["rbnn/bn_only"] = 1.0
 
 
 class Telemetry(Callback):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -87,3 +88,31 @@ class Callbacks(Callback):
         assert len(saved) == len(self.callbacks), "checkpoint was written with other callbacks"
         for cb, sd in zip(self.callbacks, saved):
             cb.load_state_dict(sd)
+
+
+class HoldParameters(Callback):
+    """Keeps the parameters `held(state)` names (at each epoch start) at their values: they are put back
+    after every optimizer step — which works under DDP and with any optimizer, unlike toggling
+    `requires_grad` — and one let go has its optimizer state cleared, so no momentum from the held epochs
+    carries over."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    def held(self, state: TrainState) -> set[str]:
+        return set()
+
+    def on_epoch_start(self, state):
+        names = self.held(state)
+        params = dict(state.model.named_parameters())
+        for name in set(self.values) - names:
+            state.optimizer.state.pop(params[name], None)
+        self.values = {name: params[name].detach().clone() for name in names}
+
+    def on_step_end(self, state):
+        if not self.values:
+            return
+        params = dict(state.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.values.items():
+                params[name].copy_(value)
