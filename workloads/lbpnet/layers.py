@@ -36,17 +36,16 @@ class _HardStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
-        z = scale * x
-        if ctx.surrogate == "ste":
-            local = (z.abs() <= 1).to(grad.dtype) * (scale / 2)
-        else:
-            local = (1 - torch.tanh(z).square()) * (scale / 2)
-        grad_x = grad * local
+        slope = _surrogate_slope(scale * x, ctx.surrogate)
         grad_scale = None
         if ctx.needs_input_grad[1]:  # a learnable temperature: d/dscale of the same relaxation
-            dz = grad * (local / scale) * x
-            grad_scale = dz.sum().reshape(scale.shape)
-        return grad_x, grad_scale, None
+            grad_scale = (grad * slope * x / 2).sum().reshape(scale.shape)
+        return grad * slope * (scale / 2), grad_scale, None
+
+
+def _surrogate_slope(z: torch.Tensor, surrogate: str) -> torch.Tensor:
+    """2 · d/dz of the relaxed step at z: 1[|z| <= 1] (`ste`) or 1 − tanh²(z) (`tanh`)."""
+    return (z.abs() <= 1).to(z.dtype) if surrogate == "ste" else 1 - torch.tanh(z).square()
 
 
 def _relaxed_step(x: torch.Tensor, scale, surrogate: str) -> torch.Tensor:
@@ -164,8 +163,7 @@ class _LBPCompare(torch.autograd.Function):
     def backward(ctx, grad):
         xp, d, scale, sample, centre = ctx.saved_tensors
         grad = grad.reshape(d.shape)
-        z = scale * d
-        slope = (z.abs() <= 1).to(d.dtype) if ctx.surrogate == "ste" else 1 - torch.tanh(z).square()
+        slope = _surrogate_slope(scale * d, ctx.surrogate)
         g = grad * slope * (scale / 2)  # dL/dd
         grad_xp = grad_pos = grad_scale = None
         if ctx.needs_input_grad[0]:
