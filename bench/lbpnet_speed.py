@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 
 from bitfleet.data import info
+from bitfleet.spec import DataSpec
 from timing import step_seconds
 from workloads.lbpnet import intengine
 from workloads.lbpnet.config import ModelConfig
@@ -77,7 +78,7 @@ def inference(repeats: int, n: int = 2000) -> dict:
     codes = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
     normalised = (codes.float() / 255 - 0.1307) / 0.3081
     with tempfile.TemporaryDirectory() as tmp:
-        intengine.export(model, info("mnist"), Path(tmp) / "e.npz")
+        intengine.export(model, info(DataSpec(dataset="mnist", root="unused")), Path(tmp) / "e.npz")
         engine = intengine.IntegerLBPNet(Path(tmp) / "e.npz")
     best_torch = best_engine = float("inf")
     for _ in range(repeats):

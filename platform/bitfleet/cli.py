@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from bitfleet.spec import SpecError, load_spec
@@ -79,6 +80,37 @@ def cmd_data_download(args) -> int:
     return 0
 
 
+def cmd_data_prepare(args) -> int:
+    from bitfleet.data import prepare
+
+    try:
+        if args.name == "imagenet":
+            if not args.val_labels:
+                raise ValueError("--val-labels: imagenet needs the validation labels file "
+                                 "(Kaggle's LOC_val_solution.csv, or lines of `<file> <wnid>`)")
+            moved = prepare.prepare_imagenet(args.root, args.val_labels)
+        else:
+            moved = prepare.prepare_tinyimagenet(args.root)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"moved {moved} validation images of {args.root} into class folders")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from bitfleet.data import prepare
+
+    report = prepare.check(args.root, args.workers)
+    for split, counts in report["splits"].items():
+        print(f"{split}: {counts['classes']} classes, {counts['images']} images")
+    for path, error in report["unreadable"].items():
+        print(f"unreadable: {path}: {error}")
+    bad = len(report["unreadable"])
+    print(f"{bad} unreadable image(s){'; runs leave them out' if bad else ''} (recorded in {args.root}/bitfleet-check.json)")
+    return 1 if bad else 0
+
+
 def cmd_data_synth(args) -> int:
     from bitfleet.data import synthetic
 
@@ -118,14 +150,23 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
 
-    data = sub.add_parser("data", help="data sets: download, synthetic files")
+    data = sub.add_parser("data", help="data sets: download, prepare, check, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
     dl = data_sub.add_parser("download", help="download with torchvision (needs internet)")
     dl.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
     dl.add_argument("--root", required=True)
     dl.set_defaults(command=cmd_data_download)
+    prep = data_sub.add_parser("prepare", help="sort an official validation folder into class folders")
+    prep.add_argument("name", choices=["imagenet", "tinyimagenet"])
+    prep.add_argument("root", help="the data set folder (holding train/ and val/)")
+    prep.add_argument("--val-labels", help="imagenet: LOC_val_solution.csv, or lines of `<file> <wnid>`")
+    prep.set_defaults(command=cmd_data_prepare)
+    chk = data_sub.add_parser("check", help="count classes/images of a JPEG folder data set, find unreadable files")
+    chk.add_argument("root")
+    chk.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    chk.set_defaults(command=cmd_data_check)
     syn = data_sub.add_parser("synth", help="write a small synthetic data set in the real on-disk format")
-    syn.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
+    syn.add_argument("name", choices=["mnist", "cifar10", "cifar100", "image_folder", "imagenet", "tinyimagenet"])
     syn.add_argument("root")
     syn.add_argument("--train", type=int, default=512)
     syn.add_argument("--test", type=int, default=128)

@@ -25,11 +25,11 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
     except FileNotFoundError as exc:
         raise SpecError(str(exc)) from None
     workload = registry.get(spec.workload)
-    model = workload.build_model(workload.model_config(spec), info(spec.data.dataset))
+    model = workload.build_model(workload.model_config(spec), info(spec.data))
     model.load_state_dict(ckpt.weights(directory))
     return spec, workload, model.eval()
 
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict:
     spec, workload, model = load_model(run_dir, checkpoint)
-    return workload.export(model, workload.model_config(spec), info(spec.data.dataset), Path(out))
+    return workload.export(model, workload.model_config(spec), info(spec.data), Path(out))

@@ -87,11 +87,19 @@ class TrainSpec(Strict):
     _init_from_absolute = field_validator("init_from")(absolute_path)
 
 
+FolderDataset = Literal["imagenet", "tinyimagenet", "image_folder"]  # JPEG class folders: <root>/{train,val}/<class>/
+FOLDER_DATASETS = FolderDataset.__args__
+
+
 class DataSpec(Strict):
-    dataset: Literal["mnist_sample", "mnist", "cifar10", "cifar100"] = "cifar10"
+    dataset: Literal["mnist_sample", "mnist", "cifar10", "cifar100"] | FolderDataset = "cifar10"
     root: str | None = None  # required for every dataset but the embedded mnist_sample
+    loader: Literal["torchvision", "dali"] = "torchvision"  # dali: JPEG folders only, `pip install bitfleet[dali]`
     augment: bool = True
-    loader_workers: int = Field(0, ge=0)  # DataLoader processes per training worker
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes (or DALI threads) per training worker
+    crop_size: int | None = Field(None, ge=8)  # folder data sets: train and eval crop (224; tinyimagenet 64)
+    resize_size: int | None = Field(None, ge=8)  # eval: shorter side before the centre crop (crop / 0.875)
+    crop_area: tuple[float, float] = (0.08, 1.0)  # train: random-resized-crop area fraction
     val_size: int = Field(0, ge=0)  # images held out of the training set and evaluated as `val/*`
     split_seed: int = 42
     stratified: bool = True  # the held-out images in proportion to each class
@@ -99,10 +107,33 @@ class DataSpec(Strict):
     _root_absolute = field_validator("root")(absolute_path)
 
     @model_validator(mode="after")
-    def _root_given(self):
+    def _check(self):
         if self.dataset != "mnist_sample" and not self.root:
             raise ValueError(f"root: dataset {self.dataset!r} needs `data.root`, the folder that holds it")
+        folders = self.dataset in FOLDER_DATASETS
+        if self.loader == "dali" and not folders:
+            raise ValueError(f"loader: dali reads JPEG class folders ({', '.join(FOLDER_DATASETS)}); "
+                             f"dataset {self.dataset!r} loads with `loader: torchvision`")
+        for field in ("crop_size", "resize_size"):
+            if getattr(self, field) is not None and not folders:
+                raise ValueError(f"{field}: applies to {', '.join(FOLDER_DATASETS)}; {self.dataset!r} has a fixed size")
+        if folders and self.eval_resize < self.crop:
+            raise ValueError(f"resize_size: {self.eval_resize} is smaller than crop_size {self.crop}")
+        low, high = self.crop_area
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_area: expected 0 < min <= max <= 1 (got {list(self.crop_area)})")
         return self
+
+    @property
+    def crop(self) -> int:
+        """The side of the square images the model sees (folder data sets)."""
+        return self.crop_size or (64 if self.dataset == "tinyimagenet" else 224)
+
+    @property
+    def eval_resize(self) -> int:
+        if self.resize_size:
+            return self.resize_size
+        return self.crop if self.dataset == "tinyimagenet" else round(self.crop / 0.875)  # 224 -> 256
 
 
 class ScalingSpec(Strict):

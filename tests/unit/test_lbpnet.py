@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bitfleet.data import info
+from bitfleet.spec import DataSpec
 from workloads.lbpnet import intengine, paper_metrics
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.layers import LBPLayer, RPFusion, hard_step
@@ -162,7 +163,7 @@ def test_integer_engine_predicts_what_the_hard_path_predicts(tmp_path, pool):
     normalised = (codes.float() / 255 - 0.1307) / 0.3081
     with torch.no_grad():
         expected = model(normalised)
-    intengine.export(model, info("mnist_sample"), tmp_path / "lbpnet.npz")
+    intengine.export(model, info(DataSpec(dataset="mnist_sample")), tmp_path / "lbpnet.npz")
     engine = intengine.IntegerLBPNet(tmp_path / "lbpnet.npz")
     logits = engine.logits(codes.numpy())
     assert np.array_equal(logits.argmax(1), expected.argmax(1).numpy())
@@ -173,4 +174,4 @@ def test_integer_export_refuses_networks_with_float_feature_paths(tmp_path):
     from bitfleet.spec import SpecError
 
     with pytest.raises(SpecError, match="block: macfree"):
-        intengine.export(build("residual"), info("mnist"), tmp_path / "x.npz")
+        intengine.export(build("residual"), info(DataSpec(dataset="mnist", root="unused")), tmp_path / "x.npz")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bitfleet import data, registry
-from bitfleet.spec import RunSpec
+from bitfleet.spec import DataSpec, RunSpec
 from workloads.resnet_cifar import models
 
 ARCHS = sorted(models.ARCHS)
@@ -117,7 +117,7 @@ def test_every_workload_builds_its_default_model(name, dataset):
     workload.validate(spec)
     workload.prepare(spec)
     config = workload.model_config(spec)
-    info = data.info(dataset)
+    info = data.info(DataSpec(dataset=dataset, root="unused" if dataset != "mnist_sample" else None))
     torch.manual_seed(0)
     model = workload.build_model(config, info)
     images = torch.randn(2, info.in_channels, info.image_size, info.image_size)

@@ -93,6 +93,15 @@ def test_imagenet_resnets_are_chosen_by_image_size():
     assert large(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("arch", ["resnet18_1w1a", "resnet34_1w1a"])
+@pytest.mark.parametrize("size", [72, 100, 160])
+def test_imagenet_resnets_take_crops_other_than_224(arch, size):
+    # odd feature maps after a strided stage: the downsampling shortcut must keep the strided conv's size
+    model = build(arch, 12, 3, size)
+    assert model.stem[0].kernel_size == (7, 7)
+    assert model(torch.randn(2, 3, size, size)).shape == (2, 12)
+
+
 def state_for(model, epochs=10):
     return TrainState(model, None, epochs=epochs)
 
@@ -169,6 +178,7 @@ def reactnet_spec(tmp_path, checkpoint_dir, **teacher):
 def test_teacher_gives_the_distributional_loss(tmp_path):
     from bitfleet import registry
     from bitfleet.data import info
+    from bitfleet.spec import DataSpec
     from bitfleet.engine import checkpoint
     from workloads.resnet_cifar import models as float_models
 
@@ -177,7 +187,7 @@ def test_teacher_gives_the_distributional_loss(tmp_path):
     spec = reactnet_spec(tmp_path, tmp_path)
     workload = registry.get("rbnn")
     workload.prepare(spec)
-    student = workload.build_model(workload.model_config(spec), info("mnist_sample"))
+    student = workload.build_model(workload.model_config(spec), info(DataSpec(dataset="mnist_sample")))
     images, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
     loss, logits = workload.train_step(student, images, labels, torch.nn.CrossEntropyLoss())
     with torch.no_grad():

@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from bitfleet import cli
-from bitfleet.data import synthetic
+from bitfleet.data import folders, synthetic
 from bitfleet.spec import RunSpec, SpecError, apply_override, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -179,7 +180,11 @@ def test_every_shipped_spec_validates(path, tmp_path):
     raw = yaml.safe_load(path.read_text())
     dataset = (raw.get("data") or {}).get("dataset", "cifar10")
     overrides = []
-    if dataset != "mnist_sample":  # a real data set: validate against synthetic files in its on-disk format
+    if dataset in folders.NUM_CLASSES:  # JPEG folders as `bitfleet data prepare` leaves them, every class
+        classes = folders.NUM_CLASSES[dataset]
+        synthetic.write_jpeg_folders("image_folder", tmp_path, classes, 10, np.random.default_rng(0), classes)
+        overrides.append(f"data.root={tmp_path}")
+    elif dataset != "mnist_sample":  # a real data set: validate against synthetic files in its on-disk format
         synthetic.write(dataset, tmp_path, n_train=10, n_test=10)
         overrides.append(f"data.root={tmp_path}")
     # checkpoints of other runs a spec starts from (a teacher, stage 1): validation checks they exist

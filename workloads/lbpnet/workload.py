@@ -40,7 +40,7 @@ class LBPNetWorkload(Workload):
         out = [temperatures, freeze, hard, cb.BNRecalibration(options.hard_finetune.bn_recal_batches, options.hard_finetune.bn_recal == "every_eval", hard)]
         if options.stability.collapse_guard:
             out.append(cb.CollapseGuard(options.stability, temperatures, freeze))
-        out.append(cb.Telemetry(info(spec.data.dataset).image_size))
+        out.append(cb.Telemetry(info(spec.data).image_size))
         return out
 
     def train_step(self, model, images, labels, criterion):

@@ -169,7 +169,8 @@ class ImageNetBiRealResNet(nn.Module):
                 stride = 2 if stage and i == 0 else 1
                 shortcut = None
                 if stride != 1 or c != width:
-                    shortcut = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width))
+                    pool = nn.AvgPool2d(2, ceil_mode=True)  # odd maps (crops other than 224): the strided conv's size
+                    shortcut = nn.Sequential(pool, nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width))
                 layers.append(BinaryConvBN(conv(c, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), shortcut))
                 c = width
         self.layers = nn.Sequential(*layers)

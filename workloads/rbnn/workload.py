@@ -79,6 +79,6 @@ def _teacher_spec(spec: RunSpec, teacher: Teacher) -> RunSpec:
 
 def _load_teacher(spec: RunSpec, teacher: Teacher) -> torch.nn.Module:
     workload = _teacher_workload(teacher)
-    model = workload.build_model(workload.model_config(_teacher_spec(spec, teacher)), info(spec.data.dataset))
+    model = workload.build_model(workload.model_config(_teacher_spec(spec, teacher)), info(spec.data))
     model.load_state_dict(checkpoint.weights(checkpoint.find(teacher.checkpoint)))
     return model.eval().requires_grad_(False)

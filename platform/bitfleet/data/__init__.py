@@ -1,17 +1,19 @@
-"""Datasets and loaders: MNIST, CIFAR-10/100, the embedded MNIST sample, sharded by world rank.
+"""Datasets: MNIST, CIFAR-10/100, the embedded MNIST sample, JPEG class folders (ImageNet, TinyImageNet).
 
-`build_datasets` is the one entry point the engine uses; `check_available` runs on the driver at
-validation time so a missing data set is reported before any Ray work starts.
+`build_datasets` gives torch datasets (the torchvision path); `loaders.build` turns a spec into this
+rank's train and eval loaders, torchvision or DALI. `check_available` runs on the driver at validation
+time so a missing data set or loader is reported before any Ray work starts.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from bitfleet.data import cifar, mnist
+from bitfleet.data import cifar, folders, mnist
 
 
 @dataclass(frozen=True)
@@ -33,29 +35,33 @@ class Datasets:
     val: Dataset | None = None  # held out of the training set when `val_size` > 0
 
 
-# name -> (module that loads it, DataInfo)
-_DATASETS = {
-    "mnist_sample": (mnist, DataInfo(10, 1, 28, mnist.MEAN, mnist.STD)),
-    "mnist": (mnist, DataInfo(10, 1, 28, mnist.MEAN, mnist.STD)),
-    "cifar10": (cifar, DataInfo(10, 3, 32, *cifar.STATS["cifar10"])),
-    "cifar100": (cifar, DataInfo(100, 3, 32, *cifar.STATS["cifar100"])),
+_MODULES = {"mnist_sample": mnist, "mnist": mnist, "cifar10": cifar, "cifar100": cifar,
+            "imagenet": folders, "tinyimagenet": folders, "image_folder": folders}
+_FIXED = {
+    "mnist_sample": DataInfo(10, 1, 28, mnist.MEAN, mnist.STD),
+    "mnist": DataInfo(10, 1, 28, mnist.MEAN, mnist.STD),
+    "cifar10": DataInfo(10, 3, 32, *cifar.STATS["cifar10"]),
+    "cifar100": DataInfo(100, 3, 32, *cifar.STATS["cifar100"]),
 }
 
 
-def info(name: str) -> DataInfo:
-    return _DATASETS[name][1]
+def info(spec) -> DataInfo:
+    """What the model sees from a `DataSpec`: folder data sets take their crop and class count from it."""
+    if spec.dataset in _FIXED:
+        return _FIXED[spec.dataset]
+    classes = folders.NUM_CLASSES.get(spec.dataset) or len(folders.class_names(Path(spec.root)))
+    return DataInfo(classes, 3, spec.crop, folders.MEAN, folders.STD)
 
 
 def build_datasets(spec) -> Datasets:
     """Train and test datasets of a `DataSpec`, with the training augmentation when `augment`."""
-    module, data_info = _DATASETS[spec.dataset]
-    root = Path(spec.root).expanduser() if spec.root else None
-    train, test = module.load(spec.dataset, root, augment=spec.augment)
+    module = _MODULES[spec.dataset]
+    train, test = module.load(spec, augment=spec.augment)
     if not spec.val_size:
-        return Datasets(train, test, data_info)
-    plain, _ = module.load(spec.dataset, root, augment=False)  # validation images are not augmented
+        return Datasets(train, test, info(spec))
+    plain, _ = module.load(spec, augment=False)  # validation images are not augmented
     train_idx, val_idx = split_indices(plain.targets, spec.val_size, spec.split_seed, spec.stratified)
-    return Datasets(Subset(train, train_idx), test, data_info, val=Subset(plain, val_idx))
+    return Datasets(Subset(train, train_idx), test, info(spec), val=Subset(plain, val_idx))
 
 
 def split_indices(labels, val_size: int, seed: int, stratified: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -73,12 +79,13 @@ def split_indices(labels, val_size: int, seed: int, stratified: bool) -> tuple[n
 
 
 def check_available(spec) -> str | None:
-    """None when the data set is on disk, else a message saying how to get it."""
-    module, _ = _DATASETS[spec.dataset]
-    root = Path(spec.root).expanduser() if spec.root else None
-    return module.missing(spec.dataset, root)
+    """None when the data set (and its loader) is there, else a message saying how to get it."""
+    if spec.loader == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        return ("data.loader: dali needs NVIDIA DALI: `pip install bitfleet[dali]` (the CUDA 13 build, "
+                "nvidia-dali-cuda130; for CUDA 12 install nvidia-dali-cuda120), or use `loader: torchvision`")
+    return _MODULES[spec.dataset].missing(spec)
 
 
 def download(name: str, root: str | Path) -> None:
     """Fetch a data set with torchvision's downloaders (needs internet)."""
-    _DATASETS[name][0].download(name, Path(root).expanduser())
+    _MODULES[name].download(name, Path(root).expanduser())

@@ -34,7 +34,8 @@ def _checked_by_presence(cls):
 _LOADERS = {name: _checked_by_presence(cls) for name, cls in _CLASSES.items()}
 
 
-def load(name: str, root: Path, *, augment: bool):
+def load(spec, *, augment: bool):
+    name, root = spec.dataset, spec.root
     mean, std = STATS[name]
     train_tf = image_transform(32, mean, std, augment=augment, pad=4, flip=True)
     test_tf = image_transform(32, mean, std, augment=False, pad=0, flip=False)
@@ -42,7 +43,8 @@ def load(name: str, root: Path, *, augment: bool):
     return cls(str(root), train=True, transform=train_tf), cls(str(root), train=False, transform=test_tf)
 
 
-def missing(name: str, root: Path) -> str | None:
+def missing(spec) -> str | None:
+    name, root = spec.dataset, Path(spec.root)
     cls = _CLASSES[name]
     if _files_present(cls, root):
         return None

@@ -24,11 +24,12 @@ def _transforms(augment: bool):
     )
 
 
-def load(name: str, root: Path | None, *, augment: bool):
+def load(spec, *, augment: bool):
     train_tf, test_tf = _transforms(augment)
-    if name == "mnist_sample":
+    if spec.dataset == "mnist_sample":
         (xtr, ytr), (xte, yte) = embedded_sample()
         return TensorImages(xtr, ytr, train_tf), TensorImages(xte, yte, test_tf)
+    root = spec.root
     return (
         torchvision.datasets.MNIST(str(root), train=True, download=False, transform=train_tf),
         torchvision.datasets.MNIST(str(root), train=False, download=False, transform=test_tf),
@@ -51,9 +52,10 @@ def embedded_sample():
     return (images[train], labels[train]), (images[test], labels[test])
 
 
-def missing(name: str, root: Path | None) -> str | None:
-    if name == "mnist_sample":
+def missing(spec) -> str | None:
+    if spec.dataset == "mnist_sample":
         return None
+    root = Path(spec.root)
     raw = root / "MNIST" / "raw"
     if all((raw / f).is_file() for f in _IDX_FILES):
         return None

@@ -1,7 +1,10 @@
 """Small synthetic data sets written in the exact on-disk formats of the real ones (for tests and demos).
 
 Each class has its own random template and every image is its template plus noise, so a model can learn
-them; the files are read by the same loaders as the real data sets (torchvision's MNIST and CIFAR).
+them; the files are read by the same loaders as the real data sets (torchvision's MNIST and CIFAR, the
+JPEG folder readers). JPEG data sets come in the layouts their archives unpack to: `image_folder`
+(already in class folders), `imagenet` (flat validation folder and Kaggle's LOC_val_solution.csv) and
+`tinyimagenet` (train/<wnid>/images/, val/images/ with val_annotations.txt).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from bitfleet.data import cifar
 
@@ -66,8 +70,48 @@ def write_cifar(name: str, root: Path, n_train: int, n_test: int, rng) -> Path:
     return folder
 
 
+def write_jpeg_folders(layout: str, root: Path, n_train: int, n_test: int, rng, num_classes: int = 4) -> Path:
+    """JPEGs of varied sizes and aspect ratios (64x64 for tinyimagenet) in the layout of `layout`'s archive."""
+    wnids = [f"n{1440764 + 7 * c:08d}" for c in range(num_classes)]  # WordNet-style class ids
+    templates = class_templates((4, 4, 3), num_classes, rng)  # a coarse colour pattern per class
+    tiny = layout == "tinyimagenet"
+    val_rows = []
+    for split, n in (("train", n_train), ("val", n_test)):
+        _, labels = class_images(n, templates, rng)
+        for i, label in enumerate(labels):
+            h, w = (64, 64) if tiny else rng.integers(48, 160, size=2)
+            name, folder = f"{wnids[label]}_{i}.JPEG", root / split / wnids[label]
+            if split == "train" and tiny:
+                folder = folder / "images"
+            elif split == "val" and layout != "image_folder":  # the official validation sets are flat
+                name, folder = (f"val_{i}.JPEG" if tiny else f"ILSVRC2012_val_{i + 1:08d}.JPEG"), root / "val" / (
+                    "images" if tiny else "")
+                val_rows.append((name, wnids[label]))
+            folder.mkdir(parents=True, exist_ok=True)
+            _template_jpeg(templates[label], int(h), int(w), rng).save(folder / name, quality=90)
+    if layout == "imagenet":
+        lines = ["ImageId,PredictionString"] + [f"{Path(n).stem},{wnid} 10 10 40 40" for n, wnid in val_rows]
+        (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    elif tiny:
+        rows = [f"{n}\t{wnid}\t0\t0\t63\t63" for n, wnid in val_rows]
+        (root / "val" / "val_annotations.txt").write_text("\n".join(rows) + "\n")
+        (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    return root
+
+
+def _template_jpeg(template: np.ndarray, h: int, w: int, rng) -> Image.Image:
+    pattern = Image.fromarray(template.astype(np.uint8)).resize((w, h), Image.BILINEAR)
+    noisy = np.asarray(pattern, dtype=np.float32) + rng.normal(0, 25, size=(h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+JPEG_LAYOUTS = ("image_folder", "imagenet", "tinyimagenet")
+
+
 def write(name: str, root: str | Path, n_train: int = 512, n_test: int = 128, seed: int = 0) -> Path:
     root, rng = Path(root).expanduser(), np.random.default_rng(seed)
     if name == "mnist":
         return write_mnist(root, n_train, n_test, rng)
+    if name in JPEG_LAYOUTS:
+        return write_jpeg_folders(name, root, n_train, n_test, rng)
     return write_cifar(name, root, n_train, n_test, rng)

@@ -18,10 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from bitfleet import registry
-from bitfleet.data import build_datasets
+from bitfleet.data import loaders
 from bitfleet.engine import checkpoint
 from bitfleet.engine.callbacks import Callbacks, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
@@ -53,13 +52,15 @@ class Trainer:
         self.workload = registry.get(spec.workload)
         self.workload.prepare(spec)
 
-        data = build_datasets(spec.data)
+        self.data = loaders.build(spec, self.rank, self.world, self.device)
+        self.train_loader, self.eval_loaders = self.data.train, self.data.evals
+        self.steps_per_epoch = min(self.data.steps_per_epoch, self.train_spec.max_steps_per_epoch or math.inf)
+        self.top5 = self.data.info.num_classes > 10
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
-        self.model = self.workload.build_model(self.workload.model_config(spec), data.info)
+        self.model = self.workload.build_model(self.workload.model_config(spec), self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
             self.model.load_state_dict(checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
         self.ddp = ray.train.torch.prepare_model(self.model)  # moves to device; DDP when world > 1
-        self._build_loaders(data)
 
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
         self.scheduler = build_lr_scheduler(
@@ -79,25 +80,6 @@ class Trainer:
         self.restores = 0
 
     # ------------------------------------------------------------------ setup
-    def _build_loaders(self, data) -> None:
-        per_worker = self.train_spec.batch_size // self.world
-        self.sampler = DistributedSampler(data.train, self.world, self.rank, shuffle=True, seed=self.spec.seed)
-        workers, pin = self.spec.data.loader_workers, self.device.type == "cuda"
-        self.train_loader = DataLoader(
-            data.train, per_worker, sampler=self.sampler, num_workers=workers, pin_memory=pin,
-            drop_last=len(self.sampler) >= per_worker,  # a batch-of-one would break BatchNorm
-        )
-        # Eval shards by stride without padding: totals are summed over ranks, so every image counts once.
-        self.eval_loaders = {
-            split: DataLoader(
-                Subset(dataset, range(self.rank, len(dataset), self.world)), self.train_spec.eval_batch_size,
-                num_workers=workers, pin_memory=pin,
-            )
-            for split, dataset in (("val", data.val), ("test", data.test)) if dataset is not None
-        }
-        limit = self.train_spec.max_steps_per_epoch or math.inf
-        self.steps_per_epoch = int(min(len(self.train_loader), limit))
-
     def _amp(self):
         spec = self.train_spec
         if not spec.amp:
@@ -117,7 +99,7 @@ class Trainer:
         state = self.state
         state.metrics = {}
         seed_everything(self.spec.seed, state.epoch, self.rank)
-        self.sampler.set_epoch(state.epoch)
+        self.data.set_epoch(state.epoch)
         self.ddp.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
         self.callbacks.on_epoch_start(state)
         metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
@@ -164,19 +146,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str, loader) -> dict[str, float]:
-        """Loss and accuracy of the bare model (or its EMA) on this rank's shard of `split`, summed over ranks."""
+        """Loss and accuracy (top-5 too past 10 classes) of the bare model (or its EMA) on this rank's shard
+        of `split`, summed over ranks."""
         model = self.state.eval_model
         model.eval()
-        totals = torch.zeros(3, device=self.device)
+        totals = torch.zeros(4, device=self.device)
         for step, (images, labels) in enumerate(loader):
             if step == self.train_spec.max_eval_steps:
                 break
             images, labels = images.to(self.device), labels.to(self.device)
             with self.autocast():
                 logits = model(images).float()
-            totals += _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
-        loss_sum, correct, seen = self._all_reduce(totals).tolist()
-        return {f"{split}/loss": loss_sum / max(seen, 1), f"{split}/acc": 100.0 * correct / max(seen, 1)}
+            batch = _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
+            totals += torch.cat([batch, _top5_correct(logits, labels)])
+        loss_sum, correct, seen, correct5 = self._all_reduce(totals).tolist()
+        seen = max(seen, 1)
+        metrics = {f"{split}/loss": loss_sum / seen, f"{split}/acc": 100.0 * correct / seen}
+        if self.top5:
+            metrics[f"{split}/acc5"] = 100.0 * correct5 / seen
+        return metrics
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -240,6 +228,11 @@ def _batch_totals(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Te
     """(summed loss, correct, seen) of one batch, to be added up and all-reduced once per epoch."""
     correct = (logits.argmax(1) == labels).sum()
     return torch.stack([loss_sum.float(), correct.float(), correct.new_tensor(len(labels)).float()])
+
+
+def _top5_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    top5 = logits.topk(min(5, logits.shape[1]), 1).indices
+    return (top5 == labels[:, None]).any(1).sum().float().view(1)
 
 
 def _progress_line(name: str, m: dict, epochs: int) -> str:
