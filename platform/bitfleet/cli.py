@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, args.override)
     print(f"{args.spec}: ok ({spec.workload}, {spec.model.get('arch', '')}, run {spec.name} -> {spec.run_dir})")
+    for stage in spec.stages:
+        needs = f" after {', '.join(stage.needs)}" if stage.needs else ""
+        print(f"  stage {stage.name}: {stage.task or 'training run'}{needs}")
     return 0
 
 
@@ -28,8 +31,16 @@ def cmd_run(args) -> int:
     spec = load_spec(args.spec, args.override)  # validated before any Ray call
     from ray.train import TrainingFailedError
 
-    from bitfleet.scheduler import launch
+    from bitfleet.scheduler import launch, pipeline
 
+    if spec.stages:
+        try:
+            records = pipeline.run(spec, address=args.address)
+        except pipeline.StageFailed as exc:
+            print(f"bitfleet: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({name: {k: r[k] for k in ("state", "run_dir")} for name, r in records.items()}, indent=1))
+        return 0
     try:
         summary = launch.run(spec, address=args.address)
     except TrainingFailedError as exc:
@@ -132,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     spec_command("validate", cmd_validate, "check a spec without starting anything")
-    run = spec_command("run", cmd_run, "run a spec as a Ray Train job (a local Ray when no cluster is given)")
+    run = spec_command("run", cmd_run, "run a spec as a Ray Train job, or its stages as a pipeline "
+                       "(a local Ray when no cluster is given)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
     submit = spec_command("submit", cmd_submit, "submit `bitfleet run SPEC` through Ray Jobs")
     submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")

@@ -35,9 +35,22 @@ def summarize(run: dict) -> dict:
         "final_metrics": {k: v for k, v in last.items() if "/" in k and not k.startswith(("train/", "test/"))},
     }
     target = spec.get("targets", {}).get("test/acc")
-    if target is not None:
+    if isinstance(target, list):  # an expected range rather than one paper number
+        row.update(expected_test_acc=target, within_expected=target[0] <= last["test/acc"] <= target[1])
+    elif target is not None:
         row.update(paper_test_error=round(100 - target, 2), gap_to_paper_error=round((100 - last["test/acc"]) - (100 - target), 2))
     return row
+
+
+def against_targets(values: dict[str, float], targets: dict) -> dict[str, dict]:
+    """Each targeted value next to its target: a paper number (gap) or an expected [low, high] range (within)."""
+    rows = {}
+    for key, target in targets.items():
+        if key in values:
+            value = values[key]
+            rows[key] = ({"value": value, "expected": list(target), "within": target[0] <= value <= target[1]}
+                         if isinstance(target, (list, tuple)) else {"value": value, "paper": target, "gap": value - target})
+    return rows
 
 
 def plot(runs: list[dict], key: str, ylabel: str, path: Path) -> None:

@@ -6,6 +6,7 @@ call, and reported as one `SpecError` naming the field and what was expected.
 from __future__ import annotations
 
 import difflib
+import graphlib
 import os
 import re
 from pathlib import Path
@@ -149,6 +150,16 @@ class FailureSpec(Strict):
     keep: int = Field(2, ge=1)  # most recent checkpoints kept
 
 
+class StageSpec(Strict):
+    """One stage of a pipeline: the pipeline's spec with `overrides`, run after the stages it `needs`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    needs: list[str] = []
+    task: str | None = None  # None: a Ray Train run; else `report` or one of the workload's tasks
+    init_from: str | None = None  # a needed stage whose best checkpoint gives the initial weights
+    overrides: dict[str, Any] = {}  # dotted spec paths -> values, e.g. {train.epochs: 10}
+
+
 class RunSpec(Strict):
     """A whole run. The workload's own section is a top-level key named after the workload."""
 
@@ -163,7 +174,9 @@ class RunSpec(Strict):
     failure: FailureSpec = FailureSpec()
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
-    targets: dict[str, float] = {}  # the paper's numbers, shown next to ours in reports
+    targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
+    stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
+    inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
 
     _storage_absolute = field_validator("storage_path")(absolute_path)
 
@@ -172,6 +185,7 @@ class RunSpec(Strict):
         extras = set(self.model_extra or {}) - {self.workload}
         if extras:
             raise ValueError(_unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
+        _check_stages(self.stages)
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} is the global batch and must divide evenly "
@@ -187,6 +201,23 @@ class RunSpec(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.storage_path) / self.name
+
+
+def _check_stages(stages: list[StageSpec]) -> None:
+    names = [stage.name for stage in stages]
+    for i, stage in enumerate(stages):
+        where = f"stages.{i}"
+        if stage.name in names[:i]:
+            raise ValueError(f"{where}.name: {stage.name!r} names two stages")
+        unknown = [need for need in stage.needs if need not in names or need == stage.name]
+        if unknown:
+            raise ValueError(f"{where}.needs: {unknown[0]!r} is not another stage (stages: {', '.join(names)})")
+        if stage.init_from and stage.init_from not in stage.needs:
+            raise ValueError(f"{where}.init_from: {stage.init_from!r} must be one of the stages it needs {stage.needs}")
+    try:
+        tuple(graphlib.TopologicalSorter({s.name: s.needs for s in stages}).static_order())
+    except graphlib.CycleError as exc:
+        raise ValueError(f"stages: the needs form a cycle ({' -> '.join(exc.args[1])})") from None
 
 
 def _unknown_key_message(key: str, fields, workload: str) -> str:
@@ -222,21 +253,30 @@ def apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise SpecError(f"override {item!r}: expected dotted.path=value, e.g. train.epochs=1")
-    *parents, leaf = key.strip().split(".")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
+    set_path(raw, key.strip(), parsed, f"override {key}")
+
+
+def set_path(raw: dict, key: str, value: Any, where: str) -> None:
+    """raw[a][b][c] = value for the dotted key `a.b.c`, creating sections on the way."""
+    *parents, leaf = key.split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SpecError(f"override {key}: {part!r} is not a section")
+            raise SpecError(f"{where}: {part!r} is not a section")
         node = child
-    try:
-        node[leaf] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
+    node[leaf] = value
 
 
-def validate_spec(raw: dict) -> RunSpec:
-    """RunSpec from a dict, plus the workload's own checks (model section, options, data on disk)."""
+def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSpec:
+    """RunSpec from a dict, plus the workload's own checks (model section, options, data on disk).
+
+    `pending_checkpoints`: folders that earlier pipeline stages will write; not required to exist yet.
+    """
     from bitfleet import registry  # these import torch and the workloads: keep the spec light to import
     from bitfleet.data import check_available
 
@@ -245,7 +285,11 @@ def validate_spec(raw: dict) -> RunSpec:
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, RunSpec)) from None
     registry.get(spec.workload).validate(spec)
-    if spec.train.init_from:
+    if spec.stages:
+        from bitfleet.scheduler.pipeline import validate_stages
+
+        validate_stages(spec)
+    if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
         existing_checkpoint(spec.train.init_from, "train.init_from")
     missing = check_available(spec.data)
     if missing:

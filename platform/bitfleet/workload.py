@@ -6,7 +6,7 @@ never reads `spec.model.*` itself.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -27,6 +27,7 @@ class Workload:
     name: ClassVar[str]
     ModelConfig: ClassVar[type[BaseModel]]
     Options: ClassVar[type[BaseModel]] = NoOptions  # the workload's own top-level spec section
+    datasets: ClassVar[tuple[str, ...] | None] = None  # the data sets its models take; None: any
 
     # ---- configuration (driver side, before Ray)
     def model_config(self, spec: RunSpec) -> BaseModel:
@@ -37,6 +38,9 @@ class Workload:
 
     def validate(self, spec: RunSpec) -> None:
         """Raise SpecError for anything wrong in this workload's sections."""
+        if self.datasets and spec.data.dataset not in self.datasets:
+            raise SpecError(f"data.dataset: workload {self.name} takes {' or '.join(self.datasets)} "
+                            f"(got {spec.data.dataset!r})")
         self.model_config(spec)
         self.options(spec)
 
@@ -47,6 +51,11 @@ class Workload:
     def build_model(self, config: BaseModel, data: DataInfo) -> nn.Module:
         raise NotImplementedError
 
+    def load_initial_weights(self, model: nn.Module, weights: dict) -> None:
+        """`train.init_from`'s weights into a freshly built model. Override when the model's layout differs
+        from the checkpoint's (a quantization-prepared copy of a float network)."""
+        model.load_state_dict(weights)
+
     def callbacks(self, spec: RunSpec) -> list[Callback]:
         return []
 
@@ -54,6 +63,12 @@ class Workload:
         """One forward pass and loss; returns (loss, logits). Override for distillation, PPO, ..."""
         logits = model(images)
         return criterion(logits, labels), logits
+
+    # ---- pipeline stages that are not training runs (driver side, on the cluster)
+    def tasks(self) -> dict[str, Callable[[RunSpec], dict]]:
+        """Stage tasks by name: each gets the stage's spec (its `inputs` name the needed stages' folders),
+        writes its files under `spec.run_dir` and returns a JSON-able summary."""
+        return {}
 
     def export(self, model: nn.Module, config: BaseModel, data: DataInfo, path) -> dict:
         """Write a trained model in the workload's deployment format; returns what was written."""

@@ -104,8 +104,9 @@ def test_bad_depth_is_rejected():
 # --------------------------------------------------------------------------- every registered workload
 
 
-def _spec(workload: str) -> RunSpec:
-    return RunSpec.model_validate({"name": "unit", "workload": workload, "data": {"dataset": "mnist_sample"}})
+def _spec(workload: str, dataset: str) -> RunSpec:
+    data = {"dataset": dataset, "root": None if dataset == "mnist_sample" else "/unused", "val_size": 100}
+    return RunSpec.model_validate({"name": "unit", "workload": workload, "data": data})
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "mnist_sample"])
@@ -113,7 +114,9 @@ def _spec(workload: str) -> RunSpec:
 def test_every_workload_builds_its_default_model(name, dataset):
     workload = registry.get(name)
     assert workload.name == name
-    spec = _spec(name)
+    if workload.datasets and dataset not in workload.datasets:
+        pytest.skip(f"{name} takes {workload.datasets}")
+    spec = _spec(name, dataset)
     workload.validate(spec)
     workload.prepare(spec)
     config = workload.model_config(spec)

@@ -59,7 +59,7 @@ class Trainer:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
         self.model = self.workload.build_model(self.workload.model_config(spec), self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
-            self.model.load_state_dict(checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
+            self.workload.load_initial_weights(self.model, checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
         self.ddp = ray.train.torch.prepare_model(self.model)  # moves to device; DDP when world > 1
 
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)

@@ -1,0 +1,135 @@
+"""Pipelines: a spec's `stages:` run in dependency order, each as its own run under the pipeline's folder.
+
+A stage is the pipeline's spec with the stage's `overrides`, named after the stage and stored under
+`storage_path/<pipeline>/<stage>/`; it receives the folders of the stages it `needs` as `inputs` (and,
+with `init_from`, a needed stage's best checkpoint as its initial weights). A stage is a Ray Train run,
+or a task: `report`, or one the workload offers (`Workload.tasks`). Stages whose needs are met start
+together while the cluster has CPUs for them. A finished stage leaves `stage.json`; a rerun of the
+pipeline skips those and resumes the rest (a training stage from its own latest checkpoint).
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from bitfleet import registry
+from bitfleet.spec import RunSpec, SpecError, StageSpec, set_path, validate_spec
+
+STAGE_FILE = "stage.json"  # written when a stage has completed
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage failed; the message names it."""
+
+
+def stage_raw(spec: RunSpec, stage: StageSpec) -> dict:
+    """The raw spec of one stage: the pipeline's fields, the stage's overrides, its name, folder and inputs."""
+    raw = spec.model_dump(mode="json", exclude={"stages", "inputs"})
+    for key, value in stage.overrides.items():
+        set_path(raw, key, value, f"stages.{stage.name}.overrides.{key}")
+    folder = Path(spec.storage_path) / spec.name
+    raw.update(name=stage.name, storage_path=str(folder), inputs={need: str(folder / need) for need in stage.needs})
+    if stage.init_from:
+        set_path(raw, "train.init_from", str(folder / stage.init_from), f"stages.{stage.name}.init_from")
+    return raw
+
+
+def validate_stages(spec: RunSpec) -> None:
+    """Every stage's spec validates (bar checkpoints its needs will write) and names a known task."""
+    tasks = {"report"} | set(registry.get(spec.workload).tasks())
+    for stage in spec.stages:
+        if stage.task and stage.task not in tasks:
+            raise SpecError(f"stages.{stage.name}.task: {stage.task!r} is not a task of {spec.workload} "
+                            f"(expected one of {', '.join(sorted(tasks))})")
+        raw = stage_raw(spec, stage)
+        try:
+            validate_spec(raw, pending_checkpoints=tuple(raw["inputs"].values()))  # written by the needed stages
+        except SpecError as exc:
+            raise SpecError(f"stages.{stage.name}: {exc}") from None
+
+
+def stage_spec(spec: RunSpec, stage: StageSpec) -> RunSpec:
+    """The validated spec of a stage whose needs have completed."""
+    return validate_spec(stage_raw(spec, stage))
+
+
+def completed(spec: RunSpec, stage: StageSpec) -> dict | None:
+    path = Path(spec.storage_path) / spec.name / stage.name / STAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
+    """Run the pipeline's stages; returns {stage: record}. Raises StageFailed naming the first failure."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    records = {s.name: {**completed(spec, s), "state": "skipped"} for s in spec.stages if completed(spec, s)}
+    pending = [s for s in spec.stages if s.name not in records]
+    capacity = ray.cluster_resources().get("CPU", 1.0)
+    running: dict[Future, StageSpec] = {}
+    failure = None
+    with ThreadPoolExecutor(max(1, len(pending))) as pool:
+        while (pending and failure is None) or running:
+            for stage in _ready(pending, records):
+                if running and _cpus(spec, running.values()) + _cpus(spec, [stage]) > capacity:
+                    break  # wait for room; the first stage always starts, whatever it asks for
+                pending.remove(stage)
+                running[pool.submit(_run_stage, spec, stage)] = stage
+                print(f"[{spec.name}] stage {stage.name} started", flush=True)
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage = running.pop(future)
+                if future.exception() is not None:
+                    failure = failure or (stage.name, future.exception())
+                    print(f"[{spec.name}] stage {stage.name} failed: {future.exception()}", flush=True)
+                else:
+                    records[stage.name] = future.result()
+                    print(f"[{spec.name}] stage {stage.name} completed", flush=True)
+    if failure is not None:
+        name, exc = failure
+        raise StageFailed(f"pipeline {spec.name}: stage {name!r} failed: {exc}") from exc
+    if pending:
+        raise StageFailed(f"pipeline {spec.name}: stages {[s.name for s in pending]} could not start")
+    return {s.name: records[s.name] for s in spec.stages}
+
+
+def _ready(pending: list[StageSpec], records: dict) -> list[StageSpec]:
+    return [s for s in pending if all(need in records for need in s.needs)]
+
+
+def _cpus(spec: RunSpec, stages) -> float:
+    """CPUs a stage holds: its workers (a training run) or its actors (a task), from its scaling section."""
+    total = 0.0
+    for stage in stages:
+        scaling = {**spec.scaling.model_dump(), **_scaling_overrides(stage)}
+        total += scaling["num_workers"] * scaling["cpus_per_worker"]
+    return total
+
+
+def _scaling_overrides(stage: StageSpec) -> dict:
+    return {k.split(".", 1)[1]: v for k, v in stage.overrides.items() if k.startswith("scaling.")}
+
+
+def _run_stage(spec: RunSpec, stage: StageSpec) -> dict:
+    resolved = stage_spec(spec, stage)
+    resolved.run_dir.mkdir(parents=True, exist_ok=True)
+    if stage.task is None:
+        from bitfleet.scheduler import launch
+
+        summary = launch.run(resolved)
+    elif stage.task == "report":
+        from bitfleet import report
+
+        summary = {"report": str(report.write(list(resolved.inputs.values()), resolved.run_dir))}
+    else:
+        from bitfleet.scheduler import launch
+
+        launch.record_config(resolved)
+        summary = registry.get(resolved.workload).tasks()[stage.task](resolved)
+    record = {"stage": stage.name, "state": "completed", "run_dir": str(resolved.run_dir), "summary": summary}
+    (resolved.run_dir / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str))
+    return record

@@ -1,0 +1,35 @@
+"""The tap_ppo spec sections: `model:` (arch) and the `tap_ppo:` options of the seed's four modes."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from bitfleet.spec import Strict
+
+
+class ModelConfig(Strict):
+    arch: Literal["lenet5", "alexnet", "vgg16"] = "lenet5"
+
+
+class PPOSettings(Strict):
+    """RLlib PPO hyper-parameters of the search (one episode = one choice per record point)."""
+
+    lr: float = Field(3e-4, gt=0)
+    train_batch_size: int = Field(128, ge=8)  # env steps per PPO iteration
+    minibatch_size: int = Field(32, ge=4)
+    num_epochs: int = Field(8, ge=1)  # SGD passes over each batch
+    entropy_coeff: float = Field(0.01, ge=0)
+    gamma: float = Field(1.0, gt=0, le=1)  # the reward comes at the episode's end: no discounting
+
+
+class Options(Strict):
+    stage: Literal["float", "qat"] = "float"  # training stages: --mode train_float | train_qat (from init_from)
+    calibration_images: int = Field(512, ge=16)  # held out of training: histograms and the PPO reward
+    calibration_batch: int = Field(256, ge=1)
+    episodes: int = Field(1000, ge=1)  # --episodes
+    breakpoint_bins: int = Field(16, ge=3)  # b1, b2 are picked from this many positions in (0, tmax)
+    attention_weight: float = Field(1.0, ge=0)  # reward: - weight x attention-transfer distance (0..2)
+    cost_weight: float = Field(0.05, ge=0)  # reward: + weight x saved fraction of output levels
+    attention_layers: list[str] | None = None  # default: the model's (LeNet-5: conv2, fc1)
+    ppo: PPOSettings = PPOSettings()

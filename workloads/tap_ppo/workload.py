@@ -1,0 +1,54 @@
+"""Workload `tap_ppo`: float -> INT8 QAT -> PPO search of per-layer tri-segment approximation (TAP) -> INT8
+eval, the seed's four modes as the four stages of one pipeline spec.
+
+The training stages are ordinary bitfleet runs: `tap_ppo.stage: float` trains the float network,
+`tap_ppo.stage: qat` fine-tunes its QAT copy (`torch.ao.quantization`) from the float stage's weights
+(`init_from`) and, at its end, converts it to INT8 and records histograms and tmax. The `ppo` and `eval`
+stages are this workload's tasks.
+"""
+from __future__ import annotations
+
+from bitfleet.spec import SpecError
+from bitfleet.workload import Workload
+from workloads.tap_ppo import int8, models, quant, search
+from workloads.tap_ppo.config import ModelConfig, Options
+
+
+class TapPPO(Workload):
+    name = "tap_ppo"
+    ModelConfig = ModelConfig
+    Options = Options
+    datasets = ("cifar10", "cifar100")  # 3x32x32: the seed's networks are CIFAR variants
+
+    def validate(self, spec):
+        super().validate(spec)
+        options, arch = self.options(spec), self.model_config(spec).arch
+        if spec.data.val_size < 16:
+            raise SpecError("data.val_size: tap_ppo holds a calibration split out of training (histograms, the "
+                            "PPO reward); set it, e.g. 1000")
+        if options.stage == "qat" and not spec.train.init_from and not spec.stages:
+            raise SpecError("tap_ppo.stage: qat starts from the float stage's weights; set train.init_from "
+                            "(in a pipeline: the stage's `init_from: float`)")
+        points = models.ARCHS[arch].record_points
+        unknown = [name for name in options.attention_layers or [] if name not in points]
+        if unknown:
+            raise SpecError(f"tap_ppo.attention_layers: {unknown[0]!r} is not a record point of {arch} ({', '.join(points)})")
+
+    def prepare(self, spec):
+        self.qat = self.options(spec).stage == "qat"
+        self.arch = self.model_config(spec).arch
+
+    def build_model(self, config: ModelConfig, data):
+        model = models.build(config.arch, data.num_classes, data.in_channels)
+        return quant.prepare_qat(model) if self.qat else model
+
+    def load_initial_weights(self, model, weights):
+        if self.qat:  # float weights: load them into the float network, then make its QAT copy
+            weights = quant.qat_from_float(self.arch, weights).state_dict()
+        model.load_state_dict(weights)
+
+    def callbacks(self, spec):
+        return [int8.Int8Snapshot(spec, self.options(spec).calibration_batch)] if self.qat else []
+
+    def tasks(self):
+        return {"ppo": search.run, "eval": int8.evaluate}
