@@ -1,4 +1,4 @@
-"""`bitfleet run | submit | validate | report | export | data`: parse the command line and delegate."""
+"""`bitfleet run | sweep | submit | validate | report | export | data`: parse the command line and delegate."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +47,17 @@ def cmd_run(args) -> int:
         print(f"bitfleet: run {spec.name} failed: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: summary[k] for k in ("run_dir", "best_checkpoint", "best")}, indent=1, default=str))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    spec = load_spec(args.spec, args.override)  # the sweep section too: paths, ranges, scheduler options
+    if spec.sweep is None:
+        raise SpecError(f"sweep: {args.spec} has no sweep section (see the README's Sweeps)")
+    from bitfleet.scheduler import sweep
+
+    summary = sweep.run(spec, address=args.address)
+    print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
@@ -146,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     run = spec_command("run", cmd_run, "run a spec as a Ray Train job, or its stages as a pipeline "
                        "(a local Ray when no cluster is given)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
+    sweep = spec_command("sweep", cmd_sweep, "run the spec's `sweep:` as a Ray Tune search (resumes if it ran before)")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
     submit = spec_command("submit", cmd_submit, "submit `bitfleet run SPEC` through Ray Jobs")
     submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")

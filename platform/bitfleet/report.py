@@ -1,7 +1,9 @@
-"""`bitfleet report RUN_DIR...`: training curves of finished runs and a summary next to the paper.
+"""`bitfleet report RUN_DIR... | SWEEP_DIR`: curves of finished runs and a summary next to the paper.
 
-Reads each run's `config.json` (resolved spec, with the paper's numbers in `targets`) and `metrics.json`
-(one entry per epoch); writes `train_loss.png`, `test_accuracy.png` and `summary.json`.
+Runs: reads each run's `config.json` (resolved spec, with the paper's numbers in `targets`) and
+`metrics.json` (one entry per epoch); writes `train_loss.png`, `test_accuracy.png` and `summary.json`.
+A sweep folder (it holds `trials.json`): the metric against the epoch for every trial, and the metric
+against each searched parameter (`sweep_<metric>_by_epoch.png`, `sweep_<metric>_vs_<path>.png`).
 """
 from __future__ import annotations
 
@@ -68,6 +70,8 @@ def plot(runs: list[dict], key: str, ylabel: str, path: Path) -> None:
 
 
 def write(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
+    if len(run_dirs) == 1 and (Path(run_dirs[0]) / "trials.json").is_file():
+        return write_sweep(Path(run_dirs[0]), out)
     runs = [load_run(d) for d in run_dirs]
     out = Path(out) if out else runs[0]["dir"]
     out.mkdir(parents=True, exist_ok=True)
@@ -76,3 +80,39 @@ def write(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     summary = [summarize(r) for r in runs]
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return out
+
+
+def write_sweep(sweep_dir: Path, out: str | Path | None = None) -> Path:
+    """Plots of a finished sweep from its `trials.json` (written by `bitfleet sweep`)."""
+    trials = json.loads((sweep_dir / "trials.json").read_text())
+    config = json.loads((sweep_dir / "sweep.json").read_text())
+    metric, paths = config["metric"], config["paths"]
+    out = Path(out) if out else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    name = metric.replace("/", "_")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for trial in trials:
+        points = [h for h in trial["history"] if h.get(metric) is not None]
+        ax.plot([h["epoch"] for h in points], [h[metric] for h in points], marker=".", label=trial["trial"])
+    _finish(fig, ax, "epoch", metric, out / f"sweep_{name}_by_epoch.png", legend=len(trials) <= 12)
+    for path in paths:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        done = [t for t in trials if t[metric] is not None]
+        values = [t[path] for t in done]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        ax.scatter(values if numeric else [str(v) for v in values], [t[metric] for t in done])
+        if numeric and values and min(values) > 0 and max(values) / min(values) > 50:
+            ax.set_xscale("log")
+        _finish(fig, ax, path, metric, out / f"sweep_{name}_vs_{path}.png", legend=False)
+    return out
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path, legend: bool) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -84,8 +84,10 @@ class TrainSpec(Strict):
     max_eval_steps: int | None = Field(None, ge=1)
     strategy: Literal["ddp"] = "ddp"
     init_from: str | None = None  # a checkpoint folder, or a run folder (its best checkpoint): initial weights
+    resume_from: str | None = None  # a checkpoint folder whose whole state (epoch, optimizer, ...) a new run
+    #                                  continues, with this spec's values (PBT exploits, sweep trial restarts)
 
-    _init_from_absolute = field_validator("init_from")(absolute_path)
+    _init_from_absolute = field_validator("init_from", "resume_from")(absolute_path)
 
 
 FolderDataset = Literal["imagenet", "tinyimagenet", "image_folder"]  # JPEG class folders: <root>/{train,val}/<class>/
@@ -177,8 +179,16 @@ class RunSpec(Strict):
     targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
     stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
+    sweep: Any = None  # a bitfleet.sweeps.SweepSpec (`bitfleet sweep`); parsed in `_sweep` (sweeps builds on Strict)
 
     _storage_absolute = field_validator("storage_path")(absolute_path)
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _sweep(cls, raw):
+        from bitfleet.sweeps import parse_sweep
+
+        return parse_sweep(raw)
 
     @model_validator(mode="after")
     def _check(self):
@@ -285,12 +295,18 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSp
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, RunSpec)) from None
     registry.get(spec.workload).validate(spec)
+    if spec.sweep is not None:
+        from bitfleet.sweeps import check_sweep, resolved_spec
+
+        check_sweep(spec.sweep, resolved_spec(spec, registry.get(spec.workload)))
     if spec.stages:
         from bitfleet.scheduler.pipeline import validate_stages
 
         validate_stages(spec)
     if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
         existing_checkpoint(spec.train.init_from, "train.init_from")
+    if spec.train.resume_from:
+        existing_checkpoint(spec.train.resume_from, "train.resume_from")
     missing = check_available(spec.data)
     if missing:
         raise SpecError(missing)

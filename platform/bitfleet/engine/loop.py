@@ -206,11 +206,15 @@ class Trainer:
         }
 
     def restore(self) -> None:
-        """Continue from the checkpoint Ray hands over (after a worker failure or a driver rerun)."""
+        """Continue from the checkpoint Ray hands over (after a worker failure or a driver rerun), else from
+        `train.resume_from` (another run's checkpoint: a PBT exploit, a restarted sweep trial)."""
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
+        if ckpt is not None:
+            state = checkpoint.from_ray(ckpt)
+        elif self.train_spec.resume_from:
+            state = checkpoint.load(checkpoint.find(self.train_spec.resume_from))
+        else:
             return
-        state = checkpoint.from_ray(ckpt)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -22,7 +22,8 @@ from bitfleet.spec import RunSpec
 SCORE = "test/acc"  # checkpoints kept: the best `failure.keep` by this metric, and always the latest
 
 
-def build_trainer(spec: RunSpec) -> TorchTrainer:
+def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
+    """The TorchTrainer of a run; `callbacks`: Ray Train user callbacks (a sweep's bridge to Tune)."""
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
@@ -34,6 +35,7 @@ def build_trainer(spec: RunSpec) -> TorchTrainer:
         run_config=RunConfig(
             name=spec.name,
             storage_path=str(spec.run_dir.parent),
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=spec.failure.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"

@@ -1,0 +1,280 @@
+"""A sweep -> `ray.tune.Tuner` whose function trainable runs each trial as a full bitfleet run.
+
+Each trial is the spec with the trial's values set at their dotted paths, run by its own TorchTrainer
+(its own worker group and failure handling), as Ray Train V2 recommends for Tune. A Train callback
+forwards every epoch's metrics and checkpoint path to the trial, which reports them to Tune with a copy
+of the checkpoint (the run keeps only its best few, and a PBT donor runs on); Tune's schedulers (ASHA
+stops, PBT exploits) work on those. When a trial starts from a Tune checkpoint — PBT copying a donor, or
+a resumed sweep — its new run continues from that checkpoint (`train.resume_from`) with the trial's
+current values: a mutated temperature schedule applies from the restored epoch on.
+
+Folders: `storage_path/<sweep name>/` is Tune's experiment (resumable with the same command), and each
+trial's runs live in `storage_path/<sweep name>/runs/<trial>-<start>/`.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import ray
+import yaml
+from ray import tune
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
+
+from bitfleet import sweeps
+from bitfleet.spec import RunSpec, validate_spec
+from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
+
+RUNS = "runs"
+TRIAL_CPU = 0.01  # a trial only waits on its run: its Train workers hold the real resources
+
+
+class ForwardToTrial(UserCallback):
+    """Runs in the Train controller: hands each report (rank 0's metrics, checkpoint path) to the trial."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({"metrics": metrics[0], "checkpoint": checkpoint.path if checkpoint else None})
+
+
+def trial_spec(base: dict, config: dict, sweep_dir: Path, trial_id: str, resume_from: str | None) -> RunSpec:
+    raw = sweeps.apply_config(base, config)
+    raw.pop("sweep", None)
+    raw.update(name=f"{trial_id}-{uuid.uuid4().hex[:6]}", storage_path=str(sweep_dir / RUNS))
+    if resume_from:
+        raw.setdefault("train", {})["resume_from"] = resume_from
+    return validate_spec(raw)
+
+
+def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
+    """Tune's function trainable: one bitfleet run per start of the trial, its epochs reported to Tune."""
+    from bitfleet.scheduler import launch
+
+    start = tune.get_checkpoint()  # a donor's (PBT) or the trial's own last epoch (a resumed sweep)
+    resume_from = start.path if start is not None else None
+    trial_id = tune.get_context().get_trial_id()
+    spec = trial_spec(base, config, Path(sweep_dir), trial_id, resume_from)
+    launch.record_config(spec)
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = launch.build_trainer(spec, callbacks=(ForwardToTrial(queue),))
+    outcome: dict = {}
+    fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
+    fit.start()
+    while fit.is_alive() or not queue.empty():
+        try:
+            item = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        _report(item, spec)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _fit(trainer, outcome: dict) -> None:
+    try:
+        trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - re-raised in the trial's thread, where Tune sees it
+        outcome["error"] = exc
+
+
+def _report(item: dict, spec: RunSpec) -> None:
+    metrics = {**item["metrics"], "run": spec.name}
+    if item["checkpoint"] is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(item["checkpoint"], tmp, dirs_exist_ok=True)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run(spec: RunSpec, address: str | None = None) -> dict:
+    """Run (or resume) the sweep of `spec`; returns the results summary written next to it."""
+    if not ray.is_initialized():
+        ray.init(address=address)
+    sweep, sweep_dir = spec.sweep, Path(spec.storage_path) / spec.name
+    base = spec.model_dump(mode="json", exclude={"sweep"})  # resolved: a trial's spec is this plus its values
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)),
+                                    {"CPU": TRIAL_CPU})
+    if tune.Tuner.can_restore(str(sweep_dir)):
+        print(f"[{spec.name}] resuming the sweep in {sweep_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        per_trial = {"CPU": spec.scaling.num_workers * spec.scaling.cpus_per_worker,
+                     "GPU": spec.scaling.num_workers * spec.scaling.use_gpu}
+        max_concurrent = concurrent_trials(sweep, ray.cluster_resources(), per_trial)
+        tuner = tune.Tuner(trainable, param_space=param_space(sweep),
+                           tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
+                           run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    return summarize(spec, base, tuner.fit(), sweep_dir)
+
+
+# --------------------------------------------------------------------------- Tune objects of a sweep spec
+
+
+def concurrent_trials(sweep: SweepSpec, available: Mapping[str, float], per_trial: Mapping[str, float]) -> int:
+    """`max_concurrent` as written, else how many trials the cluster's resources fit (at least one).
+
+    `available`: e.g. `ray.cluster_resources()`; `per_trial`: what one trial takes (its workers' CPUs, GPUs
+    and custom resources, plus its driver's)."""
+    if sweep.max_concurrent:
+        return sweep.max_concurrent
+    fits = [int(available.get(name, 0) / amount + 1e-9) for name, amount in per_trial.items() if amount > 0]
+    return max(1, min(fits, default=1))
+
+
+def param_space(sweep: SweepSpec) -> dict[str, Any]:
+    """Tune's `param_space`, keyed by dotted spec paths. It holds every path a trial varies: PBT mutations
+    and PB2 bounds not in `space` start from their own distribution (PB2 would otherwise start from a
+    bound's ends only). Under grid search, choices are enumerated like grids."""
+    from ray import tune
+
+    enumerate_choices = sweep.search.type == "grid"
+    space = {path: _domain(dist, enumerate_choices) for path, dist in sweep.space.items()}
+    for path, dist in getattr(sweep.scheduler, "mutations", {}).items():
+        space.setdefault(path, _domain(dist))
+    for path, (low, high) in getattr(sweep.scheduler, "bounds", {}).items():
+        space.setdefault(path, tune.uniform(low, high))
+    return space
+
+
+def _domain(dist: Distribution, enumerate_choice: bool = False) -> Any:
+    from ray import tune
+
+    if dist.kind == "grid" or (dist.kind == "choice" and enumerate_choice):
+        return tune.grid_search(list(dist.values))
+    if dist.kind == "choice":
+        return tune.choice(list(dist.values))
+    return getattr(tune, dist.kind)(*dist.values)  # uniform, loguniform, randint: same names and arguments
+
+
+def _mutation(dist: Distribution) -> Any:
+    """PBT perturbs a list by moving to a neighbour but a domain by scaling it: choices must stay lists."""
+    return list(dist.values) if dist.kind == "choice" else _domain(dist)
+
+
+def scheduler(sweep: SweepSpec, max_t: int, metric: str | None = None, mode: str | None = None):
+    """The TrialScheduler, in epochs (`training_iteration`). `max_t`: the spec's train.epochs, ASHA's
+    max_t unless the sweep sets one. Leave metric and mode None when TuneConfig has them: Tune refuses
+    a scheduler that was given them too."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    s, common = sweep.scheduler, {"time_attr": TIME_ATTR, "metric": metric, "mode": mode}
+    if isinstance(s, Asha):
+        return ASHAScheduler(**common, max_t=s.max_t or max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    if isinstance(s, Pbt):
+        return PopulationBasedTraining(
+            **common, perturbation_interval=s.perturbation_interval,
+            hyperparam_mutations={path: _mutation(dist) for path, dist in s.mutations.items()},
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability)
+    if isinstance(s, Pb2):
+        from ray.tune.schedulers.pb2 import PB2  # needs scikit-learn
+
+        return PB2(**common, perturbation_interval=s.perturbation_interval,
+                   hyperparam_bounds={path: list(pair) for path, pair in s.bounds.items()},
+                   quantile_fraction=s.quantile_fraction)
+    return FIFOScheduler()
+
+
+def search_alg(sweep: SweepSpec, metric: str | None = None, mode: str | None = None,
+               max_concurrent: int | None = None):
+    """The search algorithm with the concurrency cap inside it: random and grid are Tune's
+    BasicVariantGenerator (seeded; it takes no metric), optuna and hyperopt their searcher behind a
+    ConcurrencyLimiter. TuneConfig's `max_concurrent_trials` is then redundant (Tune warns it is ignored)."""
+    kind, seed = sweep.search.type, sweep.search.seed
+    if kind in ("random", "grid"):
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent or 0, random_state=seed)
+    if kind == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(metric=metric, mode=mode, random_state_seed=seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
+
+
+def tune_config(sweep: SweepSpec, epochs: int, max_concurrent: int | None = None):
+    """`tune.TuneConfig` of the sweep: metric and mode set here once, for the scheduler and the searcher."""
+    from ray import tune
+
+    return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
+                           scheduler=scheduler(sweep, max_t=epochs),
+                           search_alg=search_alg(sweep, max_concurrent=max_concurrent))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
+    """trials.json/.csv (one row per trial), the best trial's spec as YAML, a table on stdout."""
+    sweep = spec.sweep
+    rows = [_trial_row(result, sweep, spec.train.epochs) for result in results]
+    rows.sort(key=lambda r: (r[sweep.metric] is None, -(r[sweep.metric] or 0) if sweep.mode == "max" else (r[sweep.metric] or 0)))
+    best = results.get_best_result(sweep.metric, sweep.mode, scope="last", filter_nan_and_inf=True)
+    best_raw = sweeps.apply_config(raw, best.config)
+    best_raw.pop("sweep", None)
+    best_raw["name"] = f"{spec.name}-best"
+    (sweep_dir / "best_spec.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
+    (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode,
+                                                       "paths": _paths(sweep)}, indent=1))
+    columns = ["trial", "state", "epochs", sweep.metric, *_paths(sweep)]
+    with open(sweep_dir / "trials.csv", "w", newline="") as out:
+        writer = csv.DictWriter(out, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(_table(rows, columns), flush=True)
+    summary = {"sweep_dir": str(sweep_dir), "best_trial": _trial_id(best), "best_config": best.config,
+               sweep.metric: best.metrics.get(sweep.metric), "best_spec": str(sweep_dir / "best_spec.yaml")}
+    print(f"best: trial {summary['best_trial']} {sweep.metric} {summary[sweep.metric]} -> {summary['best_spec']}")
+    from bitfleet import report
+
+    report.write_sweep(sweep_dir)
+    return summary
+
+
+def _paths(sweep: SweepSpec) -> list[str]:
+    return list(dict.fromkeys(path for _, path, _ in sweep.swept()))
+
+
+def _trial_id(result) -> str:
+    return result.metrics.get("trial_id") or Path(result.path).name
+
+
+def _trial_row(result, sweep, epochs: int) -> dict:
+    frame = result.metrics_dataframe
+    history = [] if frame is None else frame[["epoch", sweep.metric, "run"]].to_dict("records")
+    last = history[-1] if history else {}
+    done = last.get("epoch", 0)
+    state = "ERROR" if result.error else ("COMPLETED" if done >= epochs else "STOPPED")
+    return {"trial": _trial_id(result), "state": state, "epochs": done, sweep.metric: last.get(sweep.metric),
+            **{path: result.config.get(path) for path in _paths(sweep)},
+            "runs": sorted({h["run"] for h in history}), "history": history}
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)] if cells else [len(c) for c in columns]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
