@@ -33,7 +33,9 @@ from bitfleet.spec import RunSpec, validate_spec
 from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
 
 RUNS = "runs"
-TRIAL_CPU = 0.01  # a trial only waits on its run: its Train workers hold the real resources
+# A trial only waits on its run, whose Train workers hold the real resources; Tune needs a non-empty
+# request, and a fraction of a CPU would keep a worker from fitting beside it: one byte of memory.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 class ForwardToTrial(UserCallback):
@@ -103,7 +105,7 @@ def run(spec: RunSpec, address: str | None = None) -> dict:
     sweep, sweep_dir = spec.sweep, Path(spec.storage_path) / spec.name
     base = spec.model_dump(mode="json", exclude={"sweep"})  # resolved: a trial's spec is this plus its values
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)),
-                                    {"CPU": TRIAL_CPU})
+                                    TRIAL_RESOURCES)
     if tune.Tuner.can_restore(str(sweep_dir)):
         print(f"[{spec.name}] resuming the sweep in {sweep_dir}", flush=True)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, restart_errored=True)
@@ -114,11 +116,19 @@ def run(spec: RunSpec, address: str | None = None) -> dict:
         tuner = tune.Tuner(trainable, param_space=param_space(sweep),
                            tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
                            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                                                     checkpoint_config=_kept_checkpoints(sweep)))
     return summarize(spec, base, tuner.fit(), sweep_dir)
 
 
 # --------------------------------------------------------------------------- Tune objects of a sweep spec
+
+
+def _kept_checkpoints(sweep: SweepSpec):
+    """PBT/PB2 copy a donor's checkpoint some time after it was taken: keep them all (the trials' own runs
+    still keep `failure.keep`); other schedulers only resume a trial from its latest."""
+    population_based = isinstance(sweep.scheduler, (Pbt, Pb2))
+    return tune.CheckpointConfig(num_to_keep=None if population_based else 2)
+
 
 
 def concurrent_trials(sweep: SweepSpec, available: Mapping[str, float], per_trial: Mapping[str, float]) -> int:
@@ -224,7 +234,7 @@ def tune_config(sweep: SweepSpec, epochs: int, max_concurrent: int | None = None
 def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
     """trials.json/.csv (one row per trial), the best trial's spec as YAML, a table on stdout."""
     sweep = spec.sweep
-    rows = [_trial_row(result, sweep, spec.train.epochs) for result in results]
+    rows = [_trial_row(result, sweep, spec.train.epochs, sweep_dir) for result in results]
     rows.sort(key=lambda r: (r[sweep.metric] is None, -(r[sweep.metric] or 0) if sweep.mode == "max" else (r[sweep.metric] or 0)))
     best = results.get_best_result(sweep.metric, sweep.mode, scope="last", filter_nan_and_inf=True)
     best_raw = sweeps.apply_config(raw, best.config)
@@ -257,15 +267,21 @@ def _trial_id(result) -> str:
     return result.metrics.get("trial_id") or Path(result.path).name
 
 
-def _trial_row(result, sweep, epochs: int) -> dict:
-    frame = result.metrics_dataframe
-    history = [] if frame is None else frame[["epoch", sweep.metric, "run"]].to_dict("records")
+def _trial_row(result, sweep, epochs: int, sweep_dir: Path) -> dict:
+    """A trial's row: its state, epochs, last metric, values, runs and history. A trial has a run for each
+    start (PBT pauses and exploits); the last run's metrics hold the whole lineage of its weights, a
+    donor's epochs included, because a run restored from a checkpoint carries that checkpoint's history."""
+    runs = sorted((sweep_dir / RUNS).glob(f"{_trial_id(result)}-*"), key=lambda run: (run / "config.json").stat().st_mtime)
+    reported = [run / "metrics.json" for run in runs if (run / "metrics.json").is_file()]
+    history = [{"epoch": m["epoch"], sweep.metric: m.get(sweep.metric), "restores": m.get("restores", 0)}
+               for m in (json.loads(reported[-1].read_text()) if reported else [])]  # a run resumed at its
+    #                                                                   last epoch reports nothing more
     last = history[-1] if history else {}
     done = last.get("epoch", 0)
     state = "ERROR" if result.error else ("COMPLETED" if done >= epochs else "STOPPED")
     return {"trial": _trial_id(result), "state": state, "epochs": done, sweep.metric: last.get(sweep.metric),
             **{path: result.config.get(path) for path in _paths(sweep)},
-            "runs": sorted({h["run"] for h in history}), "history": history}
+            "runs": [run.name for run in runs], "history": history}
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:

@@ -1,0 +1,100 @@
+"""Sweeps on a real Ray cluster, with the shipped rbnn sweep specs shrunk by overrides to the embedded MNIST
+sample: ASHA stopping trials early, a sweep whose driver is killed and resumed without rerunning finished
+trials, the best trial's spec accepted by `bitfleet validate`, and a PBT exploit continuing from the
+donor's epoch with the mutated temperatures."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from bitfleet import cli
+from tests.integration.conftest import wait_until
+from tests.integration.test_runs import bitfleet, finish
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+TINY = ["data.dataset=mnist_sample", "data.loader_workers=0", "scaling.cpus_per_worker=1",
+        "train.max_steps_per_epoch=4", "train.max_eval_steps=1", "train.batch_size=64", "failure.max_failures=2"]
+
+
+def sweep_command(cluster, tmp_path, spec, *overrides):
+    args = ["sweep", spec, "--address", cluster.address]
+    for item in [f"storage_path={tmp_path}", *TINY, *overrides]:
+        args += ["-o", item]
+    return args
+
+
+def trial_states(sweep_dir) -> dict[str, str]:
+    """Tune's own record of each trial's status (its experiment state file), read while the sweep runs."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    trials = json.loads(states[-1].read_text()).get("trial_data", [])
+    return {json.loads(meta)["trial_id"]: json.loads(meta)["status"] for meta, _ in trials}
+
+
+def test_asha_sweep_stops_trials_early_and_resumes_after_its_driver_dies(ray_cluster, tmp_path):
+    spec = "workloads/rbnn/specs/cifar10_resnet20_tsweep.yaml"
+    args = sweep_command(ray_cluster, tmp_path, spec, "train.epochs=3", "sweep.num_samples=4",
+                         "sweep.max_concurrent=2", "sweep.scheduler.grace_period=1")
+    sweep_dir = tmp_path / "rbnn-cifar10-resnet20-tsweep"
+    driver = bitfleet(ray_cluster, tmp_path / "first.log", *args)
+    finished = wait_until(lambda: [t for t, s in trial_states(sweep_dir).items() if s == "TERMINATED"], 400,
+                          "a first finished trial")
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-sweep; its trials die with it
+    driver.wait()
+    segments = {t: sorted(p.name for p in (sweep_dir / "runs").glob(f"{t}-*")) for t in finished}
+
+    out = finish(bitfleet(ray_cluster, tmp_path / "second.log", *args), timeout_s=500)
+    assert "resuming the sweep" in out
+    for trial, runs in segments.items():  # a finished trial is not run again
+        assert sorted(p.name for p in (sweep_dir / "runs").glob(f"{trial}-*")) == runs
+    rows = json.loads((sweep_dir / "trials.json").read_text())
+    assert len(rows) == 4 and all(r["state"] in ("COMPLETED", "STOPPED") for r in rows)
+    assert any(r["state"] == "STOPPED" and r["epochs"] < 3 for r in rows), "ASHA stopped no trial"
+    assert any(r["state"] == "COMPLETED" and r["epochs"] == 3 for r in rows)
+    header = (sweep_dir / "trials.csv").read_text().splitlines()[0]
+    assert header == "trial,state,epochs,test/acc,rbnn.tmin,rbnn.tmax,rbnn.rotation_update,train.lr_schedule.type"
+    best = max((r for r in rows if r["test/acc"] is not None), key=lambda r: r["test/acc"])
+    assert f"best: trial {best['trial']}" in out
+    assert cli.main(["validate", str(sweep_dir / "best_spec.yaml")]) == 0
+    assert (sweep_dir / "sweep_test_acc_vs_rbnn.tmin.png").is_file()
+
+
+def test_pbt_exploit_continues_from_the_donors_epoch_with_mutated_values(ray_cluster, tmp_path):
+    spec = "workloads/rbnn/specs/cifar10_resnet20_tsweep_pbt.yaml"
+    args = sweep_command(ray_cluster, tmp_path, spec, "train.epochs=3", "sweep.num_samples=2",
+                         "sweep.scheduler.perturbation_interval=1", "sweep.scheduler.quantile_fraction=0.5")
+    finish(bitfleet(ray_cluster, tmp_path / "driver.log", *args), timeout_s=550)
+    sweep_dir = tmp_path / "rbnn-cifar10-resnet20-tsweep-pbt"
+    rows = json.loads((sweep_dir / "trials.json").read_text())
+    exploited = [r for r in rows if len(r["runs"]) > 1]
+    assert exploited, "no PBT exploit happened"
+    assert all(r["state"] == "COMPLETED" and [h["epoch"] for h in r["history"]] == [1, 2, 3] for r in rows)
+    restarted = []
+    for row in exploited:
+        for run in row["runs"][1:]:
+            config = json.loads((sweep_dir / "runs" / run / "config.json").read_text())["spec"]
+            if not (sweep_dir / "runs" / run / "metrics.json").is_file():
+                continue  # resumed at its last epoch: nothing left to train
+            metrics = json.loads((sweep_dir / "runs" / run / "metrics.json").read_text())
+            assert config["train"]["resume_from"]  # started from a Tune checkpoint: a donor's or its own
+            # a restored run carries its checkpoint's history; its own epochs are those with its restore count
+            own = [m for m in metrics if m["restores"] == metrics[-1]["restores"]]
+            assert own and own[0]["epoch"] > 1  # it continued from the checkpoint's epoch, not from scratch
+            restarted.append((config, own[0]))
+    assert restarted
+    # the temperature follows the run's own (mutated) tmin/tmax from the restored epoch on
+    for config, first in restarted:
+        tmin, tmax, epochs = config["rbnn"]["tmin"], config["rbnn"]["tmax"], config["train"]["epochs"]
+        expected = 10 ** (_log10(tmin) + (_log10(tmax) - _log10(tmin)) * (first["epoch"] - 1) / epochs)
+        assert first["rbnn/t"] == pytest.approx(expected, rel=1e-4)
+
+
+def _log10(x: float) -> float:
+    import math
+
+    return math.log10(x)
