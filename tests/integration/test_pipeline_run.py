@@ -73,5 +73,7 @@ def test_a_failing_stage_is_named_and_stops_the_stages_after_it(ray_cluster, tmp
     out = process.log.read_text()
     assert process.returncode == 1
     assert "bitfleet: pipeline pipe: stage 'broken' failed" in out and "cannot decode" in out
+    # independent stages of one worker each start together on the 2-CPU cluster
+    assert max(out.index("stage fine started"), out.index("stage broken started")) < out.index("stage fine completed")
     assert not (tmp_path / "runs" / "pipe" / "after").exists()
     assert json.loads((tmp_path / "runs" / "pipe" / "fine" / "stage.json").read_text())["state"] == "completed"
