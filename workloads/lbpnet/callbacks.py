@@ -4,12 +4,13 @@ recalibration, the collapse guard and the per-epoch telemetry. Each saves its st
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from bitfleet import schedules
+from bitfleet.engine import batchnorm
 from bitfleet.engine.callbacks import Callback, HoldParameters, TrainState
 from workloads.lbpnet import paper_metrics
 from workloads.lbpnet.models import lbp_layers, rp_layers
@@ -105,48 +106,38 @@ class HardFinetune(Callback):
         self.applied = state["applied"]
 
 
-class BNRecalibration(Callback):
+class BNRecalibration(batchnorm.BNRecalibration):
     """Re-estimate BatchNorm statistics of the evaluated model on `batches` training batches, hard path,
     before evaluation — every time, or during the hard fine-tune and before the final evaluation."""
 
     def __init__(self, batches: int, every_eval: bool, hard_finetune: HardFinetune):
-        self.batches, self.every_eval, self.hard_finetune = batches, every_eval, hard_finetune
+        super().__init__(batches)
+        self.every_eval, self.hard_finetune = every_eval, hard_finetune
 
-    def on_eval_start(self, state):
-        due = self.every_eval or state.epoch + 1 == state.epochs or self.hard_finetune.active(state.epoch)
-        if not self.batches or not due:
-            return
-        recalibrate_bn(state.eval_model, state.train_loader, self.batches)
-        state.metrics["bn/recalibrated_batches"] = float(self.batches)
+    def due(self, state):
+        return self.every_eval or state.epoch + 1 == state.epochs or self.hard_finetune.active(state.epoch)
+
+    def recalibrate(self, model, loader):
+        return recalibrate_bn(model, loader, self.batches)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader, batches: int) -> None:
-    """Cumulative BN statistics over `batches` batches with hard comparisons, averaged over ranks."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    device = next(model.parameters()).device
-    saved = [(m, m.momentum) for m in norms]
+@contextmanager
+def hard_path(model: nn.Module):
+    """Hard comparisons and gates inside the block (what evaluation runs), each layer's own mode after."""
     soft = [(layer, layer.soft_forward) for layer in [*lbp_layers(model), *rp_layers(model)]]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts the same
     for layer, _ in soft:
         layer.soft_forward = False
-    model.train()
-    for step, (images, _) in enumerate(loader):
-        if step == batches:
-            break
-        model(images.to(device))
-    for m, momentum in saved:
-        m.momentum = momentum
-        if dist.is_available() and dist.is_initialized():
-            for buffer in (m.running_mean, m.running_var):
-                dist.all_reduce(buffer)
-                buffer /= dist.get_world_size()
-    for layer, was_soft in soft:
-        layer.soft_forward = was_soft
+    try:
+        yield model
+    finally:
+        for layer, was_soft in soft:
+            layer.soft_forward = was_soft
+
+
+def recalibrate_bn(model: nn.Module, loader, batches: int) -> int:
+    """Cumulative BN statistics over `batches` batches with hard comparisons, pooled over ranks."""
+    with hard_path(model):
+        return batchnorm.recalibrate(model, loader, batches)
 
 
 class CollapseGuard(Callback):

@@ -42,6 +42,9 @@ class Options(Strict):
     mixup: float = Field(0.0, ge=0)  # --mixup: Beta(alpha, alpha) mixing of each batch; 0 = off
     weight_hist: int = Field(0, ge=0)  # --weight_hist: histogram PNG and metrics every n epochs; 0 = off
     bn_only_epochs: int = Field(0, ge=0)  # the last n epochs: binary weights and scales fixed, BN trained only
+    # before every evaluation, BN running statistics re-estimated on this many training batches (0 = off):
+    # the MobileNets' running statistics trail the batch statistics badly (README, "BN recalibration")
+    bn_recalibration_batches: int = Field(20, ge=0)
     teacher: Teacher | None = None  # when set, the loss is KL(teacher || student) instead of cross-entropy
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from bitfleet import registry
 from bitfleet.data import info
 from bitfleet.engine import checkpoint
+from bitfleet.engine.batchnorm import BNRecalibration
 from bitfleet.spec import RunSpec, SpecError, existing_checkpoint
 from bitfleet.workload import Workload
 from workloads.rbnn import callbacks as cb
@@ -46,6 +47,7 @@ class RBNN(Workload):
             cb.Rotation(options.rotation_update, options.rotation_iterations, options.svd_device, bn_only_from),
             cb.BNOnly(bn_only_from),
             cb.Telemetry(options.weight_hist, spec.run_dir),
+            BNRecalibration(options.bn_recalibration_batches),
         ]
 
     def train_step(self, model, images, labels, criterion):
