@@ -162,6 +162,13 @@ class StageSpec(Strict):
     overrides: dict[str, Any] = {}  # dotted spec paths -> values, e.g. {train.epochs: 10}
 
 
+class TrialOf(Strict):
+    """Set by `bitfleet sweep` on each trial's spec: its metrics are labelled by sweep and trial."""
+
+    sweep: str
+    trial: str
+
+
 class RunSpec(Strict):
     """A whole run. The workload's own section is a top-level key named after the workload."""
 
@@ -179,6 +186,7 @@ class RunSpec(Strict):
     targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
     stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
+    trial_of: TrialOf | None = None
     sweep: Any = None  # a bitfleet.sweeps.SweepSpec (`bitfleet sweep`); parsed in `_sweep` (sweeps builds on Strict)
 
     _storage_absolute = field_validator("storage_path")(absolute_path)

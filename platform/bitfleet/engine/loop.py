@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry
+from bitfleet.metrics import WorkerMetrics
 from bitfleet.data import loaders
 from bitfleet.engine import checkpoint
 from bitfleet.engine.callbacks import Callbacks, TrainState
@@ -78,6 +79,7 @@ class Trainer:
         )
         self.history: list[dict] = []
         self.restores = 0
+        self.metrics = WorkerMetrics(spec, self.rank)
 
     # ------------------------------------------------------------------ setup
     def _amp(self):
@@ -113,15 +115,19 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, float]:
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen
-        start = time.perf_counter()
+        start = clock = time.perf_counter()
         for step, (images, labels) in enumerate(self.train_loader):
             if step == self.steps_per_epoch:
                 break
+            loaded = time.perf_counter()
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             loss, logits = self.train_step(images, labels)
             totals += _batch_totals(loss.detach() * len(labels), logits, labels)
             self.state.global_step += 1
             self.callbacks.on_step_end(self.state)
+            now = time.perf_counter()
+            self.metrics.step(now - clock, data_wait_s=loaded - clock, samples=len(labels))
+            clock = now
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen = self._all_reduce(totals).tolist()
         return {
@@ -174,13 +180,16 @@ class Trainer:
     # ------------------------------------------------------------------ report and checkpoint
     def report(self, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
+        self.metrics.epoch(metrics)
         epoch, epochs = self.state.epoch, self.train_spec.epochs
         if self.rank == 0:
             self._write_metrics()
             print(_progress_line(self.spec.name, metrics, epochs), flush=True)
         if self.rank == 0 and (epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs):
+            start = time.perf_counter()
             with checkpoint.to_ray(self.state_dict()) as ckpt:
                 ray.train.report(metrics, checkpoint=ckpt)
+            self.metrics.checkpoint("save", time.perf_counter() - start)
         else:
             ray.train.report(metrics)
 
@@ -208,6 +217,7 @@ class Trainer:
     def restore(self) -> None:
         """Continue from the checkpoint Ray hands over (after a worker failure or a driver rerun), else from
         `train.resume_from` (another run's checkpoint: a PBT exploit, a restarted sweep trial)."""
+        start = time.perf_counter()
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             state = checkpoint.from_ray(ckpt)
@@ -224,6 +234,8 @@ class Trainer:
         self.callbacks.load_state_dict(state["callbacks"])
         self.state.epoch, self.state.global_step = state["epoch"], state["global_step"]
         self.history, self.restores = state["history"], state["restores"] + 1
+        self.metrics.checkpoint("restore", time.perf_counter() - start)
+        self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
         if self.rank == 0:
             print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
 

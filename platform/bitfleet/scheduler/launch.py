@@ -16,6 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import bitfleet
+from bitfleet import metrics
 from bitfleet.engine import loop
 from bitfleet.spec import RunSpec
 
@@ -49,7 +50,8 @@ def run(spec: RunSpec, address: str | None = None):
     if not ray.is_initialized():
         ray.init(address=address)
     record_config(spec)
-    result = build_trainer(spec).fit()
+    with metrics.run_state(metrics.run_labels(spec)):
+        result = build_trainer(spec).fit()
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")), default=None)
     summary = {
         "run_dir": str(spec.run_dir),

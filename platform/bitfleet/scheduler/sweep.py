@@ -28,7 +28,7 @@ from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 
-from bitfleet import sweeps
+from bitfleet import metrics, sweeps
 from bitfleet.spec import RunSpec, validate_spec
 from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
 
@@ -36,6 +36,29 @@ RUNS = "runs"
 # A trial only waits on its run, whose Train workers hold the real resources; Tune needs a non-empty
 # request, and a fraction of a CPU would keep a worker from fitting beside it: one byte of memory.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+class TrialCounts(tune.Callback):
+    """Runs in the sweep's driver: the number of trials in each state, as the `bitfleet_trials_*` gauges."""
+
+    STATES = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "TERMINATED": "terminated",
+              "ERROR": "error"}
+
+    def __init__(self, labels: dict[str, str]):
+        self.labels = labels
+
+    def on_step(self, iteration, trials, **info):
+        self.record(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.record(trials)
+
+    def record(self, trials) -> None:
+        counts = dict.fromkeys(self.STATES.values(), 0)
+        for trial in trials:
+            counts[self.STATES.get(trial.status, "pending")] += 1
+        for state, count in counts.items():
+            metrics.record(f"bitfleet_trials_{state}", count, self.labels)
 
 
 class ForwardToTrial(UserCallback):
@@ -51,7 +74,8 @@ class ForwardToTrial(UserCallback):
 def trial_spec(base: dict, config: dict, sweep_dir: Path, trial_id: str, resume_from: str | None) -> RunSpec:
     raw = sweeps.apply_config(base, config)
     raw.pop("sweep", None)
-    raw.update(name=f"{trial_id}-{uuid.uuid4().hex[:6]}", storage_path=str(sweep_dir / RUNS))
+    raw.update(name=f"{trial_id}-{uuid.uuid4().hex[:6]}", storage_path=str(sweep_dir / RUNS),
+               trial_of={"sweep": base["name"], "trial": trial_id})
     if resume_from:
         raw.setdefault("train", {})["resume_from"] = resume_from
     return validate_spec(raw)
@@ -70,15 +94,16 @@ def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
     trainer = launch.build_trainer(spec, callbacks=(ForwardToTrial(queue),))
     outcome: dict = {}
     fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
-    fit.start()
-    while fit.is_alive() or not queue.empty():
-        try:
-            item = queue.get(timeout=1.0)
-        except Empty:
-            continue
-        _report(item, spec)
-    if "error" in outcome:
-        raise outcome["error"]
+    with metrics.run_state(metrics.run_labels(spec)):
+        fit.start()
+        while fit.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=1.0)
+            except Empty:
+                continue
+            _report(item, spec)
+        if "error" in outcome:
+            raise outcome["error"]
 
 
 def _fit(trainer, outcome: dict) -> None:
@@ -116,7 +141,8 @@ def run(spec: RunSpec, address: str | None = None) -> dict:
         tuner = tune.Tuner(trainable, param_space=param_space(sweep),
                            tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
                            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
-                                                     checkpoint_config=_kept_checkpoints(sweep)))
+                                                     checkpoint_config=_kept_checkpoints(sweep),
+                                                     callbacks=[TrialCounts(metrics.run_labels(spec))]))
     return summarize(spec, base, tuner.fit(), sweep_dir)
 
 
