@@ -1,4 +1,4 @@
-"""`bitfleet run | sweep | submit | validate | report | export | data`: parse the command line and delegate."""
+"""`bitfleet run | sweep | submit | status | validate | report | export | data`: parse the command line and delegate."""
 from __future__ import annotations
 
 import argparse
@@ -102,6 +102,13 @@ def cmd_data_download(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from bitfleet.status import status
+
+    print(status(args.address))
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from bitfleet.data import prepare
 
@@ -163,6 +170,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")
     submit.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+
+    stat = sub.add_parser("status", help="runs and sweeps alive on a Ray cluster, with their latest metrics")
+    stat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
+    stat.set_defaults(command=cmd_status)
 
     report = sub.add_parser("report", help="curves and summary.json of finished runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
