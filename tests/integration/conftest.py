@@ -32,6 +32,7 @@ _OTHER_PORTS = {
 class Cluster:
     process: subprocess.Popen
     env: dict[str, str]
+    temp_dir: Path  # holds prom_metrics_service_discovery.json, Prometheus's list of metrics endpoints
     address: str = f"127.0.0.1:{GCS_PORT}"
     dashboard: str = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
@@ -51,7 +52,8 @@ def _wait_for_dashboard(cluster: Cluster, timeout_s: float = 120) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="bf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
+           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the export port within a second
     env.pop("RAY_ADDRESS", None)
     ports = [f"{flag}={port}" for flag, port in _OTHER_PORTS.items()]
     command = [
@@ -60,7 +62,7 @@ def ray_cluster():
         "--num-cpus=2", "--disable-usage-stats", *ports,
     ]
     process = subprocess.Popen(command, env=env, start_new_session=True)
-    cluster = Cluster(process, env)
+    cluster = Cluster(process, env, Path(temp_dir))
     try:
         _wait_for_dashboard(cluster)
         yield cluster

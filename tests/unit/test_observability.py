@@ -1,0 +1,176 @@
+"""Observability without a cluster: the metric catalogue, Prometheus's config and rules (promtool), the
+Grafana dashboards and provisioning, docker-compose, and `bitfleet status` on a real exposition text."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from bitfleet import metrics, status
+from bitfleet.spec import validate_spec
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+PROMETHEUS = CLUSTER / "prometheus"
+ALLOWED_LABELS = {"run", "workload", "trial", "rank", "split"}
+METRIC = re.compile(r"\bray_bitfleet_\w+")
+
+
+def promtool(*args: str) -> str:
+    assert shutil.which("promtool"), "promtool is missing: apt-get install prometheus"
+    done = subprocess.run(["promtool", *args], cwd=PROMETHEUS, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_promtool_accepts_the_config_and_rules_and_the_rule_tests_pass():
+    assert "SUCCESS" in promtool("check", "config", "prometheus.yml")
+    assert "5 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS" in promtool("test", "rules", "alerts_test.yml")
+
+
+def test_every_alert_has_a_rule_test():
+    rules = [r["alert"] for g in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for r in g["rules"]]
+    tested = {case["alertname"] for test in yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+              for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert set(rules) == tested
+
+
+def test_catalogue_names_labels_and_keys():
+    names = [m.name for m in metrics.CATALOGUE]
+    assert len(names) == len(set(names)) and all(n.startswith("bitfleet_") for n in names)
+    assert all(set(m.labels) <= ALLOWED_LABELS and set(metrics.RUN_LABELS) <= set(m.labels) for m in metrics.CATALOGUE)
+    table = metrics.keyed()
+    assert table["val/acc"][0].name == "bitfleet_accuracy" and table["val/acc"][1] == {"split": "val"}
+    assert table["test/acc5"][0].name == "bitfleet_accuracy_top5" and table["lr"][0].name == "bitfleet_learning_rate"
+    assert metrics.BY_NAME["bitfleet_steps"].query_name == "ray_bitfleet_steps_total"
+    assert metrics.BY_NAME["bitfleet_loss"].query_name == "ray_bitfleet_loss"
+
+
+def test_workload_keys_of_the_catalogue_are_the_ones_the_workloads_report():
+    """A renamed telemetry key in a workload would silently empty its dashboard panel."""
+    sources = "".join(p.read_text() for p in (REPO / "workloads").glob("*/*.py"))
+    workload_keys = [m.key for m in metrics.CATALOGUE if m.key and m.key.split("/")[0] in ("rbnn", "lbp", "rp", "guard")]
+    assert len(workload_keys) == 11
+    assert [k for k in workload_keys if f'"{k}"' not in sources] == []
+
+
+def test_run_labels_of_a_plain_run_and_of_a_sweep_trial(mnist_root):
+    raw = {"name": "plain", "workload": "resnet_cifar", "data": {"dataset": "mnist", "root": str(mnist_root)}}
+    assert metrics.run_labels(validate_spec(raw)) == {"run": "plain", "workload": "resnet_cifar", "trial": ""}
+    trial = validate_spec({**raw, "name": "t1-abc", "trial_of": {"sweep": "sw", "trial": "t1"}})
+    assert metrics.run_labels(trial) == {"run": "sw", "workload": "resnet_cifar", "trial": "t1"}
+
+
+def dashboards() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((REPO / "dashboards").glob("*.json"))}
+
+
+def test_dashboards_are_what_build_py_writes():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build", REPO / "dashboards" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    boards = dashboards()
+    assert sorted(boards) == sorted(build.DASHBOARDS)
+    for uid in boards:
+        assert (REPO / "dashboards" / f"{uid}.json").read_text() == build.render(uid), "run python dashboards/build.py"
+
+
+def test_dashboards_datasource_variables_and_metrics():
+    catalogue = {m.query_name for m in metrics.CATALOGUE}
+    on_dashboards = set()
+    for uid, board in dashboards().items():
+        assert board["uid"] == uid and board["title"]
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        run = variables["run"]
+        assert run["type"] == "query" and run["multi"] and run["includeAll"]
+        assert re.fullmatch(r"label_values\(ray_bitfleet_\w+, run\)", run["query"]["query"])
+        ids = [p["id"] for p in board["panels"]]
+        assert len(ids) == len(set(ids))
+        for panel in board["panels"]:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"] == panel["datasource"]
+                assert 'run=~"$run"' in target["expr"], (uid, panel["title"])
+                used = {re.sub(r"_bucket$", "", name) for name in METRIC.findall(target["expr"])}
+                assert used and used <= catalogue, (uid, panel["title"], used - catalogue)
+                on_dashboards |= used
+    assert catalogue - on_dashboards == set(), "metrics no dashboard shows"
+
+
+def test_alert_rules_use_catalogue_metrics_only():
+    catalogue = {m.query_name for m in metrics.CATALOGUE}
+    text = (PROMETHEUS / "alerts.yml").read_text()
+    assert set(METRIC.findall(text)) <= catalogue
+
+
+def test_grafana_provisioning_and_compose_agree():
+    compose = yaml.safe_load((CLUSTER / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"ray-head", "ray-worker", "prometheus", "grafana"}
+    for name, service in services.items():  # every bind mount names a file or folder of this repository
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (CLUSTER / source).exists(), (name, source)
+    head, worker = services["ray-head"]["command"], services["ray-worker"]["command"]
+    assert "--metrics-export-port=8080" in head and "--metrics-export-port=8080" in worker
+    assert "--temp-dir=/tmp/ray" in head and "ray-tmp:/tmp/ray" in services["ray-head"]["volumes"]
+    assert "ray-tmp:/tmp/ray:ro" in services["prometheus"]["volumes"]
+    sd_files = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"][0]["file_sd_configs"][0]
+    assert sd_files["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
+    assert services["ray-head"]["environment"]["RAY_AUTH_MODE"] == "token"
+
+    provisioning = CLUSTER / "grafana" / "provisioning"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards" / "bitfleet.yml").read_text())["providers"][0]
+    assert f"../dashboards:{provider['options']['path']}:ro" in services["grafana"]["volumes"]
+
+
+def exposition() -> str:
+    """What a node's metrics agent serves: Ray's prefix and extra labels, one counter series per rank."""
+    registry = CollectorRegistry()
+    ray_labels = ["WorkerId", "SessionName"]
+    epoch = Gauge("ray_bitfleet_epoch", "", ["run", "workload", "trial", *ray_labels], registry=registry)
+    loss = Gauge("ray_bitfleet_loss", "", ["run", "workload", "trial", "split", *ray_labels], registry=registry)
+    acc = Gauge("ray_bitfleet_accuracy", "", ["run", "workload", "trial", "split", *ray_labels], registry=registry)
+    steps = Counter("ray_bitfleet_steps", "", ["run", "workload", "trial", "rank", *ray_labels], registry=registry)
+    state = Gauge("ray_bitfleet_run_state", "", ["run", "workload", "trial", *ray_labels], registry=registry)
+    running = Gauge("ray_bitfleet_trials_running", "", ["run", "workload", "trial", *ray_labels], registry=registry)
+    done = Gauge("ray_bitfleet_trials_terminated", "", ["run", "workload", "trial", *ray_labels], registry=registry)
+    epoch.labels("cifar", "rbnn", "", "w0", "s").set(3)
+    loss.labels("cifar", "rbnn", "", "train", "w0", "s").set(1.25)
+    acc.labels("cifar", "rbnn", "", "test", "w0", "s").set(71.5)
+    steps.labels("cifar", "rbnn", "", "0", "w0", "s").inc(30)
+    steps.labels("cifar", "rbnn", "", "1", "w1", "s").inc(30)
+    state.labels("cifar", "rbnn", "", "driver", "s").set(metrics.RunState.FAILED)
+    epoch.labels("sweep", "lbpnet", "t_00001", "w2", "s").set(1)
+    running.labels("sweep", "lbpnet", "", "driver2", "s").set(1)
+    done.labels("sweep", "lbpnet", "", "driver2", "s").set(3)
+    return generate_latest(registry).decode()
+
+
+def test_status_reads_runs_and_sweeps_from_an_exposition():
+    runs, sweeps = status.collect([exposition()])
+    assert [(r.run, r.trial, r.workload) for r in runs] == [("cifar", "", "rbnn"), ("sweep", "t_00001", "lbpnet")]
+    cifar = runs[0].values
+    assert cifar["bitfleet_steps"] == 60 and cifar["bitfleet_epoch"] == 3  # counters summed over ranks
+    assert cifar["bitfleet_loss:train"] == 1.25 and cifar["bitfleet_accuracy:test"] == 71.5
+    assert sweeps == {"sweep": {"running": 1, "terminated": 3}}
+    lines = status.render(runs, sweeps).splitlines()
+    assert lines[0].split()[:4] == ["RUN", "TRIAL", "WORKLOAD", "STATE"]
+    assert lines[1].split() == ["cifar", "-", "rbnn", "failed", "3", "60", "1.2500", "-", "71.50", "-", "-"]
+    assert lines[2].split()[:5] == ["sweep", "t_00001", "lbpnet", "running", "1"]
+    assert lines[4].split() == ["SWEEP", "PENDING", "RUNNING", "TERMINATED", "ERROR"]
+    assert lines[5].split() == ["sweep", "0", "1", "3", "0"]
+    assert status.render([], {}) == "no bitfleet runs or sweeps on this cluster"
