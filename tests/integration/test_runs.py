@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from bitfleet.engine import checkpoint
 from tests.conftest import write_spec
 from tests.integration.conftest import read_metrics, wait_until
 
@@ -62,9 +64,12 @@ def test_two_worker_run_completes(ray_cluster, mnist_root, tmp_path):
     assert list(run_dir.glob("checkpoint_*/state.pt"))
 
 
-def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint(ray_cluster, mnist_root, tmp_path):
-    # 1024 images / batch 32 per step: 32 steps an epoch, long enough to be killed inside one.
-    spec = write_spec(tmp_path, "workerkill", mnist_root, tmp_path / "results", epochs=4, batch_size=32)
+def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint_with_the_uninterrupted_weights(
+        ray_cluster, mnist_root, tmp_path):
+    # 1024 images / batch 32 per step: 32 steps an epoch, long enough to be killed inside one. EMA on, so
+    # its restore is checked too.
+    recipe = {"epochs": 4, "batch_size": 32, "ema": {"decay": 0.9}}
+    spec = write_spec(tmp_path, "workerkill", mnist_root, tmp_path / "results", **recipe)
     run_dir = tmp_path / "results" / "workerkill"
     driver = bitfleet(ray_cluster, tmp_path / "driver.log", "run", str(spec), "--address", ray_cluster.address)
 
@@ -77,6 +82,21 @@ def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint(ray_cluster, mnist_
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["restores"] >= 1, f"killed pid {victim}; driver said:\n{out[-6000:]}"
     assert "restored from checkpoint at epoch" in out
+
+    # Resume equivalence: the same spec run without interruption ends with the same weights, EMA and
+    # optimizer state (model, optimizer, scheduler, EMA, per-epoch reseeding and sampler order restored).
+    twin = write_spec(tmp_path, "uninterrupted", mnist_root, tmp_path / "results", **recipe)
+    finish(bitfleet(ray_cluster, tmp_path / "twin.log", "run", str(twin), "--address", ray_cluster.address))
+    killed, clean = (checkpoint.load(checkpoint.find(tmp_path / "results" / name)) for name in ("workerkill", "uninterrupted"))
+    assert killed["epoch"] == clean["epoch"] == 4 and killed["restores"] >= 1 and clean["restores"] == 0
+    for part in ("model", "ema"):
+        assert killed[part].keys() == clean[part].keys()
+        assert all(torch.allclose(killed[part][k].float(), clean[part][k].float(), rtol=0, atol=1e-6) for k in clean[part])
+    momenta = [(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(killed["optimizer"]["state"].values(), clean["optimizer"]["state"].values())]
+    assert momenta and all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in momenta)
+    assert killed["scheduler"]["last_epoch"] == clean["scheduler"]["last_epoch"]
+    assert [m["test/acc"] for m in read_metrics(run_dir)] == [m["test/acc"] for m in read_metrics(tmp_path / "results" / "uninterrupted")]
 
 
 def test_driver_killed_and_rerun_resumes(ray_cluster, mnist_root, tmp_path):
