@@ -204,6 +204,10 @@ class RunSpec(Strict):
         if extras:
             raise ValueError(_unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
         _check_stages(self.stages)
+        if (self.stages or self.sweep is not None) and "://" in self.storage_path:
+            raise ValueError(f"storage_path: {self.storage_path} is a URI; single runs write there, but sweeps and "
+                             "pipelines keep their trials' and stages' folders on a filesystem: use a folder mounted "
+                             "at the same path on every node")
         if self.train.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} is the global batch and must divide evenly "
@@ -218,7 +222,15 @@ class RunSpec(Strict):
 
     @property
     def run_dir(self) -> Path:
+        """The run's folder where `storage_path` is a folder (see `run_path` for URIs too)."""
         return Path(self.storage_path) / self.name
+
+    @property
+    def run_path(self) -> str:
+        """The run's folder or URI: `storage_path/name`."""
+        from bitfleet.storage import join
+
+        return join(self.storage_path, self.name)
 
 
 def _check_stages(stages: list[StageSpec]) -> None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from bitfleet import registry
+from bitfleet import registry, storage
 from bitfleet.metrics import WorkerMetrics
 from bitfleet.data import loaders
 from bitfleet.engine import checkpoint
@@ -194,11 +194,7 @@ class Trainer:
             ray.train.report(metrics)
 
     def _write_metrics(self) -> None:
-        run_dir = self.spec.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(self.history, indent=1))
-        tmp.replace(run_dir / "metrics.json")  # atomic: a reader never sees half a file
+        storage.write_text(storage.join(self.spec.run_path, "metrics.json"), json.dumps(self.history, indent=1))
 
     def state_dict(self) -> dict:
         return {

@@ -16,7 +16,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import bitfleet
-from bitfleet import metrics
+from bitfleet import metrics, storage
 from bitfleet.engine import loop
 from bitfleet.spec import RunSpec
 
@@ -35,7 +35,7 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=spec.name,
-            storage_path=str(spec.run_dir.parent),
+            storage_path=spec.storage_path,
             callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(
@@ -49,18 +49,19 @@ def run(spec: RunSpec, address: str | None = None):
     """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
     if not ray.is_initialized():
         ray.init(address=address)
+    storage.check_shared(spec.storage_path)
     record_config(spec)
     with metrics.run_state(metrics.run_labels(spec)):
         result = build_trainer(spec).fit()
     best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")), default=None)
     summary = {
-        "run_dir": str(spec.run_dir),
+        "run_dir": spec.run_path,
         "final": result.metrics,
         "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best[0].path if best else None,
         "best": best[1] if best else None,
     }
-    (spec.run_dir / "result.json").write_text(json.dumps(summary, indent=1, default=str))
+    storage.write_text(storage.join(spec.run_path, "result.json"), json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -68,7 +69,6 @@ def record_config(spec: RunSpec) -> None:
     """config.json: the resolved spec, the versions and the git revision this run was started from."""
     import torch
 
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "spec": spec.model_dump(mode="json"),
         "versions": {
@@ -77,7 +77,7 @@ def record_config(spec: RunSpec) -> None:
         },
         "git_revision": _git_revision(),
     }
-    (spec.run_dir / "config.json").write_text(json.dumps(record, indent=1))
+    storage.write_text(storage.join(spec.run_path, "config.json"), json.dumps(record, indent=1))
 
 
 def _git_revision() -> str | None:

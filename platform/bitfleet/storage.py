@@ -1,0 +1,95 @@
+"""Where runs keep their files: a local folder, a folder every node mounts (NFS, EFS, GCS Fuse), or an
+object-store URI (s3://, gs://, abfs://, file://) through pyarrow's filesystems, the ones Ray Train
+uses for its checkpoints.
+
+On a cluster of several nodes every worker writes checkpoints to `storage_path`, so a folder only the
+head can see loses them: `check_shared` refuses one before a run starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(path: str) -> bool:
+    return bool(_URI.match(path))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file; a reader never sees half of it (a local rename; an object store's single put)."""
+    if not is_uri(path):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(inner) as out:
+        out.write(data)
+
+
+def read_text(path: str) -> str:
+    if not is_uri(path):
+        return Path(path).read_text()
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    with filesystem.open_input_stream(inner) as stream:
+        return stream.read().decode()
+
+
+def exists(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.exists(path)
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    return filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def check_shared(storage_path: str, field: str = "storage_path") -> None:
+    """On a cluster of several nodes, a local `storage_path` must be the same folder on every node: a
+    marker written here must be visible from a task pinned to each node. Raises SpecError otherwise."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from bitfleet.spec import SpecError
+
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    if is_uri(storage_path) or len(nodes) < 2:
+        return
+    marker = Path(storage_path) / f".bitfleet-shared-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    sees = ray.remote(num_cpus=0)(os.path.exists)  # a zero-CPU probe, pinned to each node in turn
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                        .remote(str(marker)) for node in nodes], timeout=120)
+    finally:
+        marker.unlink()
+    blind = [f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})" for node, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise SpecError(
+            f"{field}: {storage_path} is a folder of this machine only: node(s) {', '.join(blind)} of the "
+            f"{len(nodes)}-node cluster cannot see it, and their checkpoints would be lost. Use a folder "
+            "mounted at the same path on every node (NFS, EFS, GCS Fuse) or an object-store URI "
+            "(s3://bucket/path, gs://bucket/path)")
+
