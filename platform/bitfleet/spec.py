@@ -140,10 +140,29 @@ class DataSpec(Strict):
 
 
 class ScalingSpec(Strict):
-    num_workers: int = Field(1, ge=1)
+    # a number, or [min, max]: elastic. Ray Train starts the group with as many workers as fit, restarts it
+    # smaller after a node is lost, and grows it back (from the latest checkpoint) when room returns.
+    num_workers: int | tuple[int, int] = 1
+    resize_check_s: float = Field(60.0, gt=0)  # elastic: how often a healthy group looks for room to grow
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     resources_per_worker: dict[str, float] = {}  # extra custom resources
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"{value}: expected a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
 
 
 class FailureSpec(Strict):
@@ -208,10 +227,12 @@ class RunSpec(Strict):
             raise ValueError(f"storage_path: {self.storage_path} is a URI; single runs write there, but sweeps and "
                              "pipelines keep their trials' and stages' folders on a filesystem: use a folder mounted "
                              "at the same path on every node")
-        if self.train.batch_size % self.scaling.num_workers:
+        low, high = self.scaling.worker_range
+        uneven = [n for n in range(low, high + 1) if self.train.batch_size % n]
+        if uneven:
             raise ValueError(
                 f"train.batch_size: {self.train.batch_size} is the global batch and must divide evenly "
-                f"over scaling.num_workers={self.scaling.num_workers}"
+                f"over scaling.num_workers={self.scaling.num_workers} (not over {uneven[0]} workers)"
             )
         return self
 

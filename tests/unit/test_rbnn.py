@@ -144,7 +144,7 @@ def test_bn_only_stage_fixes_everything_but_batchnorm(tmp_path):
 
 def test_telemetry_reports_flips_angles_and_writes_histograms(tmp_path):
     model = build("resnet20_1w1a", 10, 3, 32)
-    callback, state = cb.Telemetry(hist_every=1, run_dir=tmp_path), state_for(model)
+    callback, state = cb.Telemetry(hist_every=1, run_path=str(tmp_path)), state_for(model)
     callback.on_epoch_end(state, {})
     assert "rbnn/flip_ratio" not in state.metrics and 0 < state.metrics["rbnn/sin_theta"] <= 1
     with torch.no_grad():

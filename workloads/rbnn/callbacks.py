@@ -2,14 +2,14 @@
 telemetry (sign flips, |sin θ|, t, k, rotation error, weight histograms). State is checkpointed."""
 from __future__ import annotations
 
+import io
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from bitfleet import schedules
+from bitfleet import schedules, storage
 from bitfleet.engine.callbacks import Callback, HoldParameters, TrainState
 from workloads.rbnn.layers import binary_convs
 
@@ -70,8 +70,8 @@ class Telemetry(Callback):
     """Per epoch: the share of binary weights whose sign flipped since the last epoch, mean |sin θ|; every
     `hist_every` epochs a histogram of the pre-sign weights (PNG on rank 0) and its near-zero share."""
 
-    def __init__(self, hist_every: int, run_dir: Path):
-        self.hist_every, self.run_dir = hist_every, Path(run_dir)
+    def __init__(self, hist_every: int, run_path: str):
+        self.hist_every, self.run_path = hist_every, run_path  # a folder or a URI (bitfleet.storage)
         self.signs: list[torch.Tensor] = []
 
     @torch.no_grad()
@@ -96,15 +96,15 @@ class Telemetry(Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        folder = self.run_dir / "weight_hist"
-        folder.mkdir(parents=True, exist_ok=True)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(values.numpy(), bins=101, range=(-math.e, math.e))
         ax.set_xlabel("rotated, standardised weight (before sign)")
         ax.set_ylabel("count")
         ax.set_title(f"epoch {epoch}")
         fig.tight_layout()
-        fig.savefig(folder / f"epoch_{epoch:04d}.png", dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
+        storage.write_bytes(storage.join(self.run_path, "weight_hist", f"epoch_{epoch:04d}.png"), png.getvalue())
         plt.close(fig)
 
     def state_dict(self):

@@ -46,7 +46,7 @@ class RBNN(Workload):
             cb.Temperature(options.tmin, options.tmax),
             cb.Rotation(options.rotation_update, options.rotation_iterations, options.svd_device, bn_only_from),
             cb.BNOnly(bn_only_from),
-            cb.Telemetry(options.weight_hist, spec.run_dir),
+            cb.Telemetry(options.weight_hist, spec.run_path),
             BNRecalibration(options.bn_recalibration_batches),
         ]
 

@@ -135,7 +135,7 @@ def run(spec: RunSpec) -> dict:
     config = (
         PPOConfig()
         .environment(TapEnv, env_config={"spec": spec.model_dump(mode="json"), "episodes_file": str(episodes_file)})
-        .env_runners(num_env_runners=spec.scaling.num_workers, num_cpus_per_env_runner=spec.scaling.cpus_per_worker)
+        .env_runners(num_env_runners=spec.scaling.max_workers, num_cpus_per_env_runner=spec.scaling.cpus_per_worker)
         .training(lr=ppo.lr, train_batch_size_per_learner=ppo.train_batch_size, minibatch_size=ppo.minibatch_size,
                   num_epochs=ppo.num_epochs, entropy_coeff=ppo.entropy_coeff, gamma=ppo.gamma)
         .debugging(seed=spec.seed)

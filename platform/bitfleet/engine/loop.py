@@ -111,7 +111,7 @@ class Trainer:
         self.callbacks.on_eval_end(state, metrics)
         state.epoch += 1
         self.callbacks.on_epoch_end(state, metrics)
-        return {**metrics, **state.metrics, "restores": self.restores}
+        return {**metrics, **state.metrics, "restores": self.restores, "workers": self.world}
 
     def train_epoch(self) -> dict[str, float]:
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen

@@ -32,7 +32,8 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     return TorchTrainer(
         loop.run,
         train_loop_config=spec.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                                     elastic_resize_monitor_interval_s=scaling.resize_check_s),
         run_config=RunConfig(
             name=spec.name,
             storage_path=spec.storage_path,

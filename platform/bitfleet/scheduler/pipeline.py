@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from bitfleet import registry
-from bitfleet.spec import RunSpec, SpecError, StageSpec, set_path, validate_spec
+from bitfleet.spec import RunSpec, ScalingSpec, SpecError, StageSpec, set_path, validate_spec
 
 STAGE_FILE = "stage.json"  # written when a stage has completed
 
@@ -105,8 +105,8 @@ def _cpus(spec: RunSpec, stages) -> float:
     """CPUs a stage holds: its workers (a training run) or its actors (a task), from its scaling section."""
     total = 0.0
     for stage in stages:
-        scaling = {**spec.scaling.model_dump(), **_scaling_overrides(stage)}
-        total += scaling["num_workers"] * scaling["cpus_per_worker"]
+        scaling = ScalingSpec(**{**spec.scaling.model_dump(), **_scaling_overrides(stage)})
+        total += scaling.max_workers * scaling.cpus_per_worker
     return total
 
 

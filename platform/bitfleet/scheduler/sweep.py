@@ -135,8 +135,8 @@ def run(spec: RunSpec, address: str | None = None) -> dict:
         print(f"[{spec.name}] resuming the sweep in {sweep_dir}", flush=True)
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        per_trial = {"CPU": spec.scaling.num_workers * spec.scaling.cpus_per_worker,
-                     "GPU": spec.scaling.num_workers * spec.scaling.use_gpu}
+        per_trial = {"CPU": spec.scaling.max_workers * spec.scaling.cpus_per_worker,
+                     "GPU": spec.scaling.max_workers * spec.scaling.use_gpu}
         max_concurrent = concurrent_trials(sweep, ray.cluster_resources(), per_trial)
         tuner = tune.Tuner(trainable, param_space=param_space(sweep),
                            tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
