@@ -1,6 +1,7 @@
 """Spec validation: every mistake a user can write is one SpecError naming the field, exit code 2 in the CLI."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,19 @@ def test_cli_process_exit_2_without_traceback(cli_processes, name):
     assert len(lines) == 1 and lines[0].startswith("bitfleet: error: "), err
     for part in CLI_CASES[name][1]:
         assert part in lines[0], err
+
+
+@pytest.mark.parametrize("workers, error", [
+    ("[1, 2]", None),
+    ("[2, 1]", "scaling.num_workers"),
+    ("[0, 2]", "scaling.num_workers"),
+    ("[1, 3]", "train.batch_size: 128 is the global batch and must divide evenly over scaling.num_workers=(1, 3) "
+               "(not over 3 workers)"),
+])
+def test_elastic_num_workers_is_a_range_whose_every_size_splits_the_batch(spec_file, workers, error):
+    if error is None:
+        spec = load_spec(spec_file, [f"scaling.num_workers={workers}"])
+        assert spec.scaling.worker_range == (1, 2) and spec.scaling.max_workers == 2
+        return
+    with pytest.raises(SpecError, match=re.escape(error)):
+        load_spec(spec_file, [f"scaling.num_workers={workers}"])
