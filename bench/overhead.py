@@ -1,0 +1,257 @@
+"""What bitfleet costs, measured side by side in one run (issue 9):
+
+1. Step time of a bitfleet run against a plain PyTorch loop. Same model (resnet_cifar's resnet20, built
+   as the workload builds it), same data (synthetic CIFAR-10 pickles, through the same datasets and
+   transforms), batch, torch threads (1 Ray Train worker with cpus_per_worker = threads), SGD
+   (lr, momentum, weight decay, constant schedule), data.loader_workers=0 on both sides, and the same
+   epochs of `--steps` steps. The training set holds exactly steps x batch images, so both loops end on
+   the loader's own end (with a shorter max_steps_per_epoch the bitfleet loop would load, and time, one
+   batch past the last step). An epoch is timed alike on both sides: from the loader's iterator to the
+   end of the last step (bitfleet's `epoch_time_s` in metrics.json, which excludes eval and checkpoints).
+   The first epoch is warm-up; the ratio compares the later epochs' seconds per step. The plain loop runs
+   before and after the bitfleet run (their mean is the reference), so drift of a shared machine shows,
+   in a fresh process at the niceness Ray gives its workers (15), so that on a shared machine both
+   compete for the cores at the same priority. Both parts run on one standing local cluster,
+   `ray start --head --block --num-cpus=2` as our child (token auth, own temp dir and ports), driven by
+   `bitfleet run --address` in a subprocess: Ray's own processes share the cores, as they do in use.
+2. Recovery: the seconds from SIGKILL of the worker to its replacement's first training step. Once epoch
+   1's checkpoint is registered the worker is killed (time.time() taken just before). The first step is
+   seen on the node's metrics endpoint: a `ray_bitfleet_steps_total` series of the run from a WorkerId not
+   seen before the kill, polled every POLL_S. A step reaches the endpoint up to the cluster's
+   RAY_metrics_report_interval_ms (REPORT_MS) later, so the figure is an upper bound, late by at most
+   REPORT_MS + POLL_S (the "resolution" in the JSON). The moment the driver log says "restored from
+   checkpoint" (rank 0 prints it after loading; same polling) splits the restart from the restore.
+
+    python bench/overhead.py [--steps 20] [--batch 128] [--threads 2] [--out bench/results/overhead.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import torch.nn.functional as F
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from torch.utils.data import DataLoader
+
+from bitfleet.data import build_datasets, synthetic
+from bitfleet.spec import validate_spec
+from workloads.resnet_cifar import models
+
+GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 27379, 27265, 27385  # not the tests' 26379/28265, nor 36379
+_OTHER_PORTS = {"--ray-client-server-port": 27380, "--node-manager-port": 27381, "--object-manager-port": 27382,
+                "--dashboard-agent-grpc-port": 27383, "--dashboard-agent-listen-port": 27384,
+                "--runtime-env-agent-port": 27386}
+REPORT_MS, POLL_S = 250, 0.1  # metrics flush interval of our cluster; how often we read the endpoint
+WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # Ray's default for its worker processes
+
+
+def spec_dict(name: str, data_root: Path, storage: Path, args, epochs: int) -> dict:
+    return {
+        "name": name, "workload": "resnet_cifar", "model": {"arch": "resnet20", "shortcut": "A"},
+        "data": {"dataset": "cifar10", "root": str(data_root), "augment": True, "loader_workers": 0},
+        "train": {"epochs": epochs, "batch_size": args.batch, "max_steps_per_epoch": args.steps, "max_eval_steps": 1,
+                  "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                  "lr_schedule": {"type": "constant"}},
+        "scaling": {"num_workers": 1, "cpus_per_worker": args.threads},
+        "failure": {"max_failures": 3, "checkpoint_every": 1, "keep": 1},
+        "storage_path": str(storage), "seed": 0,
+    }
+
+
+def plain_loop(raw: dict, epochs: int) -> dict:
+    """The reference: torch DataLoader + model + SGD, timed per epoch as bitfleet's loop times it."""
+    spec = validate_spec(raw)
+    torch.set_num_threads(int(spec.scaling.cpus_per_worker))
+    data = build_datasets(spec.data)
+    torch.manual_seed(spec.seed)
+    model = models.build("resnet20", "A", num_classes=data.info.num_classes, in_channels=data.info.in_channels)
+    opt = spec.train.optimizer
+    optimizer = torch.optim.SGD(model.parameters(), opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    loader = DataLoader(data.train, spec.train.batch_size, shuffle=True, num_workers=0, drop_last=True)
+    model.train()
+    epoch_s, step_s = [], []
+    for _ in range(epochs):
+        start = clock = time.perf_counter()
+        for images, labels in loader:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            now = time.perf_counter()
+            step_s.append(now - clock)
+            clock = now
+        epoch_s.append(time.perf_counter() - start)
+    return {"epoch_time_s": epoch_s, "steps": len(step_s) // epochs, "median_step_s": statistics.median(step_s[len(loader):])}
+
+
+def steady_step_s(epoch_times: list[float], steps: int) -> float:
+    """Seconds per step over every epoch but the first (warm-up)."""
+    return sum(epoch_times[1:]) / (steps * (len(epoch_times) - 1))
+
+
+def plain_niced(raw: dict, epochs: int) -> dict:
+    """`plain_loop` in a fresh process at the niceness Ray gives its workers: on a shared machine both sides
+    then compete for the cores at the same priority (on an idle machine niceness changes nothing)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=os.nice, initargs=(WORKER_NICENESS,)) as pool:
+        return pool.submit(plain_loop, raw, epochs).result()
+
+
+def step_overhead(tmp: Path, args, env: dict) -> dict:
+    raw = spec_dict("overhead-steps", tmp / "cifar10", tmp / "results", args, args.epochs)
+    before = plain_niced(raw, args.epochs)
+    log = tmp / "steps.log"
+    driver = bitfleet_run(raw, tmp, log, env)
+    driver.wait(timeout=1200)
+    assert driver.returncode == 0, log.read_text()[-4000:]
+    history = json.loads((tmp / "results" / raw["name"] / "metrics.json").read_text())
+    after = plain_niced(raw, args.epochs)
+    assert before["steps"] == after["steps"] == args.steps, "the data set must hold exactly steps x batch images"
+    bitfleet_s = steady_step_s([m["epoch_time_s"] for m in history], args.steps)
+    plain_each = [steady_step_s(p["epoch_time_s"], args.steps) for p in (before, after)]
+    plain_s = statistics.mean(plain_each)
+    return {"bitfleet_step_s": bitfleet_s, "plain_step_s": plain_s, "ratio": bitfleet_s / plain_s,
+            "plain_step_s_before_after": plain_each,
+            "plain_median_step_s_before_after": [before["median_step_s"], after["median_step_s"]],
+            "bitfleet_epoch_time_s": [m["epoch_time_s"] for m in history],
+            "plain_epoch_time_s_before_after": [before["epoch_time_s"], after["epoch_time_s"]]}
+
+
+# ---------------------------------------------------------------- recovery on a standing cluster
+def start_cluster(temp_dir: str) -> tuple[subprocess.Popen, dict]:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
+           "RAY_metrics_report_interval_ms": str(REPORT_MS),
+           # inherited by Ray's own processes: its helpers that look a cluster up (Train's placement-group
+           # cleaner) find ours, not whichever of the machine's other clusters /tmp/ray names
+           "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={temp_dir}",
+               f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1",
+               f"--metrics-export-port={METRICS_PORT}", "--num-cpus=2", "--disable-usage-stats",
+               *(f"{flag}={port}" for flag, port in _OTHER_PORTS.items())]
+    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    wait_until(lambda: scrape() is not None or process.poll() is not None, 120, "the cluster's metrics endpoint")
+    if process.poll() is not None:
+        raise RuntimeError(f"ray start exited with {process.returncode}")
+    return process, env
+
+
+def stop_cluster(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)  # `ray start --block` drains and stops its processes
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever is left, in our process group only
+    except ProcessLookupError:
+        pass
+
+
+def scrape() -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+def stepping_workers(run: str) -> set[str]:
+    """WorkerIds of the processes that have reported a training step of `run` on the endpoint."""
+    text = scrape() or ""
+    return {s.labels.get("WorkerId", "") for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "ray_bitfleet_steps_total" and s.labels.get("run") == run and s.value > 0}
+
+
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = POLL_S):
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(poll_s)
+    return value
+
+
+def bitfleet_run(raw: dict, tmp: Path, log: Path, env: dict) -> subprocess.Popen:
+    """`bitfleet run SPEC --address` on our cluster, in its own process group, its output in `log`."""
+    spec_path = tmp / f"{raw['name']}.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "bitfleet.cli", "run", str(spec_path), "--address",
+                                 f"127.0.0.1:{GCS_PORT}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def recovery(tmp: Path, args, env: dict) -> dict:
+    raw = spec_dict("overhead-recovery", tmp / "cifar10", tmp / "results", args, epochs=3)
+    name, log, run_dir = raw["name"], tmp / "recovery.log", tmp / "results" / raw["name"]
+    driver = bitfleet_run(raw, tmp, log, env)
+    try:
+        # Ray hands back only a checkpoint its controller has registered (its snapshot file), as the tests wait.
+        wait_until(lambda: (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint_manager_snapshot.json").is_file(),
+                   900, "epoch 1's checkpoint", poll_s=0.5)
+        seen = wait_until(lambda: stepping_workers(name), 30, "the first worker's steps on the endpoint")
+        victim = [int(p) for p in re.findall(r"pid=(\d+)\) world_rank=\d+", log.read_text())][-1]
+        killed_at = time.time()
+        os.kill(victim, signal.SIGKILL)
+        restored = wait_until(lambda: "restored from checkpoint at epoch" in log.read_text() and time.time(), 600, "the restore")
+        stepped = wait_until(lambda: stepping_workers(name) - seen and time.time(), 600, "a step from a new worker")
+        driver.wait(timeout=1200)
+        history = json.loads((run_dir / "metrics.json").read_text())
+        assert driver.returncode == 0 and history[-1]["restores"] >= 1, log.read_text()[-4000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    return {"kill_to_first_step_s": stepped - killed_at, "kill_to_restore_logged_s": restored - killed_at,
+            "resolution_s": REPORT_MS / 1000 + POLL_S, "metrics_report_interval_ms": REPORT_MS, "poll_s": POLL_S,
+            "epochs": [m["epoch"] for m in history], "restores": history[-1]["restores"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="training steps per epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the step-time comparison (the first is warm-up)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    args = parser.parse_args()
+    os.environ.pop("RAY_ADDRESS", None)
+    with tempfile.TemporaryDirectory(prefix="bf-overhead-") as tmp:
+        tmp = Path(tmp)
+        synthetic.write("cifar10", tmp / "cifar10", n_train=args.steps * args.batch, n_test=args.batch, seed=0)
+        cluster, env = start_cluster(tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp"))  # short: socket paths < 108 chars
+        try:
+            steps = step_overhead(tmp, args, env)
+            print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, epochs 2-{args.epochs} of {args.steps} steps: "
+                  f"bitfleet {steps['bitfleet_step_s']:.3f} s, plain PyTorch {steps['plain_step_s']:.3f} s "
+                  f"(before {steps['plain_step_s_before_after'][0]:.3f}, after {steps['plain_step_s_before_after'][1]:.3f}) "
+                  f"-> bitfleet/plain {steps['ratio']:.3f}x", flush=True)
+            rec = recovery(tmp, args, env)
+        finally:
+            stop_cluster(cluster)
+    print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
+          f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s (upper bound, resolution {rec['resolution_s']:.2f} s)")
+    result = {"threads": args.threads, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
+              "step_time": steps, "recovery": rec}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
