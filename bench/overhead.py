@@ -31,6 +31,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -234,7 +235,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bf-overhead-") as tmp:
         tmp = Path(tmp)
         synthetic.write("cifar10", tmp / "cifar10", n_train=args.steps * args.batch, n_test=args.batch, seed=0)
-        cluster, env = start_cluster(tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp"))  # short: socket paths < 108 chars
+        ray_tmp = tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+        cluster, env = start_cluster(ray_tmp)
         try:
             steps = step_overhead(tmp, args, env)
             print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, epochs 2-{args.epochs} of {args.steps} steps: "
@@ -244,6 +246,7 @@ def main() -> None:
             rec = recovery(tmp, args, env)
         finally:
             stop_cluster(cluster)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
           f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s (upper bound, resolution {rec['resolution_s']:.2f} s)")
     result = {"threads": args.threads, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
