@@ -54,7 +54,9 @@ def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="bf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
            "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the export port within a second
-    env.pop("RAY_ADDRESS", None)
+    # inherited by Ray's own processes too: its helpers that look a cluster up (Train's placement-group
+    # cleaner) then find this one, not another cluster of this machine that /tmp/ray happens to name
+    env["RAY_ADDRESS"] = f"127.0.0.1:{GCS_PORT}"
     ports = [f"{flag}={port}" for flag, port in _OTHER_PORTS.items()]
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={temp_dir}",

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -116,9 +117,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, float]:
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen
         start = clock = time.perf_counter()
-        for step, (images, labels) in enumerate(self.train_loader):
-            if step == self.steps_per_epoch:
-                break
+        for images, labels in itertools.islice(self.train_loader, self.steps_per_epoch):  # no batch past the last
             loaded = time.perf_counter()
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             loss, logits = self.train_step(images, labels)
