@@ -69,11 +69,12 @@ def ray_cluster():
         _wait_for_dashboard(cluster)
         yield cluster
     finally:
-        _stop(process)
+        stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen) -> None:
+    """Stop a `ray start --block` (head or node) we started: SIGTERM drains it, then its group goes."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)

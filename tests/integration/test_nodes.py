@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import write_spec
-from tests.integration.conftest import GCS_PORT, read_metrics, wait_until
+from tests.integration.conftest import GCS_PORT, read_metrics, stop, wait_until
 from tests.integration.test_runs import _alive, bitfleet, checkpointed, finish, worker_pids
 from tests.integration.test_storage import alive_nodes
 
@@ -46,15 +46,6 @@ def kill_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
-def stop_node(node: subprocess.Popen) -> None:
-    node.send_signal(signal.SIGTERM)
-    try:
-        node.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    kill_node(node)
-
-
 def _raylet_group(worker_pid: int) -> int:
     """The process group of the raylet that started a worker: the group of the node's `ray start`."""
     parent = int(open(f"/proc/{worker_pid}/stat").read().rsplit(")", 1)[1].split()[1])
@@ -73,7 +64,7 @@ def nodes(ray_cluster, tmp_path):
 
     yield add
     for node in started:
-        stop_node(node)
+        stop(node)
 
 
 def test_elastic_run_survives_a_lost_node_on_the_workers_left(ray_cluster, nodes, mnist_root, tmp_path):

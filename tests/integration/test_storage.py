@@ -7,14 +7,12 @@ ends.
 """
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.integration.conftest import GCS_PORT, wait_until
+from tests.integration.conftest import GCS_PORT, stop, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,15 +41,7 @@ def blind_node(ray_cluster, tmp_path):
         wait_until(lambda: alive_nodes(ray_cluster) == before + 1, 120, "the second node to join")
         yield hidden
     finally:
-        node.send_signal(signal.SIGTERM)
-        try:
-            node.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(node.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop(node)
 
 
 def test_a_head_only_storage_path_is_refused_and_a_shared_one_accepted(ray_cluster, blind_node, mnist_root, tmp_path):
