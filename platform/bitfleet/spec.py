@@ -5,15 +5,15 @@ call, and reported as one `SpecError` naming the field and what was expected.
 """
 from __future__ import annotations
 
-import difflib
 import graphlib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bitfleet.spec_errors import SpecError, format_validation_error, unknown_key_message
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -21,10 +21,6 @@ def absolute_path(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
-
-
-class SpecError(ValueError):
-    """A spec the user wrote is wrong; the message names the field and what was expected."""
 
 
 class Strict(BaseModel):
@@ -69,6 +65,32 @@ class EMASpec(Strict):
     evaluate: bool = True  # evaluate (and save as best) the averaged weights
 
 
+class DeepSpeedSpec(Strict):
+    """`train.strategy: deepspeed`: ZeRO partitions the optimizer state (stage 1), and the gradients too (2),
+    over the workers. `config` holds further DeepSpeed config keys (zero_optimization.overlap_comm,
+    reduce_bucket_size, ...); the keys that other spec fields own are derived from them, never set here."""
+
+    zero_stage: Literal[1, 2] = 1
+    config: dict[str, Any] = {}
+
+    @field_validator("config")
+    @classmethod
+    def _owned_keys(cls, config):
+        for key, owner in DEEPSPEED_OWNED.items():
+            section, _, leaf = key.partition(".")
+            if section in config and (not leaf or leaf in (config[section] or {})):
+                raise ValueError(f"{key} is set by {owner}; remove it from train.deepspeed.config")
+        return config
+
+
+DEEPSPEED_OWNED = {  # DeepSpeed config key -> the spec field it comes from
+    "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.batch_size", "optimizer": "train.optimizer",
+    "scheduler": "train.lr_schedule", "gradient_clipping": "train.grad_clip", "fp16": "train.amp",
+    "bf16": "train.amp", "torch_autocast": "train.amp", "zero_optimization.stage": "train.deepspeed.zero_stage",
+}
+
+
 class TrainSpec(Strict):
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split evenly over the workers
@@ -82,12 +104,19 @@ class TrainSpec(Strict):
     ema: EMASpec | None = None
     max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
     max_eval_steps: int | None = Field(None, ge=1)
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    deepspeed: DeepSpeedSpec | None = None  # strategy deepspeed: its settings (default: ZeRO stage 1)
     init_from: str | None = None  # a checkpoint folder, or a run folder (its best checkpoint): initial weights
     resume_from: str | None = None  # a checkpoint folder whose whole state (epoch, optimizer, ...) a new run
     #                                  continues, with this spec's values (PBT exploits, sweep trial restarts)
 
     _init_from_absolute = field_validator("init_from", "resume_from")(absolute_path)
+
+    @model_validator(mode="after")
+    def _strategy(self):
+        if self.deepspeed is not None and self.strategy != "deepspeed":
+            raise ValueError(f"deepspeed: settings for `strategy: deepspeed`, but strategy is {self.strategy!r}")
+        return self
 
 
 FolderDataset = Literal["imagenet", "tinyimagenet", "image_folder"]  # JPEG class folders: <root>/{train,val}/<class>/
@@ -221,13 +250,16 @@ class RunSpec(Strict):
     def _check(self):
         extras = set(self.model_extra or {}) - {self.workload}
         if extras:
-            raise ValueError(_unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
+            raise ValueError(unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
         _check_stages(self.stages)
         if (self.stages or self.sweep is not None) and "://" in self.storage_path:
             raise ValueError(f"storage_path: {self.storage_path} is a URI; single runs write there, but sweeps and "
                              "pipelines keep their trials' and stages' folders on a filesystem: use a folder mounted "
                              "at the same path on every node")
         low, high = self.scaling.worker_range
+        if self.train.strategy == "deepspeed" and low != high:
+            raise ValueError(f"scaling.num_workers: {list(self.scaling.num_workers)} is elastic, but DeepSpeed's "
+                             "optimizer shards are cut for one world size: give a fixed number with strategy deepspeed")
         uneven = [n for n in range(low, high + 1) if self.train.batch_size % n]
         if uneven:
             raise ValueError(
@@ -269,13 +301,6 @@ def _check_stages(stages: list[StageSpec]) -> None:
         tuple(graphlib.TopologicalSorter({s.name: s.needs for s in stages}).static_order())
     except graphlib.CycleError as exc:
         raise ValueError(f"stages: the needs form a cycle ({' -> '.join(exc.args[1])})") from None
-
-
-def _unknown_key_message(key: str, fields, workload: str) -> str:
-    known = list(fields) + [workload]
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(known)}"
-    return f"{key}: unknown key{hint}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -362,37 +387,3 @@ def existing_checkpoint(path: str, field: str) -> Path:
         return find(path)
     except FileNotFoundError as exc:
         raise SpecError(f"{field}: {exc}") from None
-
-
-def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
-    """The first pydantic error as `field.path: what was expected (got ...)`."""
-    err = exc.errors()[0]
-    loc = [prefix.rstrip(".")] if prefix else []
-    loc += [str(p) for p in err["loc"]]
-    msg = err["msg"].removeprefix("Value error, ")
-    own = re.match(r"^([\w.]+): (.*)$", msg, re.S)
-    if err["type"] == "extra_forbidden":
-        fields = _fields_at(model, err["loc"][:-1])
-        close = difflib.get_close_matches(str(err["loc"][-1]), fields, n=1)
-        expected = f"expected one of {', '.join(fields)}" if fields else "this section takes no keys"
-        msg = f"unknown key; did you mean {close[0]!r}?" if close else f"unknown key; {expected}"
-    elif own:  # our own validators name the field, relative to where they sit
-        loc.append(own.group(1))
-        msg = own.group(2)
-    elif err["type"] != "missing":
-        msg = f"{msg} (got {err['input']!r})"
-    return f"{'.'.join(loc)}: {msg}" if loc else msg
-
-
-def _fields_at(model: type[BaseModel], loc) -> list[str]:
-    """Field names of the nested model at `loc`, for close-match suggestions."""
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        for candidate in getattr(ann, "__args__", (ann,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                model = candidate
-                break
-        else:
-            return []
-    return list(model.model_fields)

@@ -13,7 +13,8 @@ from typing import Annotated, Any, Iterator, Literal, Mapping, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
-from bitfleet.spec import SpecError, Strict, format_validation_error, set_path
+from bitfleet.spec import SpecError, Strict, set_path
+from bitfleet.spec_errors import format_validation_error
 
 RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")

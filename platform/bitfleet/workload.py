@@ -14,7 +14,8 @@ from torch import nn
 
 from bitfleet.data import DataInfo
 from bitfleet.engine.callbacks import Callback
-from bitfleet.spec import RunSpec, SpecError, format_validation_error
+from bitfleet.spec import RunSpec, SpecError
+from bitfleet.spec_errors import format_validation_error
 
 
 class NoOptions(BaseModel):

@@ -54,6 +54,17 @@ BAD_OVERRIDES = [
      ["bitfleet data download mnist", "train-images-idx3-ubyte"]),
     ("batch-not-divisible", ["scaling.num_workers=2", "train.batch_size=129"], "train.batch_size", ["129", "scaling.num_workers=2"]),
     ("workload-section-unknown-key", ["resnet_cifar.depth=3"], "resnet_cifar.depth", ["unknown key"]),
+    ("bad-strategy", ["train.strategy=fsdp"], "train.strategy", ["'ddp'", "'deepspeed'", "'fsdp'"]),
+    ("zero-stage-3", ["train.strategy=deepspeed", "train.deepspeed.zero_stage=3"], "train.deepspeed.zero_stage",
+     ["1 or 2", "3"]),
+    ("deepspeed-section-without-strategy", ["train.deepspeed.zero_stage=2"], "train.deepspeed",
+     ["strategy: deepspeed", "'ddp'"]),
+    ("deepspeed-owned-key", ["train.strategy=deepspeed", "train.deepspeed.config={optimizer: {type: Adam}}"],
+     "train.deepspeed.config", ["optimizer is set by train.optimizer"]),
+    ("deepspeed-owned-zero-stage", ["train.strategy=deepspeed", "train.deepspeed.config={zero_optimization: {stage: 3}}"],
+     "train.deepspeed.config", ["zero_optimization.stage is set by train.deepspeed.zero_stage"]),
+    ("deepspeed-elastic", ["train.strategy=deepspeed", "scaling.num_workers=[1, 2]"], "scaling.num_workers",
+     ["elastic", "fixed number"]),
 ]
 
 

@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from bitfleet import registry
-from bitfleet.spec import RunSpec, SpecError, format_validation_error
+from bitfleet.spec import RunSpec, SpecError
+from bitfleet.spec_errors import format_validation_error
 from bitfleet.scheduler.sweep import param_space
 from bitfleet.sweeps import (
     Asha, Distribution, Fifo, Pb2, Pbt, SweepSpec, apply_config, check_sweep, resolved_spec,

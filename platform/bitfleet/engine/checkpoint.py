@@ -1,7 +1,8 @@
 """One checkpoint format: a directory with `state.pt` holding every stateful piece of a run.
 
 model, optimizer, lr scheduler, AMP grad scaler, EMA, callbacks, the epoch/step counters and the metric
-history. Randomness needs no saved generator state: the loop reseeds every epoch from
+history. A sharded strategy (DeepSpeed ZeRO) keeps the optimizer in per-rank shards beside it
+(engine/strategy.py); `state.pt` still holds the full weights. Randomness needs no saved generator state: the loop reseeds every epoch from
 (seed, epoch, rank), and the samplers derive their order from (seed, epoch), so a run restored at an
 epoch boundary draws exactly what the uninterrupted run would have drawn.
 """
@@ -29,18 +30,17 @@ def load(directory: str | Path) -> dict[str, Any]:
 
 
 @contextmanager
-def to_ray(state: dict[str, Any]) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
-    """A `ray.train.Checkpoint` of `state` in a temporary directory, valid inside the `with`."""
+def to_ray(state: dict[str, Any] | None, write_shard=None) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
+    """A `ray.train.Checkpoint` in a temporary directory, valid inside the `with`: `state` (rank 0's; None on
+    the other ranks) and what `write_shard(directory)` writes. Ray merges the ranks' files into one folder."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="bitfleet-ckpt-") as tmp:
-        save(tmp, state)
+        if state is not None:
+            save(tmp, state)
+        if write_shard is not None:
+            write_shard(Path(tmp))
         yield ray.train.Checkpoint.from_directory(tmp)
-
-
-def from_ray(checkpoint) -> dict[str, Any]:
-    with checkpoint.as_directory() as directory:
-        return load(directory)
 
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""The per-worker epoch/step loop: DDP, AMP, grad clipping, EMA, evaluation, report, checkpoint.
+"""The per-worker epoch/step loop: strategy (DDP or DeepSpeed), EMA, evaluation, report, checkpoint.
 
 `run` is the `train_loop_per_worker` of every bitfleet TorchTrainer. Every rank calls
-`ray.train.report` exactly once per epoch; rank 0 attaches the checkpoint and writes `metrics.json`.
+`ray.train.report` exactly once per epoch; rank 0 attaches the checkpoint (with a sharded strategy every
+rank attaches its shard to the same one) and writes `metrics.json`.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 import math
 import random
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import ray.train
@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from bitfleet import registry, storage
 from bitfleet.metrics import WorkerMetrics
 from bitfleet.data import loaders
-from bitfleet.engine import checkpoint
+from bitfleet.engine import checkpoint, strategy
 from bitfleet.engine.callbacks import Callbacks, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.spec import RunSpec
@@ -62,13 +62,13 @@ class Trainer:
         self.model = self.workload.build_model(self.workload.model_config(spec), self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
             self.workload.load_initial_weights(self.model, checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
-        self.ddp = ray.train.torch.prepare_model(self.model)  # moves to device; DDP when world > 1
-
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.train_spec.lr_schedule, self.train_spec.epochs, self.steps_per_epoch
         )
-        self.autocast, self.scaler = self._amp()
+        # moves the model to the device, wraps it (DDP, or a DeepSpeed engine that wraps the optimizer too)
+        self.strategy = strategy.build(self.train_spec, self.model, self.optimizer, self.device,
+                                       self.train_spec.batch_size // self.world)
         ema = self.train_spec.ema
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True) if ema else None
         self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.train_spec.label_smoothing)
@@ -82,16 +82,6 @@ class Trainer:
         self.restores = 0
         self.metrics = WorkerMetrics(spec, self.rank)
 
-    # ------------------------------------------------------------------ setup
-    def _amp(self):
-        spec = self.train_spec
-        if not spec.amp:
-            return nullcontext, torch.amp.GradScaler(self.device.type, enabled=False)
-        cuda = self.device.type == "cuda"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_dtype, torch.float16 if cuda else torch.bfloat16)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
-        return (lambda: torch.autocast(self.device.type, dtype=dtype)), scaler
-
     # ------------------------------------------------------------------ run
     def fit(self) -> None:
         self.restore()
@@ -103,7 +93,7 @@ class Trainer:
         state.metrics = {}
         seed_everything(self.spec.seed, state.epoch, self.rank)
         self.data.set_epoch(state.epoch)
-        self.ddp.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
+        self.strategy.model.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
         self.callbacks.on_epoch_start(state)
         metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
         self.callbacks.on_eval_start(state)
@@ -135,15 +125,9 @@ class Trainer:
         }
 
     def train_step(self, images, labels):
-        with self.autocast():
-            loss, logits = self.workload.train_step(self.ddp, images, labels, self.criterion)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.train_spec.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train_spec.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.strategy.autocast():
+            loss, logits = self.workload.train_step(self.strategy.model, images, labels, self.criterion)
+        self.strategy.step(loss)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -160,7 +144,7 @@ class Trainer:
             if step == self.train_spec.max_eval_steps:
                 break
             images, labels = images.to(self.device), labels.to(self.device)
-            with self.autocast():
+            with self.strategy.autocast():
                 logits = model(images).float()
             batch = _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
             totals += torch.cat([batch, _top5_correct(logits, labels)])
@@ -184,9 +168,10 @@ class Trainer:
         if self.rank == 0:
             self._write_metrics()
             print(_progress_line(self.spec.name, metrics, epochs), flush=True)
-        if self.rank == 0 and (epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs):
+        due = epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs
+        if due and (self.rank == 0 or self.strategy.sharded):
             start = time.perf_counter()
-            with checkpoint.to_ray(self.state_dict()) as ckpt:
+            with checkpoint.to_ray(self.state_dict() if self.rank == 0 else None, self.strategy.save_shard) as ckpt:
                 ray.train.report(metrics, checkpoint=ckpt)
             self.metrics.checkpoint("save", time.perf_counter() - start)
         else:
@@ -198,9 +183,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.strategy.state_dict(),  # DDP: optimizer and AMP scaler; DeepSpeed: in its shards
             "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "callbacks": self.callbacks.state_dict(),
             "epoch": self.state.epoch,
@@ -215,24 +199,27 @@ class Trainer:
         start = time.perf_counter()
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
-            state = checkpoint.from_ray(ckpt)
+            with ckpt.as_directory() as directory:
+                self.load(directory)
         elif self.train_spec.resume_from:
-            state = checkpoint.load(checkpoint.find(self.train_spec.resume_from))
+            self.load(checkpoint.find(self.train_spec.resume_from))
         else:
             return
+        self.metrics.checkpoint("restore", time.perf_counter() - start)
+        self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
+        if self.rank == 0:
+            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
+
+    def load(self, directory) -> None:
+        state = checkpoint.load(directory)
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load(state, directory)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.callbacks.load_state_dict(state["callbacks"])
         self.state.epoch, self.state.global_step = state["epoch"], state["global_step"]
         self.history, self.restores = state["history"], state["restores"] + 1
-        self.metrics.checkpoint("restore", time.perf_counter() - start)
-        self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
-        if self.rank == 0:
-            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
 
 
 def _batch_totals(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""How a worker's model and optimizer are spread over the Ray Train worker group: `ddp` or `deepspeed`.
+
+A strategy owns the backward pass and optimizer step, the mixed precision around them, and the
+optimizer's part of a checkpoint. DDP keeps a full optimizer on every rank, saved once (by rank 0) in
+`state.pt`. DeepSpeed ZeRO partitions the optimizer state (stage 1), and the gradients too (stage 2), over
+the ranks: every rank writes its own shard under `deepspeed/` in the same Ray checkpoint, and reads it
+back on restore. Either way `state.pt` keeps the model's full weights, so every reader of checkpoints
+(init_from, export, reports) sees one format.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import ray.train.torch
+import torch
+
+from bitfleet.spec import DeepSpeedSpec, TrainSpec
+
+SHARDS = "deepspeed"  # the checkpoint's sub-folder of DeepSpeed files
+TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
+
+
+def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+          per_worker_batch: int):
+    if spec.strategy == "deepspeed":
+        return DeepSpeed(spec, model, optimizer, device, per_worker_batch)
+    return DDP(spec, model, optimizer, device)
+
+
+def autocast_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
+    """The dtype of `train.amp` (auto: fp16 on CUDA, bf16 on CPU), or None without AMP."""
+    if not spec.amp:
+        return None
+    default = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_dtype, default)
+
+
+class DDP:
+    """torch DistributedDataParallel through Ray's `prepare_model` (a bare module with one worker)."""
+
+    sharded = False  # rank 0 alone writes the checkpoint
+
+    def __init__(self, spec: TrainSpec, model, optimizer, device):
+        self.model = ray.train.torch.prepare_model(model)  # what the training forward runs through
+        self.optimizer, self.grad_clip, self.device = optimizer, spec.grad_clip, device
+        self.dtype = autocast_dtype(spec, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load(self, state: dict, directory: Path) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_shard(self, directory: Path) -> None:
+        """Nothing per rank: `state_dict` holds the whole optimizer."""
+
+
+class DeepSpeed:
+    """`deepspeed.initialize` on the worker's process group (gloo on CPU, NCCL on GPUs) with ZeRO 1 or 2.
+
+    The loop's optimizer and lr scheduler stay the spec's: DeepSpeed wraps the optimizer (ZeRO keeps the
+    same param-group dicts, so the scheduler's learning rates reach it), and the loop steps the scheduler.
+    """
+
+    sharded = True  # every rank writes its optimizer shard
+
+    def __init__(self, spec: TrainSpec, model, optimizer, device, per_worker_batch: int):
+        import deepspeed
+
+        self.dtype = autocast_dtype(spec, device)
+        self.device = device
+        config = deepspeed_config(spec.deepspeed or DeepSpeedSpec(), spec, per_worker_batch, self.dtype)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                                                config=config)
+
+    def autocast(self):
+        """For the forwards outside the engine (evaluation); the engine's own follows `torch_autocast`."""
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)  # gradients reduced (stage 2: reduce-scattered) over the ranks
+        self.model.step()  # clips, steps this rank's partition, gathers the updated weights, zeroes grads
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def save_shard(self, directory: Path) -> None:
+        """Collective: every rank calls it; rank 0 writes the module states, every rank its ZeRO shard."""
+        self.model.save_checkpoint(str(Path(directory) / SHARDS), tag=TAG, save_latest=False)
+
+    def load(self, state: dict, directory: Path) -> None:
+        """The weights and this rank's optimizer shard, and the ZeRO fp32 master partitions with them (loading
+        only the module's weights would leave those stale, to be written back at the next step)."""
+        if not (Path(directory) / SHARDS / TAG).is_dir():
+            raise ValueError(f"{directory}: no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only "
+                             "a DeepSpeed checkpoint (train.init_from takes the weights of any checkpoint)")
+        path, _ = self.model.load_checkpoint(str(Path(directory) / SHARDS), tag=TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        assert path is not None, f"DeepSpeed could not load {directory}"
+
+
+def deepspeed_config(ds: DeepSpeedSpec, spec: TrainSpec, per_worker_batch: int, dtype: torch.dtype | None) -> dict:
+    """The DeepSpeed config: `ds.config` plus the keys the spec's other fields own (spec.DEEPSPEED_OWNED)."""
+    config = {
+        **ds.config,
+        "train_micro_batch_size_per_gpu": per_worker_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {**ds.config.get("zero_optimization", {}), "stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the spec's torch optimizers (SGD) beside DeepSpeed's Adam list
+    }
+    if spec.grad_clip:
+        config["gradient_clipping"] = spec.grad_clip
+    if dtype is not None:
+        config["torch_autocast"] = {"enabled": True, "dtype": str(dtype).removeprefix("torch.")}
+    return config

@@ -1,0 +1,90 @@
+"""The DeepSpeed strategy outside Ray: its config from the spec, and an exact save/restore of its shards.
+
+One process on a gloo group of one: ZeRO still keeps its own fp32 master partitions and optimizer state, so
+a restore that loaded the weights alone would continue from stale masters. The 2-worker run with a killed
+worker is in tests/integration/test_deepspeed.py.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
+from bitfleet.spec import DeepSpeedSpec, LRScheduleSpec, OptimizerSpec, TrainSpec
+
+deepspeed = pytest.importorskip("deepspeed")  # the `deepspeed` extra (CI installs it)
+from bitfleet.engine import strategy  # noqa: E402
+
+SPEC = TrainSpec(strategy="deepspeed", deepspeed=DeepSpeedSpec(zero_stage=2), grad_clip=1.0,
+                 optimizer=OptimizerSpec(type="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
+                 lr_schedule=LRScheduleSpec(type="cosine"), epochs=2)
+
+
+def test_config_derives_the_keys_the_spec_owns_and_keeps_the_users():
+    ds = DeepSpeedSpec(zero_stage=2, config={"zero_optimization": {"overlap_comm": False}, "wall_clock_breakdown": True})
+    spec = TrainSpec(strategy="deepspeed", deepspeed=ds, grad_clip=2.0, amp=True, amp_dtype="bf16")
+    config = strategy.deepspeed_config(ds, spec, per_worker_batch=16, dtype=strategy.autocast_dtype(spec, torch.device("cpu")))
+    assert config["zero_optimization"] == {"overlap_comm": False, "stage": 2}
+    assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 2.0 and config["wall_clock_breakdown"] is True
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "optimizer" not in config and "scheduler" not in config  # the spec's torch optimizer and scheduler
+
+
+@pytest.fixture(scope="module")
+def group():
+    """What Ray Train's torch backend gives each worker: a process group and LOCAL_RANK (DeepSpeed asks)."""
+    os.environ.setdefault("LOCAL_RANK", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _run(seed: int):
+    """A fresh model (initialised from `seed`), the spec's SGD and cosine schedule, wrapped by DeepSpeed."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = build_optimizer(model, SPEC.optimizer)
+    scheduler = build_lr_scheduler(optimizer, SPEC.lr_schedule, SPEC.epochs, steps_per_epoch=5)
+    return model, scheduler, strategy.build(SPEC, model, optimizer, torch.device("cpu"), per_worker_batch=4)
+
+
+def _steps(model, scheduler, ds, batches):
+    for images, labels in batches:
+        ds.step(nn.functional.cross_entropy(ds.model(images), labels))
+        scheduler.step()
+
+
+def test_shards_restore_weights_optimizer_and_masters_exactly(group, tmp_path):
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)) for _ in range(6)]
+    model, scheduler, ds = _run(seed=0)
+    _steps(model, scheduler, ds, batches[:3])
+    state = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), **ds.state_dict()}
+    ds.save_shard(tmp_path)
+    assert (tmp_path / strategy.SHARDS / strategy.TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    _steps(model, scheduler, ds, batches[3:])
+
+    restored, restored_scheduler, restored_ds = _run(seed=123)  # other initial weights: the restore must replace them
+    restored.load_state_dict(state["model"])
+    restored_ds.load(state, tmp_path)
+    restored_scheduler.load_state_dict(state["scheduler"])
+    _steps(restored, restored_scheduler, restored_ds, batches[3:])
+
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_restoring_a_checkpoint_without_shards_says_what_it_needs(group, tmp_path):
+    model, _, ds = _run(seed=0)
+    with pytest.raises(ValueError, match="no DeepSpeed shards.*train.init_from"):
+        ds.load({"model": model.state_dict()}, tmp_path)
