@@ -137,7 +137,7 @@ def step_overhead(tmp: Path, args, env: dict) -> dict:
 # ---------------------------------------------------------------- recovery on a standing cluster
 def start_cluster(temp_dir: str) -> tuple[subprocess.Popen, dict]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
-           "RAY_metrics_report_interval_ms": str(REPORT_MS),
+           "RAY_metrics_report_interval_ms": str(REPORT_MS), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            # inherited by Ray's own processes: its helpers that look a cluster up (Train's placement-group
            # cleaner) find ours, not whichever of the machine's other clusters /tmp/ray names
            "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}

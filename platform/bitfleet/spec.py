@@ -6,6 +6,7 @@ call, and reported as one `SpecError` naming the field and what was expected.
 from __future__ import annotations
 
 import graphlib
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -373,6 +374,8 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSp
         existing_checkpoint(spec.train.init_from, "train.init_from")
     if spec.train.resume_from:
         existing_checkpoint(spec.train.resume_from, "train.resume_from")
+    if spec.train.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise SpecError("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]` (on every node)")
     missing = check_available(spec.data)
     if missing:
         raise SpecError(missing)

@@ -53,7 +53,11 @@ def _wait_for_dashboard(cluster: Cluster, timeout_s: float = 120) -> None:
 def ray_cluster():
     temp_dir = tempfile.mkdtemp(prefix="bf-ray-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
-           "RAY_metrics_report_interval_ms": "1000"}  # metrics reach the export port within a second
+           "RAY_metrics_report_interval_ms": "1000",  # metrics reach the export port within a second
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM stops at once: the drain (30 s) is for Serve
+           # Train's controller collects each worker's report when it polls (every 2 s by default), and a
+           # worker's next report waits for that: the tests' epochs of a second would take two without this
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     # inherited by Ray's own processes too: its helpers that look a cluster up (Train's placement-group
     # cleaner) then find this one, not another cluster of this machine that /tmp/ray happens to name
     env["RAY_ADDRESS"] = f"127.0.0.1:{GCS_PORT}"

@@ -305,3 +305,12 @@ def test_elastic_num_workers_is_a_range_whose_every_size_splits_the_batch(spec_f
         return
     with pytest.raises(SpecError, match=re.escape(error)):
         load_spec(spec_file, [f"scaling.num_workers={workers}"])
+
+
+def test_deepspeed_strategy_without_deepspeed_names_the_install(spec_file, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(SpecError, match=re.escape("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]`")):
+        load_spec(spec_file, ["train.strategy=deepspeed"])
