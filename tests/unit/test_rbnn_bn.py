@@ -82,18 +82,31 @@ def _rank(rank, world, init, shared, out):
         batchnorm.recalibrate(net, shard, batches=len(shard))
         if rank == 0:
             torch.save({k: v for k, v in net.state_dict().items() if "running" in k}, out)
+        own = small_net()  # every buffer (float statistics, int64 counters) set to this rank's own value
+        for buffer in own.buffers():
+            buffer.fill_(rank + 1)
+        batchnorm.broadcast_buffers(own)
+        torch.save(dict(own.named_buffers()), f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_statistics_are_pooled_over_ranks_with_different_shards():
-    """Two ranks whose shards differ in mean: the pooled variance is the variance of all the data (not the
-    mean of the two ranks' variances, which would miss the spread between them)."""
-    shards = [loader(1, shift=0.0, seed=1), loader(1, shift=4.0, seed=2)]
+SHARDS = [loader(1, shift=0.0, seed=1), loader(1, shift=4.0, seed=2)]  # two ranks whose shards differ in mean
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """What two gloo ranks computed: rank 0's pooled statistics, and each rank's buffers after the broadcast."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "stats.pt")
-        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), shards, out), nprocs=2, join=True)
-        pooled = torch.load(out)
+        mp.spawn(_rank, args=(2, os.path.join(tmp, "init"), SHARDS, out), nprocs=2, join=True)
+        return torch.load(out), [torch.load(f"{out}.rank{rank}") for rank in range(2)]
+
+
+def test_statistics_are_pooled_over_ranks_with_different_shards(two_ranks):
+    """Two ranks whose shards differ in mean: the pooled variance is the variance of all the data (not the
+    mean of the two ranks' variances, which would miss the spread between them)."""
+    pooled, shards = two_ranks[0], SHARDS
     net = small_net()
     whole = [(torch.cat([shards[0][0][0], shards[1][0][0]]), None)]
     (mean, var), _ = by_hand(net, whole)
@@ -107,6 +120,14 @@ def test_statistics_are_pooled_over_ranks_with_different_shards():
         naive.append(single[1].running_var)
     naive = (naive[0] + naive[1]) / 2
     assert (pooled["1.running_var"] > naive).all() and not torch.allclose(naive, var, rtol=0.1)
+
+
+def test_every_rank_ends_with_rank_0s_buffers(two_ranks):
+    ranks = two_ranks[1]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("num_batches_tracked") for k in ranks[1])
+    for name, value in ranks[1].items():
+        assert torch.equal(value, ranks[0][name]) and (value == 1).all(), name
+        assert value.dtype == small_net().get_buffer(name).dtype
 
 
 def mnist_state(model, eval_model=None):

@@ -1,17 +1,20 @@
-"""The DeepSpeed strategy outside Ray: its config from the spec, and an exact save/restore of its shards.
+"""The DeepSpeed strategy outside Ray: its config from the spec, the same training as DDP on two gloo ranks,
+and an exact save/restore of its shards.
 
-One process on a gloo group of one: ZeRO still keeps its own fp32 master partitions and optimizer state, so
-a restore that loaded the weights alone would continue from stale masters. The 2-worker run with a killed
-worker is in tests/integration/test_deepspeed.py.
+The restore runs in one process on a gloo group of one: ZeRO still keeps its own fp32 master partitions
+and optimizer state, so a restore that loaded the weights alone would continue from stale masters. The
+2-worker run with a killed worker is in tests/integration/test_deepspeed.py.
 """
 from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
@@ -36,6 +39,48 @@ def test_config_derives_the_keys_the_spec_owns_and_keeps_the_users():
     assert "optimizer" not in config and "scheduler" not in config  # the spec's torch optimizer and scheduler
 
 
+def _two_ranks(rank, init, out):
+    """Each case trained twice from the same weights on this rank's batches: torch DDP (the reference: what
+    the ddp strategy wraps, through Ray's prepare_model) and the deepspeed strategy."""
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    generator = torch.Generator().manual_seed(rank)
+    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)) for _ in range(6)]
+    results = {}
+    for stage, clip in CASES:
+        spec = SPEC.model_copy(update={"deepspeed": DeepSpeedSpec(zero_stage=stage), "grad_clip": clip})
+        model, scheduler, _ = _run(seed=0, spec=spec, wrap=False)
+        ddp, optimizer = nn.parallel.DistributedDataParallel(model), scheduler.optimizer
+        for images, labels in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(images), labels).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+        reference = {k: v.detach().clone() for k, v in model.named_parameters()}
+        model, scheduler, ds = _run(seed=0, spec=spec)
+        _steps(model, scheduler, ds, batches)
+        results[(stage, clip)] = reference, {k: v.detach().clone() for k, v in model.named_parameters()}
+    if rank == 1:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+CASES = [(1, None), (2, None), (2, 0.05)]  # ZeRO stage, train.grad_clip (0.05: tight enough to clip)
+
+
+def test_zero_stages_train_as_ddp_does_clipping_only_when_the_spec_says():
+    """DeepSpeed clips gradients at 1.0 unless told otherwise: a spec without grad_clip must not clip."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(_two_ranks, args=(os.path.join(tmp, "init"), out), nprocs=2, join=True)
+        results = torch.load(out)
+    for case, (reference, trained) in results.items():
+        for name, value in reference.items():
+            torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6, msg=f"{case} {name}")
+
+
 @pytest.fixture(scope="module")
 def group():
     """What Ray Train's torch backend gives each worker: a process group and LOCAL_RANK (DeepSpeed asks)."""
@@ -48,13 +93,14 @@ def group():
     dist.destroy_process_group()
 
 
-def _run(seed: int):
+def _run(seed: int, spec: TrainSpec = SPEC, wrap: bool = True):
     """A fresh model (initialised from `seed`), the spec's SGD and cosine schedule, wrapped by DeepSpeed."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    optimizer = build_optimizer(model, SPEC.optimizer)
-    scheduler = build_lr_scheduler(optimizer, SPEC.lr_schedule, SPEC.epochs, steps_per_epoch=5)
-    return model, scheduler, strategy.build(SPEC, model, optimizer, torch.device("cpu"), per_worker_batch=4)
+    optimizer = build_optimizer(model, spec.optimizer)
+    scheduler = build_lr_scheduler(optimizer, spec.lr_schedule, spec.epochs, steps_per_epoch=5)
+    ds = strategy.build(spec, model, optimizer, torch.device("cpu"), per_worker_batch=4) if wrap else None
+    return model, scheduler, ds
 
 
 def _steps(model, scheduler, ds, batches):

@@ -92,3 +92,23 @@ class BNRecalibration(Callback):
         if not self.batches or not self.due(state):
             return
         state.metrics["bn/recalibrated_batches"] = float(self.recalibrate(state.eval_model, state.train_loader))
+
+
+@torch.no_grad()
+def broadcast_buffers(*modules: nn.Module | None) -> None:
+    """Rank 0's buffers (BN running statistics) on every rank, one broadcast per dtype.
+
+    Training sees batch statistics, but each rank's running averages follow its own shard. Evaluating
+    and checkpointing rank 0's everywhere makes the ranks agree, and makes a restore, which gives every
+    rank rank 0's saved buffers, continue exactly as the uninterrupted run. DDP broadcasts them before
+    each forward, which leaves the last batch's update out of step; DeepSpeed never does.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    buffers = [b for module in modules if module is not None for b in module.buffers()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src=0)
+        for b, value in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(value.view_as(b))

@@ -24,6 +24,7 @@ from bitfleet import registry, storage
 from bitfleet.metrics import WorkerMetrics
 from bitfleet.data import loaders
 from bitfleet.engine import checkpoint, strategy
+from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.spec import RunSpec
@@ -96,6 +97,7 @@ class Trainer:
         self.strategy.model.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
         self.callbacks.on_epoch_start(state)
         metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
+        broadcast_buffers(self.model, self.ema)  # every rank evaluates, and rank 0 saves, the same BN statistics
         self.callbacks.on_eval_start(state)
         for split, loader in self.eval_loaders.items():
             metrics.update(self.evaluate(split, loader))

@@ -122,9 +122,8 @@ def deepspeed_config(ds: DeepSpeedSpec, spec: TrainSpec, per_worker_batch: int, 
         "gradient_accumulation_steps": 1,
         "zero_optimization": {**ds.config.get("zero_optimization", {}), "stage": ds.zero_stage},
         "zero_allow_untested_optimizer": True,  # the spec's torch optimizers (SGD) beside DeepSpeed's Adam list
+        "gradient_clipping": spec.grad_clip or 0.0,  # DeepSpeed clips at 1.0 unless told: 0 turns it off
     }
-    if spec.grad_clip:
-        config["gradient_clipping"] = spec.grad_clip
     if dtype is not None:
         config["torch_autocast"] = {"enabled": True, "dtype": str(dtype).removeprefix("torch.")}
     return config
