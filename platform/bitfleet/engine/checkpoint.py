@@ -2,9 +2,10 @@
 
 model, optimizer, lr scheduler, AMP grad scaler, EMA, callbacks, the epoch/step counters and the metric
 history. A sharded strategy (DeepSpeed ZeRO) keeps the optimizer in per-rank shards beside it
-(engine/strategy.py); `state.pt` still holds the full weights. Randomness needs no saved generator state: the loop reseeds every epoch from
-(seed, epoch, rank), and the samplers derive their order from (seed, epoch), so a run restored at an
-epoch boundary draws exactly what the uninterrupted run would have drawn.
+(engine/strategy.py); `state.pt` still holds the full weights. Randomness needs no saved generator
+state: the loop reseeds every epoch from (seed, epoch, rank), and the samplers derive their order from
+(seed, epoch), so a run restored at an epoch boundary draws exactly what the uninterrupted run would
+have drawn.
 """
 from __future__ import annotations
 

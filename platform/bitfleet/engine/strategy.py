@@ -36,19 +36,27 @@ def autocast_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_dtype, default)
 
 
-class DDP:
+class _Precision:
+    """`train.amp` around the forwards: the training forward (DeepSpeed's engine follows its `torch_autocast`
+    section, which says the same) and evaluation's."""
+
+    def __init__(self, spec: TrainSpec, device: torch.device):
+        self.device, self.dtype = device, autocast_dtype(spec, device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+
+class DDP(_Precision):
     """torch DistributedDataParallel through Ray's `prepare_model` (a bare module with one worker)."""
 
     sharded = False  # rank 0 alone writes the checkpoint
 
     def __init__(self, spec: TrainSpec, model, optimizer, device):
+        super().__init__(spec, device)
         self.model = ray.train.torch.prepare_model(model)  # what the training forward runs through
-        self.optimizer, self.grad_clip, self.device = optimizer, spec.grad_clip, device
-        self.dtype = autocast_dtype(spec, device)
+        self.optimizer, self.grad_clip = optimizer, spec.grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -70,7 +78,7 @@ class DDP:
         """Nothing per rank: `state_dict` holds the whole optimizer."""
 
 
-class DeepSpeed:
+class DeepSpeed(_Precision):
     """`deepspeed.initialize` on the worker's process group (gloo on CPU, NCCL on GPUs) with ZeRO 1 or 2.
 
     The loop's optimizer and lr scheduler stay the spec's: DeepSpeed wraps the optimizer (ZeRO keeps the
@@ -82,15 +90,9 @@ class DeepSpeed:
     def __init__(self, spec: TrainSpec, model, optimizer, device, per_worker_batch: int):
         import deepspeed
 
-        self.dtype = autocast_dtype(spec, device)
-        self.device = device
+        super().__init__(spec, device)
         config = deepspeed_config(spec.deepspeed or DeepSpeedSpec(), spec, per_worker_batch, self.dtype)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
-                                                                config=config)
-
-    def autocast(self):
-        """For the forwards outside the engine (evaluation); the engine's own follows `torch_autocast`."""
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
+        self.model, *_ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=config)
 
     def step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # gradients reduced (stage 2: reduce-scattered) over the ranks
