@@ -84,8 +84,10 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_when_it_returns(ray_c
     hosts = {_raylet_group(pid) for pid in worker_pids(driver.log) if _alive(pid)}
     doomed = [node for node in both if node.pid in hosts]
     assert doomed, f"no worker runs on the worker nodes (process groups {hosts})"
+    restores = read_metrics(run_dir)[-1]["restores"]  # the group may have started with one worker and grown
     kill_node(doomed[0])
-    wait_until(lambda: 1 in workers() or driver.poll() is not None, 240, "the group to go on with one worker")
+    wait_until(lambda: any(m["workers"] == 1 and m["restores"] > restores for m in read_metrics(run_dir))
+               or driver.poll() is not None, 240, "the group to go on with one worker")
     nodes()  # the node comes back
     out = finish(driver)
 
