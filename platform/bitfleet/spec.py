@@ -373,7 +373,12 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSp
     if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
         existing_checkpoint(spec.train.init_from, "train.init_from")
     if spec.train.resume_from:
-        existing_checkpoint(spec.train.resume_from, "train.resume_from")
+        found = existing_checkpoint(spec.train.resume_from, "train.resume_from")
+        if spec.train.strategy == "deepspeed":
+            from bitfleet.engine.strategy import NO_SHARDS, has_shards
+
+            if not has_shards(found):
+                raise SpecError(f"train.resume_from: {found} has {NO_SHARDS}")
     if spec.train.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise SpecError("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]` (on every node)")
     missing = check_available(spec.data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from bitfleet.engine import checkpoint
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
-from bitfleet.spec import DeepSpeedSpec, LRScheduleSpec, OptimizerSpec, TrainSpec
+from bitfleet.spec import DeepSpeedSpec, LRScheduleSpec, OptimizerSpec, SpecError, TrainSpec, load_spec
 
 deepspeed = pytest.importorskip("deepspeed")  # the `deepspeed` extra (CI installs it)
 from bitfleet.engine import strategy  # noqa: E402
@@ -134,3 +136,11 @@ def test_restoring_a_checkpoint_without_shards_says_what_it_needs(group, tmp_pat
     model, _, ds = _run(seed=0)
     with pytest.raises(ValueError, match="no DeepSpeed shards.*train.init_from"):
         ds.load({"model": model.state_dict()}, tmp_path)
+
+
+def test_resuming_a_ddp_checkpoint_under_deepspeed_fails_at_validation(tmp_path):
+    model, _, _ = _run(seed=0, wrap=False)
+    checkpoint.save(tmp_path, {"model": model.state_dict()})  # a DDP checkpoint: state.pt and no shards
+    quickstart = Path(__file__).resolve().parents[2] / "workloads/resnet_cifar/specs/quickstart_deepspeed.yaml"
+    with pytest.raises(SpecError, match=f"train.resume_from: {tmp_path} has no DeepSpeed shards"):
+        load_spec(quickstart, [f"train.resume_from={tmp_path}"])

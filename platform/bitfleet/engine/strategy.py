@@ -21,6 +21,14 @@ SHARDS = "deepspeed"  # the checkpoint's sub-folder of DeepSpeed files
 TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
 
 
+NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
+             "(train.init_from takes the weights of any checkpoint)")
+
+
+def has_shards(directory: str | Path) -> bool:
+    return (Path(directory) / SHARDS / TAG).is_dir()
+
+
 def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
           per_worker_batch: int):
     if spec.strategy == "deepspeed":
@@ -108,9 +116,8 @@ class DeepSpeed(_Precision):
     def load(self, state: dict, directory: Path) -> None:
         """The weights and this rank's optimizer shard, and the ZeRO fp32 master partitions with them (loading
         only the module's weights would leave those stale, to be written back at the next step)."""
-        if not (Path(directory) / SHARDS / TAG).is_dir():
-            raise ValueError(f"{directory}: no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only "
-                             "a DeepSpeed checkpoint (train.init_from takes the weights of any checkpoint)")
+        if not has_shards(directory):
+            raise ValueError(f"{directory}: {NO_SHARDS}")
         path, _ = self.model.load_checkpoint(str(Path(directory) / SHARDS), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         assert path is not None, f"DeepSpeed could not load {directory}"
