@@ -102,13 +102,17 @@ class Asha(Strict):
 
 class Pbt(Strict):
     """Population based training: every perturbation_interval epochs the worst trials copy the best ones'
-    checkpoints and mutate their values (lists and choices shift to a neighbour, ranges scale by 0.8 or 1.2)."""
+    checkpoints and mutate their values (lists and choices shift to a neighbour, ranges scale by 0.8 or 1.2).
+    `synch`: every trial waits at each perturbation epoch until all have reached it (each restarts from its
+    checkpoint), so trials are ranked at the same epoch; otherwise a trial is ranked against the others'
+    latest scores, and one that started late may never be compared."""
 
     type: Literal["pbt"] = "pbt"
     perturbation_interval: int = Field(ge=1)  # epochs
     mutations: dict[str, Distribution] = Field(min_length=1)  # dotted path -> distribution, or a plain list
     quantile_fraction: float = Field(0.25, ge=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
+    synch: bool = False
 
     @field_validator("mutations", mode="before")
     @classmethod
@@ -134,6 +138,7 @@ class Pb2(Strict):
     perturbation_interval: int = Field(ge=1)  # epochs
     bounds: dict[str, tuple[float, float]] = Field(min_length=1)  # dotted path -> [low, high]
     quantile_fraction: float = Field(0.25, ge=0, le=0.5)
+    synch: bool = False  # as PBT's
 
     @field_validator("bounds", mode="before")
     @classmethod

@@ -65,27 +65,30 @@ def test_asha_sweep_stops_trials_early_and_resumes_after_its_driver_dies(ray_clu
 
 
 def test_pbt_exploit_continues_from_the_donors_epoch_with_mutated_values(ray_cluster, tmp_path):
+    # synch: both trials are ranked at every epoch, so an exploit happens however late one of them starts
     spec = "workloads/rbnn/specs/cifar10_resnet20_tsweep_pbt.yaml"
     args = sweep_command(ray_cluster, tmp_path, spec, "train.epochs=3", "sweep.num_samples=2",
-                         "sweep.scheduler.perturbation_interval=1", "sweep.scheduler.quantile_fraction=0.5")
+                         "sweep.scheduler.perturbation_interval=1", "sweep.scheduler.quantile_fraction=0.5",
+                         "sweep.scheduler.synch=true")
     finish(bitfleet(ray_cluster, tmp_path / "driver.log", *args), timeout_s=550)
     sweep_dir = tmp_path / "rbnn-cifar10-resnet20-tsweep-pbt"
     rows = json.loads((sweep_dir / "trials.json").read_text())
-    exploited = [r for r in rows if len(r["runs"]) > 1]
-    assert exploited, "no PBT exploit happened"
     assert all(r["state"] == "COMPLETED" and [h["epoch"] for h in r["history"]] == [1, 2, 3] for r in rows)
-    restarted = []
-    for row in exploited:
-        for run in row["runs"][1:]:
+    restarted, donors = [], []
+    for row in rows:
+        for run in row["runs"][1:]:  # a later start of the trial: after a pause, or an exploit of a donor
             config = json.loads((sweep_dir / "runs" / run / "config.json").read_text())["spec"]
+            resume_from = config["train"]["resume_from"]  # a Tune checkpoint: the donor's or its own
+            if f"run_trial_{row['trial']}_" not in resume_from:
+                donors.append(resume_from)
             if not (sweep_dir / "runs" / run / "metrics.json").is_file():
                 continue  # resumed at its last epoch: nothing left to train
             metrics = json.loads((sweep_dir / "runs" / run / "metrics.json").read_text())
-            assert config["train"]["resume_from"]  # started from a Tune checkpoint: a donor's or its own
             # a restored run carries its checkpoint's history; its own epochs are those with its restore count
             own = [m for m in metrics if m["restores"] == metrics[-1]["restores"]]
             assert own and own[0]["epoch"] > 1  # it continued from the checkpoint's epoch, not from scratch
             restarted.append((config, own[0]))
+    assert donors, "no PBT exploit happened: no run started from another trial's checkpoint"
     assert restarted
     # the temperature follows the run's own (mutated) tmin/tmax from the restored epoch on
     for config, first in restarted:

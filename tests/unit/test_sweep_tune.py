@@ -77,6 +77,8 @@ def test_schedulers_carry_their_options():
     assert pbt._hyperparam_mutations["train.optimizer.lr"] == [0.1, 0.01]  # a list: PBT shifts to a neighbour
     assert isinstance(pbt._hyperparam_mutations["rbnn.tmin"], Float)
     assert pbt._resample_probability == 0.25 and pbt._metric is None  # metric and mode come from TuneConfig
+    assert not pbt._synch
+    assert scheduler(SweepSpec.model_validate({"scheduler": {**PBT, "synch": True}}), max_t=10)._synch
     named = scheduler(SweepSpec.model_validate({"scheduler": PBT}), max_t=10, metric="val/loss", mode="min")
     assert (named._metric, named._mode) == ("val/loss", "min")
 
@@ -84,6 +86,7 @@ def test_schedulers_carry_their_options():
     assert isinstance(pb2, PB2Scheduler)
     assert (pb2._time_attr, pb2._perturbation_interval) == ("training_iteration", 2)
     assert pb2._hyperparam_bounds == {"train.optimizer.lr": [0.001, 0.1]}
+    assert scheduler(SweepSpec.model_validate({"scheduler": {**PB2, "synch": True}}), max_t=10)._synch
 
 
 def trial_configs(sweep: SweepSpec) -> list[dict]:

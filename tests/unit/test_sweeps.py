@@ -61,9 +61,10 @@ def test_defaults():
     ("asha", Asha, {"grace_period": 1, "reduction_factor": 3.0, "max_t": None}),
     ({"type": "asha", "grace_period": 20, "reduction_factor": 2, "max_t": 100}, Asha,
      {"grace_period": 20, "reduction_factor": 2.0, "max_t": 100}),
-    (PBT, Pbt, {"perturbation_interval": 2, "quantile_fraction": 0.25, "resample_probability": 0.25}),
-    ({**PBT, "quantile_fraction": 0.5, "resample_probability": 0.0}, Pbt,
-     {"quantile_fraction": 0.5, "resample_probability": 0.0}),
+    (PBT, Pbt, {"perturbation_interval": 2, "quantile_fraction": 0.25, "resample_probability": 0.25,
+                "synch": False}),
+    ({**PBT, "quantile_fraction": 0.5, "resample_probability": 0.0, "synch": True}, Pbt,
+     {"quantile_fraction": 0.5, "resample_probability": 0.0, "synch": True}),
     (PB2, Pb2, {"perturbation_interval": 2, "bounds": {"train.optimizer.lr": (0.001, 0.1)}, "quantile_fraction": 0.25}),
 ])
 def test_each_scheduler_parses(raw, model, attrs):
@@ -101,7 +102,7 @@ def space(dist: dict, path: str = "rbnn.tmin") -> dict:
     return {"space": {path: dist}}
 
 
-PBT_OPTIONS = "options: perturbation_interval, mutations, quantile_fraction, resample_probability"
+PBT_OPTIONS = "options: perturbation_interval, mutations, quantile_fraction, resample_probability, synch"
 BAD_SWEEPS = [  # (id, sweep section, the exact start of the message, substrings it must contain)
     ("uniform-empty", space({"uniform": [0.5, 0.5]}), "sweep.space.rbnn.tmin: uniform range is empty (low 0.5 >= high 0.5)", []),
     ("loguniform-empty", space({"loguniform": [0.1, 0.01]}),
@@ -136,7 +137,7 @@ BAD_SWEEPS = [  # (id, sweep section, the exact start of the message, substrings
      f"sweep.scheduler.grace_period: not an option of scheduler pbt ({PBT_OPTIONS})", []),
     ("pb2-option", {"space": TMIN, "scheduler": {**PB2, "resample_probability": 0.5}},
      "sweep.scheduler.resample_probability: not an option of scheduler pb2 (options: perturbation_interval, bounds, "
-     "quantile_fraction)", []),
+     "quantile_fraction, synch)", []),
     ("asha-reduction-factor", {"space": TMIN, "scheduler": {"type": "asha", "reduction_factor": 1}},
      "sweep.scheduler.reduction_factor:", ["greater than 1"]),
     ("pbt-no-interval", {"scheduler": {"type": "pbt", "mutations": PBT["mutations"]}},

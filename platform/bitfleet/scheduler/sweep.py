@@ -212,13 +212,13 @@ def scheduler(sweep: SweepSpec, max_t: int, metric: str | None = None, mode: str
         return PopulationBasedTraining(
             **common, perturbation_interval=s.perturbation_interval,
             hyperparam_mutations={path: _mutation(dist) for path, dist in s.mutations.items()},
-            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability)
+            quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=s.synch)
     if isinstance(s, Pb2):
         from ray.tune.schedulers.pb2 import PB2  # needs scikit-learn
 
         return PB2(**common, perturbation_interval=s.perturbation_interval,
                    hyperparam_bounds={path: list(pair) for path, pair in s.bounds.items()},
-                   quantile_fraction=s.quantile_fraction)
+                   quantile_fraction=s.quantile_fraction, synch=s.synch)
     return FIFOScheduler()
 
 
