@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -78,11 +79,10 @@ def test_pbt_exploit_continues_from_the_donors_epoch_with_mutated_values(ray_clu
     for row in rows:
         for run in row["runs"][1:]:  # a later start of the trial: after a pause, or an exploit of a donor
             config = json.loads((sweep_dir / "runs" / run / "config.json").read_text())["spec"]
-            resume_from = config["train"]["resume_from"]  # a Tune checkpoint: the donor's or its own
-            if f"run_trial_{row['trial']}_" not in resume_from:
+            resume_from = Path(config["train"]["resume_from"])  # a Tune checkpoint: <sweep>/<trial>/checkpoint_*
+            if resume_from.parent.name != row["trial"]:
                 donors.append(resume_from)
-            if not (sweep_dir / "runs" / run / "metrics.json").is_file():
-                continue  # resumed at its last epoch: nothing left to train
+            # never started at its last epoch: a trial's last epoch is not perturbed
             metrics = json.loads((sweep_dir / "runs" / run / "metrics.json").read_text())
             # a restored run carries its checkpoint's history; its own epochs are those with its restore count
             own = [m for m in metrics if m["restores"] == metrics[-1]["restores"]]

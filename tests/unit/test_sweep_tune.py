@@ -72,7 +72,7 @@ def test_schedulers_carry_their_options():
 
     pbt = scheduler(SweepSpec.model_validate({"scheduler": {**PBT, "quantile_fraction": 0.5, "mutations": {
         "train.optimizer.lr": [0.1, 0.01], "rbnn.tmin": {"loguniform": [1e-3, 1e-1]}}}}), max_t=10)
-    assert type(pbt) is PopulationBasedTraining
+    assert isinstance(pbt, PopulationBasedTraining) and pbt.last_epoch == 10
     assert (pbt._time_attr, pbt._perturbation_interval, pbt._quantile_fraction) == ("training_iteration", 2, 0.5)
     assert pbt._hyperparam_mutations["train.optimizer.lr"] == [0.1, 0.01]  # a list: PBT shifts to a neighbour
     assert isinstance(pbt._hyperparam_mutations["rbnn.tmin"], Float)
@@ -87,6 +87,36 @@ def test_schedulers_carry_their_options():
     assert (pb2._time_attr, pb2._perturbation_interval) == ("training_iteration", 2)
     assert pb2._hyperparam_bounds == {"train.optimizer.lr": [0.001, 0.1]}
     assert scheduler(SweepSpec.model_validate({"scheduler": {**PB2, "synch": True}}), max_t=10)._synch
+
+
+class OnePopulation:
+    """What PBT asks of Tune's controller, for a population of the given trials."""
+
+    search_alg = None
+
+    def __init__(self, *trials):
+        self.trials = list(trials)
+
+    def get_trials(self):
+        return self.trials
+
+
+@pytest.mark.parametrize("raw", [PBT, PB2], ids=["pbt", "pb2"])
+def test_population_based_schedulers_perturb_at_every_interval_but_the_last_epoch(raw):
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    pbt = scheduler(SweepSpec.model_validate({"scheduler": raw}), max_t=4, metric="test/acc", mode="max")
+    trial = Trial("run_trial", config={"train.optimizer.lr": 0.1}, stub=True)
+    trial.set_status(Trial.RUNNING)
+    pbt.on_trial_add(OnePopulation(trial), trial)
+    state = pbt._trial_state[trial]
+    assert pbt.on_trial_result(OnePopulation(trial), trial, {"training_iteration": 2, "test/acc": 5.0}) \
+        == TrialScheduler.CONTINUE
+    assert (state.last_perturbation_time, state.last_score) == (2, 5.0)  # a perturbation epoch: ranked
+    assert pbt.on_trial_result(OnePopulation(trial), trial, {"training_iteration": 4, "test/acc": 9.0}) \
+        == TrialScheduler.CONTINUE
+    assert (state.last_perturbation_time, state.last_score) == (2, 5.0)  # the last one: left alone
 
 
 def trial_configs(sweep: SweepSpec) -> list[dict]:

@@ -8,8 +8,8 @@ stops, PBT exploits) work on those. When a trial starts from a Tune checkpoint â
 a resumed sweep â€” its new run continues from that checkpoint (`train.resume_from`) with the trial's
 current values: a mutated temperature schedule applies from the restored epoch on.
 
-Folders: `storage_path/<sweep name>/` is Tune's experiment (resumable with the same command), and each
-trial's runs live in `storage_path/<sweep name>/runs/<trial>-<start>/`.
+Folders: `storage_path/<sweep name>/` is Tune's experiment (resumable with the same command; a folder per
+trial, named by its id), and each trial's runs live in `storage_path/<sweep name>/runs/<trial>-<start>/`.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ import ray
 import yaml
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
 from bitfleet import metrics, sweeps
@@ -202,24 +204,45 @@ def scheduler(sweep: SweepSpec, max_t: int, metric: str | None = None, mode: str
     """The TrialScheduler, in epochs (`training_iteration`). `max_t`: the spec's train.epochs, ASHA's
     max_t unless the sweep sets one. Leave metric and mode None when TuneConfig has them: Tune refuses
     a scheduler that was given them too."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s, common = sweep.scheduler, {"time_attr": TIME_ATTR, "metric": metric, "mode": mode}
     if isinstance(s, Asha):
         return ASHAScheduler(**common, max_t=s.max_t or max_t, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor)
     if isinstance(s, Pbt):
-        return PopulationBasedTraining(
-            **common, perturbation_interval=s.perturbation_interval,
+        return PbtScheduler(
+            **common, last_epoch=max_t, perturbation_interval=s.perturbation_interval,
             hyperparam_mutations={path: _mutation(dist) for path, dist in s.mutations.items()},
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=s.synch)
     if isinstance(s, Pb2):
-        from ray.tune.schedulers.pb2 import PB2  # needs scikit-learn
-
-        return PB2(**common, perturbation_interval=s.perturbation_interval,
+        return Pb2Scheduler(**common, last_epoch=max_t, perturbation_interval=s.perturbation_interval,
                    hyperparam_bounds={path: list(pair) for path, pair in s.bounds.items()},
                    quantile_fraction=s.quantile_fraction, synch=s.synch)
     return FIFOScheduler()
+
+
+class _LastEpochLeftAlone:
+    """PBT and PB2 would also perturb at a trial's last epoch: the exploited trial restarts from the donor
+    with nothing left to train and ends with the donor's result under its own mutated values, values that
+    never trained those weights (and a best spec that would not reproduce them). Its last epoch only ends it."""
+
+    def __init__(self, *args, last_epoch: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_epoch = last_epoch
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        if result.get(TIME_ATTR, 0) >= self.last_epoch:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
+class PbtScheduler(_LastEpochLeftAlone, PopulationBasedTraining):
+    pass
+
+
+class Pb2Scheduler(_LastEpochLeftAlone, PB2):  # PB2 needs scikit-learn when built
+    pass
 
 
 def search_alg(sweep: SweepSpec, metric: str | None = None, mode: str | None = None,
@@ -251,7 +274,14 @@ def tune_config(sweep: SweepSpec, epochs: int, max_concurrent: int | None = None
 
     return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                            scheduler=scheduler(sweep, max_t=epochs),
-                           search_alg=search_alg(sweep, max_concurrent=max_concurrent))
+                           search_alg=search_alg(sweep, max_concurrent=max_concurrent),
+                           trial_dirname_creator=trial_dirname)
+
+
+def trial_dirname(trial) -> str:
+    """A trial's folder is its id: a trial's identity is read from its path, never from its last result,
+    which after a PBT exploit is the donor's until the trial reports again."""
+    return trial.trial_id
 
 
 # --------------------------------------------------------------------------- results
@@ -290,7 +320,7 @@ def _paths(sweep: SweepSpec) -> list[str]:
 
 
 def _trial_id(result) -> str:
-    return result.metrics.get("trial_id") or Path(result.path).name
+    return Path(result.path).name  # see trial_dirname
 
 
 def _trial_row(result, sweep, epochs: int, sweep_dir: Path) -> dict:
