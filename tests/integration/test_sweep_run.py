@@ -74,6 +74,8 @@ def test_pbt_exploit_continues_from_the_donors_epoch_with_mutated_values(ray_clu
     finish(bitfleet(ray_cluster, tmp_path / "driver.log", *args), timeout_s=550)
     sweep_dir = tmp_path / "rbnn-cifar10-resnet20-tsweep-pbt"
     rows = json.loads((sweep_dir / "trials.json").read_text())
+    trials = sorted(p.name for p in sweep_dir.iterdir() if (p / "params.json").is_file())  # Tune's trial folders
+    assert len(trials) == 2 and sorted(r["trial"] for r in rows) == trials  # each under its own id, not a donor's
     assert all(r["state"] == "COMPLETED" and [h["epoch"] for h in r["history"]] == [1, 2, 3] for r in rows)
     restarted, donors = [], []
     for row in rows:
