@@ -1,7 +1,8 @@
 """Three nodes: the test cluster's head plus two worker nodes, started as separate raylets on this machine.
 
 Each worker node offers one `bitfleet_worker_node`, and the run asks one per worker, so its workers land
-one per node. An elastic run (`scaling.num_workers: [1, 2]`) loses a node that hosts one of its workers
+one per node. A fixed-size run of two workers loses a node (the raylet and its workers SIGKILLed at once)
+and restarts its group from the last checkpoint once a replacement node has joined. An elastic run (`scaling.num_workers: [1, 2]`) loses a node that hosts one of its workers
 mid-run (the raylet and its workers SIGKILLed at once): Ray Train restarts the group with the one worker
 that still fits, from the last checkpoint. A node then joins again, and the group grows back to two
 workers (from the latest checkpoint) and finishes.
@@ -68,13 +69,36 @@ def nodes(ray_cluster, tmp_path):
         stop(node)
 
 
+def one_worker_per_node(spec_path, num_workers) -> None:
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["scaling"] = {"num_workers": num_workers, "cpus_per_worker": 1, "resources_per_worker": {NODE_RESOURCE: 1},
+                       "resize_check_s": 5}
+    spec_path.write_text(yaml.safe_dump(spec))
+
+
+def test_fixed_size_run_restarts_from_its_checkpoint_on_a_replacement_node(ray_cluster, nodes, mnist_root, tmp_path):
+    spec_path = write_spec(tmp_path, "nodereplaced", mnist_root, tmp_path / "results", epochs=30, batch_size=32,
+                           max_steps_per_epoch=4, max_eval_steps=1)
+    one_worker_per_node(spec_path, 2)
+    run_dir = tmp_path / "results" / "nodereplaced"
+    both = [nodes(), nodes()]
+    driver = bitfleet(ray_cluster, tmp_path / "driver.log", "run", str(spec_path), "--address", ray_cluster.address)
+    wait_until(lambda: checkpointed(run_dir, 1), 240, "epoch 1's checkpoint")
+    kill_node(both[0])  # each node hosts one of the two workers
+    nodes()  # its replacement joins; the group waits for it (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s)
+    out = finish(driver)
+
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == list(range(1, 31))
+    assert all(m["workers"] == 2 for m in metrics) and metrics[-1]["restores"] >= 1, out[-4000:]
+    resumed = next(m for m in metrics if m["restores"] >= 1)
+    assert resumed["epoch"] > 1 and "restored from checkpoint at epoch" in out  # continued, not started over
+
+
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_when_it_returns(ray_cluster, nodes, mnist_root, tmp_path):
     spec_path = write_spec(tmp_path, "nodeloss", mnist_root, tmp_path / "results", epochs=80, batch_size=32,
                            max_steps_per_epoch=4, max_eval_steps=1)
-    spec = yaml.safe_load(spec_path.read_text())
-    spec["scaling"] = {"num_workers": [1, 2], "cpus_per_worker": 1, "resources_per_worker": {NODE_RESOURCE: 1},
-                       "resize_check_s": 5}
-    spec_path.write_text(yaml.safe_dump(spec))
+    one_worker_per_node(spec_path, [1, 2])
     run_dir = tmp_path / "results" / "nodeloss"
     both = [nodes(), nodes()]
     workers = lambda: [m["workers"] for m in read_metrics(run_dir)]  # noqa: E731
