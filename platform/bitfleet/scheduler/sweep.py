@@ -216,9 +216,10 @@ def scheduler(sweep: SweepSpec, max_t: int, metric: str | None = None, mode: str
             hyperparam_mutations={path: _mutation(dist) for path, dist in s.mutations.items()},
             quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability, synch=s.synch)
     if isinstance(s, Pb2):
-        return Pb2Scheduler(**common, last_epoch=max_t, perturbation_interval=s.perturbation_interval,
-                   hyperparam_bounds={path: list(pair) for path, pair in s.bounds.items()},
-                   quantile_fraction=s.quantile_fraction, synch=s.synch)
+        return Pb2Scheduler(
+            **common, last_epoch=max_t, perturbation_interval=s.perturbation_interval,
+            hyperparam_bounds={path: list(pair) for path, pair in s.bounds.items()},
+            quantile_fraction=s.quantile_fraction, synch=s.synch)
     return FIFOScheduler()
 
 
