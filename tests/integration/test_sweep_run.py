@@ -28,6 +28,13 @@ def sweep_command(cluster, tmp_path, spec, *overrides):
     return args
 
 
+def trial_folders(sweep_dir) -> dict[str, str]:
+    """Trial id -> its folder's name, from Tune's own record of the experiment."""
+    from ray.tune import ExperimentAnalysis
+
+    return {trial.trial_id: Path(trial.path).name for trial in ExperimentAnalysis(str(sweep_dir)).trials}
+
+
 def trial_states(sweep_dir) -> dict[str, str]:
     """Tune's own record of each trial's status (its experiment state file), read while the sweep runs."""
     states = sorted(sweep_dir.glob("experiment_state-*.json"))
@@ -54,7 +61,8 @@ def test_asha_sweep_stops_trials_early_and_resumes_after_its_driver_dies(ray_clu
     for trial, runs in segments.items():  # a finished trial is not run again
         assert sorted(p.name for p in (sweep_dir / "runs").glob(f"{trial}-*")) == runs
     rows = json.loads((sweep_dir / "trials.json").read_text())
-    assert len(rows) == 4 and all(r["state"] in ("COMPLETED", "STOPPED") for r in rows)
+    assert sorted(r["trial"] for r in rows) == sorted(trial_folders(sweep_dir))  # a row per trial, by its id
+    assert len(rows) == 4 and all(r["state"] in ("COMPLETED", "STOPPED") and r["history"] for r in rows)
     assert any(r["state"] == "STOPPED" and r["epochs"] < 3 for r in rows), "ASHA stopped no trial"
     assert any(r["state"] == "COMPLETED" and r["epochs"] == 3 for r in rows)
     header = (sweep_dir / "trials.csv").read_text().splitlines()[0]
@@ -74,15 +82,15 @@ def test_pbt_exploit_continues_from_the_donors_epoch_with_mutated_values(ray_clu
     finish(bitfleet(ray_cluster, tmp_path / "driver.log", *args), timeout_s=550)
     sweep_dir = tmp_path / "rbnn-cifar10-resnet20-tsweep-pbt"
     rows = json.loads((sweep_dir / "trials.json").read_text())
-    trials = sorted(p.name for p in sweep_dir.iterdir() if (p / "params.json").is_file())  # Tune's trial folders
-    assert len(trials) == 2 and sorted(r["trial"] for r in rows) == trials  # each under its own id, not a donor's
+    folders = trial_folders(sweep_dir)
+    assert len(folders) == 2 and sorted(r["trial"] for r in rows) == sorted(folders)  # its own id, not a donor's
     assert all(r["state"] == "COMPLETED" and [h["epoch"] for h in r["history"]] == [1, 2, 3] for r in rows)
     restarted, donors = [], []
     for row in rows:
         for run in row["runs"][1:]:  # a later start of the trial: after a pause, or an exploit of a donor
             config = json.loads((sweep_dir / "runs" / run / "config.json").read_text())["spec"]
-            resume_from = Path(config["train"]["resume_from"])  # a Tune checkpoint: <sweep>/<trial>/checkpoint_*
-            if resume_from.parent.name != row["trial"]:
+            resume_from = Path(config["train"]["resume_from"])  # a Tune checkpoint: <trial folder>/checkpoint_*
+            if resume_from.parent.name != folders[row["trial"]]:
                 donors.append(resume_from)
             # never started at its last epoch: a trial's last epoch is not perturbed
             metrics = json.loads((sweep_dir / "runs" / run / "metrics.json").read_text())

@@ -8,8 +8,8 @@ stops, PBT exploits) work on those. When a trial starts from a Tune checkpoint â
 a resumed sweep â€” its new run continues from that checkpoint (`train.resume_from`) with the trial's
 current values: a mutated temperature schedule applies from the restored epoch on.
 
-Folders: `storage_path/<sweep name>/` is Tune's experiment (resumable with the same command; a folder per
-trial, named by its id), and each trial's runs live in `storage_path/<sweep name>/runs/<trial>-<start>/`.
+Folders: `storage_path/<sweep name>/` is Tune's experiment (resumable with the same command), and each
+trial's runs live in `storage_path/<sweep name>/runs/<trial>-<start>/`.
 """
 from __future__ import annotations
 
@@ -275,14 +275,7 @@ def tune_config(sweep: SweepSpec, epochs: int, max_concurrent: int | None = None
 
     return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples,
                            scheduler=scheduler(sweep, max_t=epochs),
-                           search_alg=search_alg(sweep, max_concurrent=max_concurrent),
-                           trial_dirname_creator=trial_dirname)
-
-
-def trial_dirname(trial) -> str:
-    """A trial's folder is its id: a trial's identity is read from its path, never from its last result,
-    which after a PBT exploit is the donor's until the trial reports again."""
-    return trial.trial_id
+                           search_alg=search_alg(sweep, max_concurrent=max_concurrent))
 
 
 # --------------------------------------------------------------------------- results
@@ -291,7 +284,8 @@ def trial_dirname(trial) -> str:
 def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
     """trials.json/.csv (one row per trial), the best trial's spec as YAML, a table on stdout."""
     sweep = spec.sweep
-    rows = [_trial_row(result, sweep, spec.train.epochs, sweep_dir) for result in results]
+    ids = _trial_ids(sweep_dir)
+    rows = [_trial_row(result, ids, sweep, spec.train.epochs, sweep_dir) for result in results]
     rows.sort(key=lambda r: (r[sweep.metric] is None, -(r[sweep.metric] or 0) if sweep.mode == "max" else (r[sweep.metric] or 0)))
     best = results.get_best_result(sweep.metric, sweep.mode, scope="last", filter_nan_and_inf=True)
     best_raw = sweeps.apply_config(raw, best.config)
@@ -307,7 +301,7 @@ def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     print(_table(rows, columns), flush=True)
-    summary = {"sweep_dir": str(sweep_dir), "best_trial": _trial_id(best), "best_config": best.config,
+    summary = {"sweep_dir": str(sweep_dir), "best_trial": ids[Path(best.path).name], "best_config": best.config,
                sweep.metric: best.metrics.get(sweep.metric), "best_spec": str(sweep_dir / "best_spec.yaml")}
     print(f"best: trial {summary['best_trial']} {sweep.metric} {summary[sweep.metric]} -> {summary['best_spec']}")
     from bitfleet import report
@@ -320,15 +314,21 @@ def _paths(sweep: SweepSpec) -> list[str]:
     return list(dict.fromkeys(path for _, path, _ in sweep.swept()))
 
 
-def _trial_id(result) -> str:
-    return Path(result.path).name  # see trial_dirname
+def _trial_ids(sweep_dir: Path) -> dict[str, str]:
+    """Trial folder name -> trial id, from Tune's experiment state. Neither the folder's name (a resumed
+    trial may get a new one) nor the trial's last result (a PBT donor's until the trial reports again)
+    is a reliable source of it."""
+    from ray.tune import ExperimentAnalysis
+
+    return {Path(trial.path).name: trial.trial_id for trial in ExperimentAnalysis(str(sweep_dir)).trials}
 
 
-def _trial_row(result, sweep, epochs: int, sweep_dir: Path) -> dict:
+def _trial_row(result, ids: dict[str, str], sweep, epochs: int, sweep_dir: Path) -> dict:
     """A trial's row: its state, epochs, last metric, values, runs and history. A trial has a run for each
     start (PBT pauses and exploits); the last run's metrics hold the whole lineage of its weights, a
     donor's epochs included, because a run restored from a checkpoint carries that checkpoint's history."""
-    runs = sorted((sweep_dir / RUNS).glob(f"{_trial_id(result)}-*"), key=lambda run: (run / "config.json").stat().st_mtime)
+    trial = ids[Path(result.path).name]
+    runs = sorted((sweep_dir / RUNS).glob(f"{trial}-*"), key=lambda run: (run / "config.json").stat().st_mtime)
     reported = [run / "metrics.json" for run in runs if (run / "metrics.json").is_file()]
     history = [{"epoch": m["epoch"], sweep.metric: m.get(sweep.metric), "restores": m.get("restores", 0)}
                for m in (json.loads(reported[-1].read_text()) if reported else [])]  # a run resumed at its
@@ -336,7 +336,7 @@ def _trial_row(result, sweep, epochs: int, sweep_dir: Path) -> dict:
     last = history[-1] if history else {}
     done = last.get("epoch", 0)
     state = "ERROR" if result.error else ("COMPLETED" if done >= epochs else "STOPPED")
-    return {"trial": _trial_id(result), "state": state, "epochs": done, sweep.metric: last.get(sweep.metric),
+    return {"trial": trial, "state": state, "epochs": done, sweep.metric: last.get(sweep.metric),
             **{path: result.config.get(path) for path in _paths(sweep)},
             "runs": [run.name for run in runs], "history": history}
 
