@@ -69,10 +69,10 @@ def nodes(ray_cluster, tmp_path):
         stop(node)
 
 
-def one_worker_per_node(spec_path, num_workers) -> None:
+def one_worker_per_node(spec_path, num_workers, **scaling) -> None:
     spec = yaml.safe_load(spec_path.read_text())
     spec["scaling"] = {"num_workers": num_workers, "cpus_per_worker": 1, "resources_per_worker": {NODE_RESOURCE: 1},
-                       "resize_check_s": 5}
+                       **scaling}
     spec_path.write_text(yaml.safe_dump(spec))
 
 
@@ -98,7 +98,7 @@ def test_fixed_size_run_restarts_from_its_checkpoint_on_a_replacement_node(ray_c
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_when_it_returns(ray_cluster, nodes, mnist_root, tmp_path):
     spec_path = write_spec(tmp_path, "nodeloss", mnist_root, tmp_path / "results", epochs=80, batch_size=32,
                            max_steps_per_epoch=4, max_eval_steps=1)
-    one_worker_per_node(spec_path, [1, 2])
+    one_worker_per_node(spec_path, [1, 2], resize_check_s=5)
     run_dir = tmp_path / "results" / "nodeloss"
     both = [nodes(), nodes()]
     workers = lambda: [m["workers"] for m in read_metrics(run_dir)]  # noqa: E731

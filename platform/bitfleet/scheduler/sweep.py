@@ -26,7 +26,7 @@ import ray
 import yaml
 from ray import tune
 from ray.train.v2.api.callback import UserCallback
-from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
@@ -204,8 +204,6 @@ def scheduler(sweep: SweepSpec, max_t: int, metric: str | None = None, mode: str
     """The TrialScheduler, in epochs (`training_iteration`). `max_t`: the spec's train.epochs, ASHA's
     max_t unless the sweep sets one. Leave metric and mode None when TuneConfig has them: Tune refuses
     a scheduler that was given them too."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     s, common = sweep.scheduler, {"time_attr": TIME_ATTR, "metric": metric, "mode": mode}
     if isinstance(s, Asha):
         return ASHAScheduler(**common, max_t=s.max_t or max_t, grace_period=s.grace_period,
