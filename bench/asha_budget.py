@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from bitfleet.scheduler import sweep
-from bitfleet.spec import apply_override, validate_spec
+from bitfleet.resolve import apply_override, validate_spec
 
 SPEC = Path(__file__).parent.parent / "workloads/rbnn/specs/cifar10_resnet20_tsweep.yaml"
 GRID = {"rbnn.tmin": [1.0e-3, 1.0e-1], "train.optimizer.lr": [0.02, 0.2]}
@@ -32,7 +32,7 @@ def run_sweep(scheduler: str, storage: Path, epochs: int, steps: int) -> dict:
         num_samples=1, search={"type": "grid"}, space={path: {"grid": values} for path, values in GRID.items()},
         scheduler={"type": "fifo"} if scheduler == "fifo" else {"type": "asha", "grace_period": 1, "reduction_factor": 2})
     spec = validate_spec(raw)
-    summary = sweep.run(spec)
+    summary = sweep.run_sweep(spec)
     rows = json.loads((storage / spec.name / "trials.json").read_text())
     return {"trial_epochs": sum(r["epochs"] for r in rows), "best_config": summary["best_config"],
             "best_test_acc": summary["test/acc"],

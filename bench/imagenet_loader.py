@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from bitfleet.data import folders, loaders
-from bitfleet.spec import validate_spec
+from bitfleet.resolve import validate_spec
 
 
 def write_imagenet_like(root: Path, images: int, classes: int = 8) -> Path:
@@ -65,7 +65,8 @@ def spec_for(root: Path, loader: str, threads: int, batch: int):
 
 
 def measure(root: Path, loader: str, threads: int, batch: int, passes: int, device: torch.device) -> dict:
-    built = loaders.build(spec_for(root, loader, threads, batch), 0, 1, device)
+    spec = spec_for(root, loader, threads, batch)
+    built = loaders.build(spec.data, loaders.Batches.of(spec), 0, 1, device)
     return {
         "train": images_per_second(lambda: iter(built.train), passes, device),
         "eval": images_per_second(lambda: iter(built.evals["test"]), passes, device),

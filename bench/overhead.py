@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import DataLoader
 
 from bitfleet.data import build_datasets, synthetic
-from bitfleet.spec import validate_spec
+from bitfleet.resolve import validate_spec
 from workloads.resnet_cifar import models
 
 GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 27379, 27265, 27385  # not the tests' 26379/28265, nor 36379

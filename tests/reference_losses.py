@@ -36,7 +36,7 @@ def losses(workload: str) -> list[float]:
 
     from bitfleet.data import synthetic
     from bitfleet.engine import loop
-    from bitfleet.spec import load_spec
+    from bitfleet.resolve import load_spec
 
     spec_file, extra = RUNS[workload]
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,7 +6,8 @@ import json
 import os
 import sys
 
-from bitfleet.spec import SpecError, load_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import load_spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, args.override)
-    print(f"{args.spec}: ok ({spec.workload}, {spec.model.get('arch', '')}, run {spec.name} -> {spec.run_dir})")
+    print(f"{args.spec}: ok ({spec.workload}, {getattr(spec.model, 'arch', '')}, run {spec.name} -> {spec.run_dir})")
     for stage in spec.stages:
         needs = f" after {', '.join(stage.needs)}" if stage.needs else ""
         print(f"  stage {stage.name}: {stage.task or 'training run'}{needs}")
@@ -35,14 +36,14 @@ def cmd_run(args) -> int:
 
     if spec.stages:
         try:
-            records = pipeline.run(spec, address=args.address)
+            records = pipeline.run_pipeline(spec, address=args.address)
         except pipeline.StageFailed as exc:
             print(f"bitfleet: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({name: {k: r[k] for k in ("state", "run_dir")} for name, r in records.items()}, indent=1))
         return 0
     try:
-        summary = launch.run(spec, address=args.address)
+        summary = launch.run_training(spec, address=args.address)
     except TrainingFailedError as exc:
         print(f"bitfleet: run {spec.name} failed: {exc}", file=sys.stderr)
         return 1
@@ -56,7 +57,7 @@ def cmd_sweep(args) -> int:
         raise SpecError(f"sweep: {args.spec} has no sweep section (see the README's Sweeps)")
     from bitfleet.scheduler import sweep
 
-    summary = sweep.run(spec, address=args.address)
+    summary = sweep.run_sweep(spec, address=args.address)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from bitfleet import registry
 from bitfleet.data import info
 from bitfleet.engine import checkpoint as ckpt
-from bitfleet.spec import RunSpec, SpecError
+from bitfleet.errors import SpecError
+from bitfleet.spec import RunSpec
 
 
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
@@ -19,17 +20,18 @@ def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise SpecError(f"{run_dir}: not a bitfleet run folder (no config.json)")
-    spec = RunSpec.model_validate(json.loads((run_dir / "config.json").read_text())["spec"])
+    raw = RunSpec.model_validate(json.loads((run_dir / "config.json").read_text())["spec"])
+    spec = registry.workload_class(raw.workload).resolve_sections(raw)
     try:
         directory = ckpt.find(checkpoint or run_dir)
     except FileNotFoundError as exc:
         raise SpecError(str(exc)) from None
-    workload = registry.get(spec.workload)
-    model = workload.build_model(workload.model_config(spec), info(spec.data))
+    workload = registry.get(spec.workload, spec.options)
+    model = workload.build_model(spec.model, info(spec.data))
     model.load_state_dict(ckpt.weights(directory))
     return spec, workload, model.eval()
 
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict:
     spec, workload, model = load_model(run_dir, checkpoint)
-    return workload.export(model, workload.model_config(spec), info(spec.data), Path(out))
+    return workload.export(model, spec.model, info(spec.data), Path(out))

@@ -1,4 +1,8 @@
-"""Every Prometheus metric bitfleet exports, defined once: name, type, help, labels.
+"""The Prometheus metrics bitfleet exports, each defined once: name, type, help, labels, the report key.
+
+The platform's own are here; a workload declares the metrics of what its callbacks report beside its
+code (`Workload.metrics`), and they join this catalogue when the workload's class is defined. A reported
+key that no metric declares is not exported, and each worker warns about it once.
 
 Metrics leave through `ray.util.metrics`: each node's Ray metrics agent serves them on the node's
 `--metrics-export-port`, and Prometheus finds every node through Ray's service-discovery file
@@ -10,11 +14,14 @@ and `trial` the trial id; a plain run has `trial=""`.
 """
 from __future__ import annotations
 
+import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
 
+log = logging.getLogger(__name__)
 RUN_LABELS = ("run", "workload", "trial")
 RANK_LABELS = (*RUN_LABELS, "rank")
 SPLIT_LABELS = (*RUN_LABELS, "split")
@@ -42,9 +49,9 @@ class Metric:
         return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
 
 
-CATALOGUE: tuple[Metric, ...] = (
+PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs beside their code
     # -- an epoch's results, from rank 0 after the all-reduce
-    Metric("bitfleet_loss", "gauge", "Mean cross-entropy loss of the last epoch", SPLIT_LABELS, "{split}/loss"),
+    Metric("bitfleet_loss", "gauge", "Mean loss of the last epoch (the workload's objective)", SPLIT_LABELS, "{split}/loss"),
     Metric("bitfleet_accuracy", "gauge", "Top-1 accuracy of the last epoch, percent", SPLIT_LABELS, "{split}/acc"),
     Metric("bitfleet_accuracy_top5", "gauge", "Top-5 accuracy of the last epoch, percent (past 10 classes)",
            SPLIT_LABELS, "{split}/acc5"),
@@ -68,41 +75,55 @@ CATALOGUE: tuple[Metric, ...] = (
     Metric("bitfleet_trials_running", "gauge", "Trials of a sweep running"),
     Metric("bitfleet_trials_terminated", "gauge", "Trials of a sweep finished or stopped by the scheduler"),
     Metric("bitfleet_trials_error", "gauge", "Trials of a sweep that failed"),
-    # -- the workloads' telemetry, reported by their callbacks each epoch
-    Metric("bitfleet_temperature", "gauge", "RBNN: temperature t of the sign approximation", key="rbnn/t"),
-    Metric("bitfleet_temperature_k", "gauge", "RBNN: the approximation's k = max(1/t, 1)", key="rbnn/k"),
-    Metric("bitfleet_sign_flip_ratio", "gauge", "RBNN: share of binary weights whose sign flipped in the epoch",
-           key="rbnn/flip_ratio"),
-    Metric("bitfleet_rotation_sin_theta", "gauge", "RBNN: mean |sin theta| of the adjustable rotation",
-           key="rbnn/sin_theta"),
-    Metric("bitfleet_rotation_error_before", "gauge",
-           "RBNN: quantization error ||sign(R1'XR2) - R1'XR2|| before the last rotation update",
-           key="rbnn/rotation_error_before"),
-    Metric("bitfleet_rotation_error_after", "gauge", "RBNN: the same error after the last rotation update",
-           key="rbnn/rotation_error_after"),
-    Metric("bitfleet_lbp_alpha", "gauge", "LBPNet: mean comparison temperature alpha", key="lbp/alpha"),
-    Metric("bitfleet_rp_tau", "gauge", "LBPNet: mean gate temperature tau of the RP fusion", key="rp/tau"),
-    Metric("bitfleet_gate_alive_ratio", "gauge", "LBPNet: share of RP gates open on the hard path",
-           key="rp/alive_hard"),
-    Metric("bitfleet_gate_alive_ratio_soft", "gauge", "LBPNet: mean soft opening of the RP gates",
-           key="rp/alive_soft"),
-    Metric("bitfleet_collapse_guard_events", "gauge", "LBPNet: times the collapse guard restored the best weights",
-           key="guard/collapse_events"),
+    # -- what the loop and the platform's callbacks report with each epoch
+    Metric("bitfleet_images_per_second", "gauge", "Training images per second of the last epoch, all ranks",
+           key="images_per_s"),
+    Metric("bitfleet_epoch_seconds", "gauge", "Wall time of the last epoch's training", key="epoch_time_s"),
+    Metric("bitfleet_workers", "gauge", "Workers of the group that ran the last epoch", key="workers"),
+    Metric("bitfleet_bn_recalibrated_batches", "gauge",
+           "Training batches that re-estimated BatchNorm statistics before the last evaluation",
+           key="bn/recalibrated_batches"),
 )
-BY_NAME = {metric.name: metric for metric in CATALOGUE}
+BY_NAME: dict[str, Metric] = {}  # the platform's and, once their modules are imported, the workloads'
+_KEYS: dict[str, tuple[Metric, re.Pattern]] = {}  # report key template -> its metric and matcher
 
 
-def keyed() -> dict[str, tuple[Metric, dict[str, str]]]:
-    """Epoch-metrics key -> (metric, the extra labels of that key), e.g. "val/acc" -> accuracy, split=val."""
-    table = {}
-    for metric in CATALOGUE:
-        if metric.key is None:
-            continue
-        if "{split}" in metric.key:
-            table.update({metric.key.format(split=s): (metric, {"split": s}) for s in SPLITS})
-        else:
-            table[metric.key] = (metric, {})
-    return table
+def register(declared) -> None:
+    """Add metrics to the catalogue (a workload's, when its class is defined). A name or report key that
+    another metric already owns is a programming error: two series would fight over it."""
+    for metric in declared:
+        owner = BY_NAME.get(metric.name)
+        assert owner is None or owner == metric, f"metric {metric.name} is declared twice, differently"
+        assert metric.key is None or _KEYS.get(metric.key, (metric,))[0] == metric, f"report key {metric.key} has two metrics"
+        BY_NAME[metric.name] = metric
+        if metric.key is not None:
+            _KEYS[metric.key] = (metric, _key_pattern(metric))
+
+
+def _key_pattern(metric: Metric) -> re.Pattern:
+    """`{split}/acc` -> one series per split; `paper/{quantity}` -> a `quantity` label of bounded values."""
+    pattern = re.escape(metric.key)
+    for label in re.findall(r"\{(\w+)\}", metric.key):
+        assert label in metric.labels, f"{metric.name}: key {metric.key} fills label {label!r}, which it lacks"
+        values = "|".join(SPLITS) if label == "split" else r"[A-Za-z0-9_.]+"
+        pattern = pattern.replace(re.escape("{" + label + "}"), f"(?P<{label}>{values})")
+    return re.compile(pattern + r"\Z")
+
+
+def catalogue() -> tuple[Metric, ...]:
+    return tuple(BY_NAME.values())
+
+
+def lookup(key: str) -> tuple[Metric, dict[str, str]] | None:
+    """The metric that a report key feeds and the labels the key fills, e.g. "val/acc" -> accuracy, split=val."""
+    for metric, pattern in _KEYS.values():
+        match = pattern.match(key)
+        if match:
+            return metric, match.groupdict()
+    return None
+
+
+register(PLATFORM)
 
 
 def run_labels(spec) -> dict[str, str]:
@@ -149,10 +170,10 @@ def run_state(labels: dict[str, str]):
 class WorkerMetrics:
     """What one Ray Train worker exports: its steps on every rank, the epoch's results on rank 0."""
 
-    def __init__(self, spec, rank: int):
-        self.labels = {**run_labels(spec), "rank": str(rank)}
+    def __init__(self, labels: dict[str, str], rank: int):
+        self.labels = {**labels, "rank": str(rank)}
         self.rank = rank
-        self.keys = keyed()
+        self.unexported: set[str] = set()  # report keys no metric declares: warned about once each
 
     def step(self, seconds: float, data_wait_s: float, samples: int) -> None:
         record("bitfleet_steps", 1, self.labels)
@@ -164,9 +185,15 @@ class WorkerMetrics:
         if self.rank != 0:
             return
         for key, value in metrics.items():
-            if key in self.keys:
-                metric, extra = self.keys[key]
-                record(metric.name, float(value), {**self.labels, **extra})
+            found = lookup(key)
+            if found is None:
+                if key not in self.unexported:
+                    self.unexported.add(key)
+                    log.warning("bitfleet: metric %r is reported but no metric declares it: not exported to "
+                                "Prometheus (declare it in the workload's `metrics`)", key)
+                continue
+            metric, extra = found
+            record(metric.name, float(value), {**self.labels, **extra})
 
     def checkpoint(self, name: Literal["save", "restore"], seconds: float) -> None:
         if self.rank == 0:

@@ -1,20 +1,19 @@
-"""RunSpec: the YAML workload spec as pydantic models, its loading and its dotted overrides.
+"""RunSpec: the YAML workload spec as pure pydantic models — data, no lookups, no I/O.
 
-The spec is the only input of a run. Everything a user can get wrong is checked here, before any Ray
-call, and reported as one `SpecError` naming the field and what was expected.
+The spec is the only input of a run. What a single section can get wrong is checked here; loading,
+overrides and the checks against the registry, storage, sweeps and pipelines are `bitfleet.resolve`'s.
+Every error is one `SpecError` naming the field and what was expected.
 """
 from __future__ import annotations
 
 import graphlib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from bitfleet.spec_errors import SpecError, format_validation_error, unknown_key_message
+from bitfleet.errors import SpecError, unknown_key_message
 
 
 def absolute_path(path: str | None) -> str | None:
@@ -22,6 +21,9 @@ def absolute_path(path: str | None) -> str | None:
     if path is None or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
+
+
+Section = SerializeAsAny[BaseModel]  # a typed section of another module's model, dumped with all its fields
 
 
 class Strict(BaseModel):
@@ -198,7 +200,9 @@ class ScalingSpec(Strict):
 class FailureSpec(Strict):
     max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run fails; -1: unlimited
     checkpoint_every: int = Field(1, ge=1)  # epochs
-    keep: int = Field(2, ge=1)  # most recent checkpoints kept
+    keep: int = Field(2, ge=1)  # checkpoints kept: the best by checkpoint_metric, and always the latest
+    checkpoint_metric: str | None = None  # ranks checkpoints; None: the objective's own, on val if held out
+    checkpoint_mode: Literal["max", "min"] | None = None  # None: the direction the objective knows
 
 
 class StageSpec(Strict):
@@ -219,13 +223,18 @@ class TrialOf(Strict):
 
 
 class RunSpec(Strict):
-    """A whole run. The workload's own section is a top-level key named after the workload."""
+    """A whole run. The workload's own section is a top-level key named after the workload.
+
+    As written, `model`, the workload's section and `sweep` are raw mappings; `bitfleet.resolve` parses
+    each of them once, into the workload's `ModelConfig` and `Options` and a `SweepSpec`, and the resolved
+    spec carries those typed models to the driver's scheduler and to every worker.
+    """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     workload: str
-    model: dict[str, Any] = {}
+    model: dict[str, Any] | Section = {}  # resolved: the workload's ModelConfig
     data: DataSpec
     train: TrainSpec = TrainSpec()
     scaling: ScalingSpec = ScalingSpec()
@@ -236,22 +245,18 @@ class RunSpec(Strict):
     stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
     trial_of: TrialOf | None = None
-    sweep: Any = None  # a bitfleet.sweeps.SweepSpec (`bitfleet sweep`); parsed in `_sweep` (sweeps builds on Strict)
+    sweep: dict[str, Any] | Section | None = None  # `bitfleet sweep`; resolved: a bitfleet.sweeps.SweepSpec
 
     _storage_absolute = field_validator("storage_path")(absolute_path)
-
-    @field_validator("sweep", mode="before")
-    @classmethod
-    def _sweep(cls, raw):
-        from bitfleet.sweeps import parse_sweep
-
-        return parse_sweep(raw)
 
     @model_validator(mode="after")
     def _check(self):
         extras = set(self.model_extra or {}) - {self.workload}
         if extras:
             raise ValueError(unknown_key_message(sorted(extras)[0], type(self).model_fields, self.workload))
+        section = (self.model_extra or {}).get(self.workload)
+        if section is not None and not isinstance(section, (dict, BaseModel)):
+            raise ValueError(f"{self.workload}: expected a mapping of the workload's options (got {section!r})")
         _check_stages(self.stages)
         if (self.stages or self.sweep is not None) and "://" in self.storage_path:
             raise ValueError(f"storage_path: {self.storage_path} is a URI; single runs write there, but sweeps and "
@@ -270,21 +275,15 @@ class RunSpec(Strict):
         return self
 
     @property
-    def options(self) -> dict[str, Any]:
-        """The workload's own section (`rbnn: {...}` for workload rbnn), raw."""
-        return dict((self.model_extra or {}).get(self.workload) or {})
+    def options(self) -> Any:
+        """The workload's own section (`rbnn: {...}` for workload rbnn): raw as written, typed once resolved."""
+        section = (self.model_extra or {}).get(self.workload)
+        return {} if section is None else section
 
     @property
     def run_dir(self) -> Path:
-        """The run's folder where `storage_path` is a folder (see `run_path` for URIs too)."""
+        """The run's folder where `storage_path` is a folder (`bitfleet.storage.run_path` for URIs too)."""
         return Path(self.storage_path) / self.name
-
-    @property
-    def run_path(self) -> str:
-        """The run's folder or URI: `storage_path/name`."""
-        from bitfleet.storage import join
-
-        return join(self.storage_path, self.name)
 
 
 def _check_stages(stages: list[StageSpec]) -> None:
@@ -304,39 +303,6 @@ def _check_stages(stages: list[StageSpec]) -> None:
         raise ValueError(f"stages: the needs form a cycle ({' -> '.join(exc.args[1])})") from None
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
-    """Read a YAML spec, apply `a.b.c=value` overrides, validate it and the workload's sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping of spec fields at the top level")
-    for item in overrides:
-        apply_override(raw, item)
-    return validate_spec(raw)
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set `train.epochs=3` in a raw spec dict; the value is parsed as YAML (numbers, lists, bools)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise SpecError(f"override {item!r}: expected dotted.path=value, e.g. train.epochs=1")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
-    set_path(raw, key.strip(), parsed, f"override {key}")
-
-
 def set_path(raw: dict, key: str, value: Any, where: str) -> None:
     """raw[a][b][c] = value for the dotted key `a.b.c`, creating sections on the way."""
     *parents, leaf = key.split(".")
@@ -347,51 +313,3 @@ def set_path(raw: dict, key: str, value: Any, where: str) -> None:
             raise SpecError(f"{where}: {part!r} is not a section")
         node = child
     node[leaf] = value
-
-
-def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSpec:
-    """RunSpec from a dict, plus the workload's own checks (model section, options, data on disk).
-
-    `pending_checkpoints`: folders that earlier pipeline stages will write; not required to exist yet.
-    """
-    from bitfleet import registry  # these import torch and the workloads: keep the spec light to import
-    from bitfleet.data import check_available
-
-    try:
-        spec = RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, RunSpec)) from None
-    registry.get(spec.workload).validate(spec)
-    if spec.sweep is not None:
-        from bitfleet.sweeps import check_sweep, resolved_spec
-
-        check_sweep(spec.sweep, resolved_spec(spec, registry.get(spec.workload)))
-    if spec.stages:
-        from bitfleet.scheduler.pipeline import validate_stages
-
-        validate_stages(spec)
-    if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
-        existing_checkpoint(spec.train.init_from, "train.init_from")
-    if spec.train.resume_from:
-        found = existing_checkpoint(spec.train.resume_from, "train.resume_from")
-        if spec.train.strategy == "deepspeed":
-            from bitfleet.engine.strategy import NO_SHARDS, has_shards
-
-            if not has_shards(found):
-                raise SpecError(f"train.resume_from: {found} has {NO_SHARDS}")
-    if spec.train.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise SpecError("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]` (on every node)")
-    missing = check_available(spec.data)
-    if missing:
-        raise SpecError(missing)
-    return spec
-
-
-def existing_checkpoint(path: str, field: str) -> Path:
-    """The checkpoint folder a spec field names (a checkpoint or a run folder), or a SpecError naming the field."""
-    from bitfleet.engine.checkpoint import find
-
-    try:
-        return find(path)
-    except FileNotFoundError as exc:
-        raise SpecError(f"{field}: {exc}") from None

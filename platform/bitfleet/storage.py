@@ -12,6 +12,8 @@ import re
 import uuid
 from pathlib import Path
 
+from bitfleet.errors import SpecError
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -23,6 +25,11 @@ def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return "/".join([base.rstrip("/"), *parts])
     return os.path.join(base, *parts)
+
+
+def run_path(spec) -> str:
+    """A run's folder or URI: `storage_path/name`."""
+    return join(spec.storage_path, spec.name)
 
 
 def write_text(path: str, text: str) -> None:
@@ -70,8 +77,6 @@ def check_shared(storage_path: str, field: str = "storage_path") -> None:
     marker written here must be visible from a task pinned to each node. Raises SpecError otherwise."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from bitfleet.spec import SpecError
 
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if is_uri(storage_path) or len(nodes) < 2:

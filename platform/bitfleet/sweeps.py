@@ -13,8 +13,8 @@ from typing import Annotated, Any, Iterator, Literal, Mapping, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
-from bitfleet.spec import SpecError, Strict, set_path
-from bitfleet.spec_errors import format_validation_error
+from bitfleet.errors import SpecError, format_validation_error
+from bitfleet.spec import Strict, set_path
 
 RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")
@@ -247,14 +247,13 @@ def parse_scheduler(raw: Any) -> Strict:
 
 
 def parse_sweep(raw: Any) -> SweepSpec | None:
-    """For RunSpec's `sweep` field validator: a SweepSpec, or a ValueError whose message starts with the
-    field's path relative to `sweep` (format_validation_error then prefixes `sweep.`)."""
+    """The spec's `sweep:` section as a SweepSpec, or a SpecError naming the field under `sweep.`."""
     if raw is None or isinstance(raw, SweepSpec):
         return raw
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(format_validation_error(exc, SweepSpec)) from None
+        raise SpecError(format_validation_error(exc, SweepSpec, prefix="sweep")) from None
 
 
 def _problems(sweep: SweepSpec) -> Iterator[str]:
@@ -294,17 +293,8 @@ def _overlaps(swept: list[tuple[str, str]]) -> Iterator[str]:
 # --------------------------------------------------------------------------- checks against the spec
 
 
-def resolved_spec(spec, workload) -> dict:
-    """A RunSpec as a dict with every default filled in, its `model:` and workload sections included
-    (RunSpec holds those raw; the workload's config models know their defaults and types)."""
-    tree = spec.model_dump(mode="json")
-    tree["model"] = workload.model_config(spec).model_dump(mode="json")
-    tree[spec.workload] = workload.options(spec).model_dump(mode="json")
-    return tree
-
-
 def check_sweep(sweep: SweepSpec, resolved: Mapping[str, Any]) -> None:
-    """Raise SpecError unless every swept path is a field of `resolved` (see `resolved_spec`) that can take
+    """Raise SpecError unless every swept path is a field of `resolved` (the resolved spec, dumped) that can take
     the values swept, and the scheduler's epochs fit the run's (train.epochs, failure.checkpoint_every)."""
     tree = {key: value for key, value in resolved.items() if key != "sweep"}
     fields = dict(_walk(tree))

@@ -1,8 +1,11 @@
 """The Workload protocol: what a paper's workload family gives the platform.
 
-A workload owns its config (the `model:` section and its own top-level section), builds its model
-from that config and the data's shape, and may add callbacks or override the training step. The engine
-never reads `spec.model.*` itself.
+A workload owns its config — the `model:` section (`ModelConfig`) and its own top-level section
+(`Options`), parsed once when the spec is resolved — its `Objective` (the loss, the metrics, and the one
+that ranks its checkpoints) and the Prometheus metrics of what its callbacks report (`metrics`, merged into the
+platform's catalogue when the class is defined). The registry makes a fresh instance per run, holding the
+run's `Options`; each hook receives only its own part: `build_model` the model config and the data's
+shape, `setup` and `callbacks` a `RunContext`. The engine never reads `spec.model.*` itself.
 """
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from bitfleet import metrics
 from bitfleet.data import DataInfo
-from bitfleet.engine.callbacks import Callback
-from bitfleet.spec import RunSpec, SpecError
-from bitfleet.spec_errors import format_validation_error
+from bitfleet.engine.callbacks import Callback, RunContext
+from bitfleet.engine import objective
+from bitfleet.errors import SpecError, format_validation_error
+from bitfleet.spec import RunSpec
 
 
 class NoOptions(BaseModel):
@@ -28,26 +33,34 @@ class Workload:
     name: ClassVar[str]
     ModelConfig: ClassVar[type[BaseModel]]
     Options: ClassVar[type[BaseModel]] = NoOptions  # the workload's own top-level spec section
+    Objective: ClassVar[type[objective.Objective]] = objective.Classification  # its loss and metrics; what ranks its checkpoints
     datasets: ClassVar[tuple[str, ...] | None] = None  # the data sets its models take; None: any
+    metrics: ClassVar[tuple[metrics.Metric, ...]] = ()  # what its callbacks report, as Prometheus metrics
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        metrics.register(cls.metrics)
+
+    def __init__(self, options: BaseModel | None = None):
+        self.options = options if options is not None else self.Options()
 
     # ---- configuration (driver side, before Ray)
-    def model_config(self, spec: RunSpec) -> BaseModel:
-        return _parse(self.ModelConfig, spec.model, "model")
-
-    def options(self, spec: RunSpec) -> BaseModel:
-        return _parse(self.Options, spec.options, self.name)
+    @classmethod
+    def resolve_sections(cls, spec: RunSpec) -> RunSpec:
+        """The spec with `model:` and this workload's section parsed into `ModelConfig` and `Options`."""
+        model = parse_section(cls.ModelConfig, spec.model, "model")
+        options = parse_section(cls.Options, spec.options, cls.name)
+        return spec.model_copy(update={"model": model, cls.name: options})
 
     def validate(self, spec: RunSpec) -> None:
-        """Raise SpecError for anything wrong in this workload's sections."""
+        """Raise SpecError for what this workload's typed sections cannot take together with the rest."""
         if self.datasets and spec.data.dataset not in self.datasets:
             raise SpecError(f"data.dataset: workload {self.name} takes {' or '.join(self.datasets)} "
                             f"(got {spec.data.dataset!r})")
-        self.model_config(spec)
-        self.options(spec)
 
     # ---- inside each worker
-    def prepare(self, spec: RunSpec) -> None:
-        """Called once in each worker before anything is built: keep what `train_step` needs."""
+    def setup(self, run: RunContext) -> None:
+        """Called once in each worker before anything is built: load what `train_step` needs (a teacher)."""
 
     def build_model(self, config: BaseModel, data: DataInfo) -> nn.Module:
         raise NotImplementedError
@@ -57,18 +70,19 @@ class Workload:
         from the checkpoint's (a quantization-prepared copy of a float network)."""
         model.load_state_dict(weights)
 
-    def callbacks(self, spec: RunSpec) -> list[Callback]:
+    def callbacks(self, run: RunContext) -> list[Callback]:
         return []
 
-    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, criterion) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward pass and loss; returns (loss, logits). Override for distillation, PPO, ..."""
-        logits = model(images)
-        return criterion(logits, labels), logits
+    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass and loss (`loss`: the objective's); returns (loss, outputs). Override for
+        distillation, mixup, regularisers."""
+        outputs = model(images)
+        return loss(outputs, labels), outputs
 
     # ---- pipeline stages that are not training runs (driver side, on the cluster)
     def tasks(self) -> dict[str, Callable[[RunSpec], dict]]:
-        """Stage tasks by name: each gets the stage's spec (its `inputs` name the needed stages' folders),
-        writes its files under `spec.run_dir` and returns a JSON-able summary."""
+        """Stage tasks by name: each gets the stage's resolved spec (its `inputs` name the needed stages'
+        folders), writes its files under `spec.run_dir` and returns a JSON-able summary."""
         return {}
 
     def export(self, model: nn.Module, config: BaseModel, data: DataInfo, path) -> dict:
@@ -76,7 +90,8 @@ class Workload:
         raise SpecError(f"workload {self.name!r} has no exporter")
 
 
-def _parse(model: type[BaseModel], raw: dict[str, Any], section: str) -> BaseModel:
+def parse_section(model: type[BaseModel], raw: Any, section: str) -> BaseModel:
+    """A typed section from what the spec holds (a mapping, or the model already), or a SpecError."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

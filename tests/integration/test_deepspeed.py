@@ -36,7 +36,7 @@ def test_zero2_worker_killed_restores_every_shard_and_ends_as_the_uninterrupted_
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     assert metrics[-1]["restores"] >= 1, f"killed pid {victim}; driver said:\n{out[-6000:]}"
     last = checkpoint.find(results / "ds-kill")
-    shards = sorted(p.name for p in (last / strategy.SHARDS / strategy.TAG).glob("zero_pp_rank_*_optim_states.pt"))
+    shards = sorted(p.name for p in (last / checkpoint.SHARDS / checkpoint.TAG).glob("zero_pp_rank_*_optim_states.pt"))
     assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert "optimizer" not in checkpoint.load(last)  # it lives in the shards only
 

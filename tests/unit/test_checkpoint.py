@@ -248,7 +248,8 @@ def test_find_resolves_checkpoints_and_run_folders(tmp_path):
 
 
 def test_init_from_must_name_a_checkpoint(tmp_path):
-    from bitfleet.spec import SpecError, validate_spec
+    from bitfleet.errors import SpecError
+    from bitfleet.resolve import validate_spec
 
     raw = {"name": "x", "workload": "resnet_cifar", "data": {"dataset": "mnist_sample"}, "train": {"init_from": str(tmp_path)}}
     with pytest.raises(SpecError, match="train.init_from: .*neither a checkpoint"):

@@ -13,7 +13,8 @@ pytest.importorskip("nvidia.dali", reason="DALI is the [dali] extra; CI installs
 
 from bitfleet.data import folders, loaders, synthetic  # noqa: E402
 from bitfleet.data.dali import DaliLoader, epoch_order  # noqa: E402
-from bitfleet.spec import DataSpec, validate_spec  # noqa: E402
+from bitfleet.resolve import validate_spec  # noqa: E402
+from bitfleet.spec import DataSpec
 
 CPU = torch.device("cpu")
 
@@ -122,7 +123,7 @@ def test_loaders_build_dali_with_a_held_out_validation_split(root):
            "crop_size": 32, "resize_size": 36, "val_size": 5}, "train": {"batch_size": 8, "eval_batch_size": 4},
            "scaling": {"num_workers": 2}}
     spec = validate_spec(raw)
-    built = [loaders.build(spec, rank, 2, CPU) for rank in range(2)]
+    built = [loaders.build(spec.data, loaders.Batches.of(spec), rank, 2, CPU) for rank in range(2)]
     assert built[0].info.num_classes == 5 and built[0].info.image_size == 32
     assert {b.steps_per_epoch for b in built} == {loaders.steps_per_epoch(25, 2, 4)}
     val = sorted(y for b in built for y in labels_of(b.evals["val"]))

@@ -13,7 +13,9 @@ from PIL import Image
 
 from bitfleet import cli
 from bitfleet.data import build_datasets, check_available, folders, info, loaders, prepare, synthetic
-from bitfleet.spec import DataSpec, SpecError, load_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import load_spec
+from bitfleet.spec import DataSpec
 
 
 def write(layout: str, root: Path, n_train=24, n_test=12, classes=4) -> Path:
@@ -134,7 +136,7 @@ def test_torchvision_transforms_shapes_ranges_and_eval_reference(folder_root):
 
 def test_torchvision_loaders_shard_disjoint_with_equal_steps(folder_root):
     spec = load_spec_for(folder_root, "torchvision", workers=3, batch=6)
-    built = [loaders.build(spec, rank, 3, torch.device("cpu")) for rank in range(3)]
+    built = [loaders.build(spec.data, loaders.Batches.of(spec), rank, 3, torch.device("cpu")) for rank in range(3)]
     assert len({b.steps_per_epoch for b in built}) == 1 and built[0].steps_per_epoch == 4  # ceil(24/3) // 2
     shards = [set(b.train.sampler) for b in built]
     assert set().union(*shards) == set(range(24)) and sum(map(len, shards)) == 24
@@ -144,7 +146,7 @@ def load_spec_for(root: Path, loader: str, workers: int, batch: int, **data):
     raw = {"name": "folders", "workload": "resnet_cifar", "data": {"dataset": "image_folder", "root": str(root),
            "loader": loader, "crop_size": 32, "resize_size": 36, **data},
            "train": {"batch_size": batch, "eval_batch_size": 5}, "scaling": {"num_workers": workers}}
-    from bitfleet.spec import validate_spec
+    from bitfleet.resolve import validate_spec
 
     return validate_spec(raw)
 

@@ -171,7 +171,7 @@ def test_integer_engine_predicts_what_the_hard_path_predicts(tmp_path, pool):
 
 
 def test_integer_export_refuses_networks_with_float_feature_paths(tmp_path):
-    from bitfleet.spec import SpecError
+    from bitfleet.errors import SpecError
 
     with pytest.raises(SpecError, match="block: macfree"):
         intengine.export(build("residual"), info(DataSpec(dataset="mnist", root="unused")), tmp_path / "x.npz")

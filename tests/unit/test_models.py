@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bitfleet import data, registry
+from bitfleet.engine.callbacks import RunContext
 from bitfleet.spec import DataSpec, RunSpec
 from workloads.resnet_cifar import models
 
@@ -116,13 +117,13 @@ def test_every_workload_builds_its_default_model(name, dataset):
     assert workload.name == name
     if workload.datasets and dataset not in workload.datasets:
         pytest.skip(f"{name} takes {workload.datasets}")
-    spec = _spec(name, dataset)
+    spec = registry.workload_class(name).resolve_sections(_spec(name, dataset))
+    workload = registry.get(name, spec.options)
     workload.validate(spec)
-    workload.prepare(spec)
-    config = workload.model_config(spec)
     info = data.info(DataSpec(dataset=dataset, root="unused" if dataset != "mnist_sample" else None))
+    workload.setup(RunContext(spec.train.epochs, str(spec.run_dir), spec.data, info))
     torch.manual_seed(0)
-    model = workload.build_model(config, info)
+    model = workload.build_model(spec.model, info)
     images = torch.randn(2, info.in_channels, info.image_size, info.image_size)
     labels = torch.tensor([0, info.num_classes - 1])
     loss, logits = workload.train_step(model, images, labels, torch.nn.CrossEntropyLoss())

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from bitfleet.scheduler import pipeline
-from bitfleet.spec import SpecError, load_spec, validate_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import stage_raw, load_spec, validate_spec
 
 BASE = {"name": "pipe", "workload": "resnet_cifar", "model": {"arch": "resnet20"}, "data": {"dataset": "mnist_sample"},
         "train": {"epochs": 3, "batch_size": 32}, "storage_path": "/tmp/bf-pipe"}
@@ -24,12 +25,12 @@ def test_a_stage_is_the_pipeline_spec_with_its_overrides_folder_and_inputs():
         {"name": "tune", "needs": ["float"], "init_from": "float", "overrides": {"train.epochs": 1, "model.arch": "plain20"}},
         {"name": "report", "task": "report", "needs": ["float", "tune"]},
     ]))
-    tune = pipeline.stage_raw(spec, spec.stages[1])
+    tune = stage_raw(spec, spec.stages[1])
     assert tune["name"] == "tune" and tune["storage_path"] == "/tmp/bf-pipe/pipe"
     assert tune["train"]["epochs"] == 1 and tune["train"]["batch_size"] == 32 and tune["model"]["arch"] == "plain20"
     assert tune["inputs"] == {"float": "/tmp/bf-pipe/pipe/float"}
     assert tune["train"]["init_from"] == "/tmp/bf-pipe/pipe/float" and "stages" not in tune
-    first = pipeline.stage_raw(spec, spec.stages[0])
+    first = stage_raw(spec, spec.stages[0])
     assert first["train"]["epochs"] == 3 and first["inputs"] == {} and first["train"].get("init_from") is None
     assert pipeline.completed(spec, spec.stages[0]) is None
 

@@ -165,7 +165,7 @@ def test_w32_keeps_real_weights_and_binary_activations():
 
 
 def reactnet_spec(tmp_path, checkpoint_dir, **teacher):
-    from bitfleet.spec import validate_spec
+    from bitfleet.resolve import validate_spec
 
     raw = {
         "name": "reactnet", "workload": "rbnn", "model": {"arch": "mobilenetv1_bireal_025_1w1a", "w32": True},
@@ -180,14 +180,16 @@ def test_teacher_gives_the_distributional_loss(tmp_path):
     from bitfleet.data import info
     from bitfleet.spec import DataSpec
     from bitfleet.engine import checkpoint
+    from bitfleet.engine.callbacks import RunContext
     from workloads.resnet_cifar import models as float_models
 
     teacher = float_models.build("resnet20", "A", num_classes=10, in_channels=1)
     checkpoint.save(tmp_path, {"model": teacher.state_dict(), "ema": None})
     spec = reactnet_spec(tmp_path, tmp_path)
-    workload = registry.get("rbnn")
-    workload.prepare(spec)
-    student = workload.build_model(workload.model_config(spec), info(DataSpec(dataset="mnist_sample")))
+    data = info(DataSpec(dataset="mnist_sample"))
+    workload = registry.get("rbnn", spec.options)
+    workload.setup(RunContext(spec.train.epochs, str(spec.run_dir), spec.data, data))
+    student = workload.build_model(spec.model, data)
     images, labels = torch.randn(4, 1, 28, 28), torch.arange(4)
     loss, logits = workload.train_step(student, images, labels, torch.nn.CrossEntropyLoss())
     with torch.no_grad():
@@ -196,12 +198,11 @@ def test_teacher_gives_the_distributional_loss(tmp_path):
     assert torch.allclose(loss, expected, atol=1e-5)
     loss.backward()
     assert all(p.grad is None for p in workload.teacher.parameters())
-    workload.prepare(reactnet_spec(tmp_path, tmp_path).model_copy(update={"rbnn": {}}))  # leave the cached workload clean
 
 
 @pytest.mark.parametrize("teacher, field", [({"workload": "rbnn"}, "rbnn.teacher.workload"), ({"model": {"arch": "resnet21"}}, "model.arch")])
 def test_bad_teachers_are_refused_before_any_run(tmp_path, teacher, field):
-    from bitfleet.spec import SpecError
+    from bitfleet.errors import SpecError
 
     (tmp_path / "state.pt").write_bytes(b"")
     with pytest.raises(SpecError, match=field):
@@ -209,7 +210,7 @@ def test_bad_teachers_are_refused_before_any_run(tmp_path, teacher, field):
 
 
 def test_missing_teacher_checkpoint_names_the_field(tmp_path):
-    from bitfleet.spec import SpecError
+    from bitfleet.errors import SpecError
 
     with pytest.raises(SpecError, match="rbnn.teacher.checkpoint: .*neither a checkpoint"):
         reactnet_spec(tmp_path, tmp_path / "nowhere")

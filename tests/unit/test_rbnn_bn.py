@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitfleet.engine import batchnorm
-from bitfleet.engine.callbacks import TrainState
-from bitfleet.spec import load_spec
+from bitfleet.data import info
+from bitfleet.engine.callbacks import RunContext, TrainState
+from bitfleet.resolve import load_spec
 from workloads.rbnn.models import build
 from workloads.rbnn.workload import RBNN
 
@@ -141,7 +142,8 @@ def rbnn_spec(tmp_path, *overrides):
 
 
 def recalibration(spec):
-    return next(c for c in RBNN().callbacks(spec) if isinstance(c, batchnorm.BNRecalibration))
+    run = RunContext(spec.train.epochs, str(spec.run_dir), spec.data, info(spec.data))
+    return next(c for c in RBNN(spec.options).callbacks(run) if isinstance(c, batchnorm.BNRecalibration))
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv1_bireal_025_1w1a", "resnet20_1w1a"])

@@ -12,7 +12,9 @@ import yaml
 
 from bitfleet import cli
 from bitfleet.data import folders, synthetic
-from bitfleet.spec import RunSpec, SpecError, apply_override, load_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import apply_override, load_spec
+from bitfleet.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "workloads" / "resnet_cifar" / "specs" / "quickstart.yaml"
@@ -214,7 +216,7 @@ def test_every_shipped_spec_validates(path, tmp_path):
 
 def test_quickstart_resolves_as_written():
     spec = load_spec(QUICKSTART)
-    assert (spec.name, spec.workload, spec.model) == ("quickstart-resnet20-mnist", "resnet_cifar", {"arch": "resnet20", "shortcut": "A"})
+    assert (spec.name, spec.workload, spec.model.model_dump()) == ("quickstart-resnet20-mnist", "resnet_cifar", {"arch": "resnet20", "shortcut": "A"})
     assert spec.scaling.num_workers == 2 and spec.train.batch_size == 128
     assert spec.train.lr_schedule.type == "cosine" and spec.train.lr_schedule.warmup_epochs == 0.5
     assert spec.run_dir == Path("~/bitfleet_results").expanduser().absolute() / "quickstart-resnet20-mnist"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from bitfleet import storage
-from bitfleet.spec import SpecError, validate_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import validate_spec
 
 
 def test_uris_and_paths_join_and_round_trip(tmp_path):
@@ -22,8 +23,8 @@ def test_uris_and_paths_join_and_round_trip(tmp_path):
 
 def test_run_path_keeps_a_uri_whole(mnist_root):
     raw = {"name": "r", "workload": "resnet_cifar", "data": {"dataset": "mnist", "root": str(mnist_root)}}
-    assert validate_spec({**raw, "storage_path": "s3://bucket/bitfleet"}).run_path == "s3://bucket/bitfleet/r"
-    assert validate_spec({**raw, "storage_path": "/results"}).run_path == "/results/r"
+    assert storage.run_path(validate_spec({**raw, "storage_path": "s3://bucket/bitfleet"})) == "s3://bucket/bitfleet/r"
+    assert storage.run_path(validate_spec({**raw, "storage_path": "/results"})) == "/results/r"
 
 
 def test_sweeps_and_pipelines_refuse_uris(mnist_root):

@@ -20,7 +20,9 @@ from torch import nn
 
 from bitfleet.engine import checkpoint
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
-from bitfleet.spec import DeepSpeedSpec, LRScheduleSpec, OptimizerSpec, SpecError, TrainSpec, load_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import load_spec
+from bitfleet.spec import DeepSpeedSpec, LRScheduleSpec, OptimizerSpec, TrainSpec
 
 deepspeed = pytest.importorskip("deepspeed")  # the `deepspeed` extra (CI installs it)
 from bitfleet.engine import strategy  # noqa: E402
@@ -118,7 +120,7 @@ def test_shards_restore_weights_optimizer_and_masters_exactly(group, tmp_path):
     _steps(model, scheduler, ds, batches[:3])
     state = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), **ds.state_dict()}
     ds.save_shard(tmp_path)
-    assert (tmp_path / strategy.SHARDS / strategy.TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
+    assert (tmp_path / checkpoint.SHARDS / checkpoint.TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()
     _steps(model, scheduler, ds, batches[3:])
 
     restored, restored_scheduler, restored_ds = _run(seed=123)  # other initial weights: the restore must replace them

@@ -10,11 +10,13 @@ import pytest
 from pydantic import ValidationError
 
 from bitfleet import registry
-from bitfleet.spec import RunSpec, SpecError
-from bitfleet.spec_errors import format_validation_error
+from bitfleet.errors import SpecError
+from bitfleet.errors import format_validation_error
+from bitfleet.resolve import validate_spec
+from bitfleet.spec import RunSpec
 from bitfleet.scheduler.sweep import param_space
 from bitfleet.sweeps import (
-    Asha, Distribution, Fifo, Pb2, Pbt, SweepSpec, apply_config, check_sweep, resolved_spec,
+    Asha, Distribution, Fifo, Pb2, Pbt, SweepSpec, apply_config, check_sweep,
 )
 
 TMIN = {"rbnn.tmin": {"loguniform": [1e-3, 1e-1]}}
@@ -186,16 +188,16 @@ def test_bad_sweep_names_the_field(raw, start, contains):
         assert part in message, message
 
 
-def test_runspec_reports_sweep_errors_under_sweep_and_round_trips():
+def test_resolution_reports_sweep_errors_under_sweep_and_the_resolved_spec_round_trips():
     bad = {**RAW_SPEC, "sweep": {"space": TMIN, "scheduler": {**PBT, "grace_period": 3}}}
-    with pytest.raises(ValidationError) as info:
-        RunSpec.model_validate(bad)
-    message = format_validation_error(info.value, RunSpec)
-    assert message == f"sweep.scheduler.grace_period: not an option of scheduler pbt ({PBT_OPTIONS})"
-    spec = RunSpec.model_validate({**RAW_SPEC, "sweep": {"space": TMIN, "scheduler": PBT}})
+    with pytest.raises(SpecError) as info:
+        validate_spec(bad)
+    assert str(info.value) == f"sweep.scheduler.grace_period: not an option of scheduler pbt ({PBT_OPTIONS})"
+    spec = validate_spec({**RAW_SPEC, "sweep": {"space": TMIN, "scheduler": PBT}})
+    assert isinstance(spec.sweep, SweepSpec)
     dumped = spec.model_dump(mode="json")
     assert dumped["sweep"]["space"] == {"rbnn.tmin": {"loguniform": [1e-3, 1e-1]}}
-    assert RunSpec.model_validate(dumped).sweep == spec.sweep
+    assert validate_spec(dumped).sweep == spec.sweep and validate_spec(dumped).options == spec.options
 
 
 def test_importing_sweeps_does_not_import_ray():
@@ -209,8 +211,8 @@ def test_importing_sweeps_does_not_import_ray():
 @pytest.fixture(scope="module")
 def resolved() -> dict:
     """RAW_SPEC with every default filled in, rbnn's model and options sections included."""
-    spec = RunSpec.model_validate(RAW_SPEC)
-    return resolved_spec(spec, registry.get("rbnn"))
+    spec = registry.workload_class("rbnn").resolve_sections(RunSpec.model_validate(RAW_SPEC))
+    return spec.model_dump(mode="json")
 
 
 def check(sweep: dict, resolved: dict) -> str | None:

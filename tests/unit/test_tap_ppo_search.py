@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bitfleet.data import synthetic
-from bitfleet.spec import validate_spec
+from bitfleet.resolve import validate_spec
 from workloads.tap_ppo import int8, models, quant
 from workloads.tap_ppo.search import OBSERVATION_SIZE, TapEnv, breakpoint_grid, decode
 from workloads.tap_ppo.tap import STEPS, saved_fraction
@@ -38,7 +38,7 @@ def qat_stage(tmp_path_factory):
     })
     torch.manual_seed(0)
     qat = quant.prepare_qat(models.build("lenet5"))
-    calibration = int8.calibration_batches(spec, 16)
+    calibration = int8.calibration_batches(spec.data, 16)
     with torch.no_grad():
         for images, _ in calibration:  # observers see the data: realistic ranges and codes
             qat(images)
@@ -48,7 +48,7 @@ def qat_stage(tmp_path_factory):
 
 def test_the_reward_is_computed_from_real_teacher_and_student_outputs(qat_stage):
     spec, tmp = qat_stage
-    env = TapEnv({"spec": spec.model_dump(mode="json"), "episodes_file": str(tmp / "episodes.jsonl")})
+    env = TapEnv({"spec": spec, "episodes_file": str(tmp / "episodes.jsonl")})
     observation, _ = env.reset(seed=0)
     actions = [(0, 7, 4, 3, 2), (1, 5, 2, 2, 2), (3, 3, 1, 0, 4), (6, 2, 0, 1, 2)]
     for i, action in enumerate(actions):
@@ -62,7 +62,7 @@ def test_the_reward_is_computed_from_real_teacher_and_student_outputs(qat_stage)
     stats = json.loads((tmp / "qat" / int8.INT8_FILE).read_text())
     choices = {name: decode(a, stats["tmax"][name], 8) for name, a in zip(stats["record_points"], actions)}
     teacher = int8.teacher(spec, tmp / "qat")
-    calibration = int8.calibration_batches(spec, 16)
+    calibration = int8.calibration_batches(spec.data, 16)
     teacher_acc = quant.accuracy(teacher, calibration)
     images = torch.cat([x for x, _ in calibration])
     with torch.no_grad(), quant.RecordPoints(teacher, ["conv2", "fc1"]) as rec:
@@ -85,7 +85,7 @@ def test_the_reward_is_computed_from_real_teacher_and_student_outputs(qat_stage)
 
 def test_identity_codes_cost_nothing_but_save_nothing(qat_stage):
     spec, tmp = qat_stage
-    env = TapEnv({"spec": spec.model_dump(mode="json"), "episodes_file": str(tmp / "identity.jsonl")})
+    env = TapEnv({"spec": spec, "episodes_file": str(tmp / "identity.jsonl")})
     outcome = env.score({name: decode((0, 1, 0, 0, 0), t, 8) for name, t in env.tmax.items()})
     # steps of 1 keep every code up to tmax: the only change is clipping above tmax (rare by construction)
     assert outcome["drop"] <= 0.05 and outcome["saved"] == 0.0

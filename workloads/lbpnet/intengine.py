@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitfleet.spec import SpecError
+from bitfleet.errors import SpecError
 from workloads.lbpnet.layers import RPFusion
 from workloads.lbpnet.models import LBPBlock, LBPNet
 

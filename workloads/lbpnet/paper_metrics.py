@@ -20,6 +20,13 @@ from workloads.lbpnet.layers import Conv1x1Fusion, RPFusion
 from workloads.lbpnet.models import LBPBlock
 
 
+QUANTITIES = {  # what `measure` returns, reported each epoch as `paper/<name>`
+    "cmp": "comparisons per image", "add": "additions per image", "mul": "multiplications per image",
+    "ops": "operations per image", "gops": "GOPs per image", "size_bytes": "model size in bytes",
+    "size_bytes_packed": "model size in bytes as the integer engine packs it",
+}
+
+
 def _bits_for(n: int) -> int:
     return max(1, math.ceil(math.log2(n))) if n > 1 else 0
 

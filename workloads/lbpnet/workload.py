@@ -6,46 +6,61 @@ from pathlib import Path
 
 import torch
 
-from bitfleet.data import info
-from bitfleet.spec import SpecError
+from bitfleet.errors import SpecError
+from bitfleet.metrics import Metric
 from bitfleet.workload import Workload
 from workloads.lbpnet import callbacks as cb
 from workloads.lbpnet.config import ModelConfig, Options
 from workloads.lbpnet.models import LBPNet, lbp_layers, rp_layers
+from workloads.lbpnet.paper_metrics import QUANTITIES
+
+METRICS = (  # what the callbacks report each epoch
+    Metric("bitfleet_lbp_alpha", "gauge", "LBPNet: mean comparison temperature alpha", key="lbp/alpha"),
+    Metric("bitfleet_rp_tau", "gauge", "LBPNet: mean gate temperature tau of the RP fusion", key="rp/tau"),
+    Metric("bitfleet_gate_alive_ratio", "gauge", "LBPNet: share of RP gates open on the hard path",
+           key="rp/alive_hard"),
+    Metric("bitfleet_gate_alive_ratio_soft", "gauge", "LBPNet: mean soft opening of the RP gates",
+           key="rp/alive_soft"),
+    Metric("bitfleet_collapse_guard_events", "gauge", "LBPNet: times the collapse guard restored the best weights",
+           key="guard/collapse_events"),
+    Metric("bitfleet_frozen_tensors", "gauge", "LBPNet: parameter tensors held by the freeze schedule",
+           key="freeze/frozen_tensors"),
+    Metric("bitfleet_hard_finetune_active", "gauge", "LBPNet: 1 while the hard (integer-path) fine-tune runs",
+           key="hard_finetune/active"),
+    *(Metric(f"bitfleet_lbpnet_{name}", "gauge", f"LBPNet: {text} (the paper's Table 3)", key=f"paper/{name}")
+      for name, text in QUANTITIES.items()),
+)
 
 
 class LBPNetWorkload(Workload):
     name = "lbpnet"
     ModelConfig = ModelConfig
     Options = Options
+    metrics = METRICS
 
     def validate(self, spec):
         super().validate(spec)
-        config = self.model_config(spec)
+        config = spec.model
         if config.blocks.block == "conv" and config.blocks.fusion_type != "rp_paper":
             raise SpecError("model.blocks.fusion_type: the float `conv` baseline has no fusion; leave it at rp_paper")
-
-    def prepare(self, spec):
-        self.loss_options = self.options(spec)  # the regularisers of `train_step`
 
     def build_model(self, config: ModelConfig, data):
         return LBPNet(config, data.in_channels, data.num_classes, data.image_size)
 
-    def callbacks(self, spec):
-        options = self.options(spec)
-
+    def callbacks(self, run):
+        options = self.options
         temperatures = cb.Temperatures(options.temp_schedule)
         freeze = cb.Freeze(options.freeze_schedule)
         hard = cb.HardFinetune(options.hard_finetune)
         out = [temperatures, freeze, hard, cb.BNRecalibration(options.hard_finetune.bn_recal_batches, options.hard_finetune.bn_recal == "every_eval", hard)]
         if options.stability.collapse_guard:
             out.append(cb.CollapseGuard(options.stability, temperatures, freeze))
-        out.append(cb.Telemetry(info(spec.data).image_size))
+        out.append(cb.Telemetry(run.info.image_size))
         return out
 
-    def train_step(self, model, images, labels, criterion):
+    def train_step(self, model, images, labels, loss):
         logits = model(images)
-        return criterion(logits, labels) + regularisation(getattr(model, "module", model), self.loss_options), logits
+        return loss(logits, labels) + regularisation(getattr(model, "module", model), self.options), logits
 
     def export(self, model, config: ModelConfig, data, path: Path) -> dict:
         from workloads.lbpnet import intengine

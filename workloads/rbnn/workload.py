@@ -7,60 +7,83 @@ import torch
 import torch.nn.functional as F
 
 from bitfleet import registry
-from bitfleet.data import info
+from bitfleet.data import DataInfo
 from bitfleet.engine import checkpoint
 from bitfleet.engine.batchnorm import BNRecalibration
-from bitfleet.spec import RunSpec, SpecError, existing_checkpoint
-from bitfleet.workload import Workload
+from bitfleet.errors import SpecError
+from bitfleet.metrics import Metric
+from bitfleet.resolve import existing_checkpoint
+from bitfleet.workload import Workload, parse_section
 from workloads.rbnn import callbacks as cb
 from workloads.rbnn import models
 from workloads.rbnn.config import ModelConfig, Options, Teacher
+
+METRICS = (  # what the callbacks report each epoch
+    Metric("bitfleet_temperature", "gauge", "RBNN: temperature t of the sign approximation", key="rbnn/t"),
+    Metric("bitfleet_temperature_k", "gauge", "RBNN: the approximation's k = max(1/t, 1)", key="rbnn/k"),
+    Metric("bitfleet_sign_flip_ratio", "gauge", "RBNN: share of binary weights whose sign flipped in the epoch",
+           key="rbnn/flip_ratio"),
+    Metric("bitfleet_rotation_sin_theta", "gauge", "RBNN: mean |sin theta| of the adjustable rotation",
+           key="rbnn/sin_theta"),
+    Metric("bitfleet_rotation_error_before", "gauge",
+           "RBNN: quantization error ||sign(R1'XR2) - R1'XR2|| before the last rotation update",
+           key="rbnn/rotation_error_before"),
+    Metric("bitfleet_rotation_error_after", "gauge", "RBNN: the same error after the last rotation update",
+           key="rbnn/rotation_error_after"),
+    Metric("bitfleet_rotation_seconds", "gauge", "RBNN: wall time of the last rotation update",
+           key="rbnn/rotation_time_s"),
+    Metric("bitfleet_rbnn_bn_only", "gauge", "RBNN: 1 in the final epochs that train only BatchNorm",
+           key="rbnn/bn_only"),
+    Metric("bitfleet_weight_near_zero_ratio", "gauge",
+           "RBNN: share of rotated, standardised weights within 0.1 of zero (histogram epochs)",
+           key="rbnn/weight_near_zero"),
+)
 
 
 class RBNN(Workload):
     name = "rbnn"
     ModelConfig = ModelConfig
     Options = Options
+    metrics = METRICS
 
     def validate(self, spec):
         super().validate(spec)
-        teacher = self.options(spec).teacher
+        teacher = spec.options.teacher
         if teacher is not None:
             if teacher.workload == self.name:
                 raise SpecError("rbnn.teacher.workload: the teacher is a real-valued network of another workload (e.g. resnet_cifar)")
-            _teacher_workload(teacher).model_config(_teacher_spec(spec, teacher))
+            _teacher_model_config(teacher)
             existing_checkpoint(teacher.checkpoint, "rbnn.teacher.checkpoint")
 
-    def prepare(self, spec):
-        options = self.options(spec)
-        self.mixup = options.mixup
-        self.teacher = _load_teacher(spec, options.teacher) if options.teacher else None
+    def setup(self, run):
+        self.teacher = _load_teacher(self.options.teacher, run.info) if self.options.teacher else None
 
     def build_model(self, config: ModelConfig, data):
         return models.build(config.arch, data.num_classes, data.in_channels, data.image_size, a32=config.a32, w32=config.w32)
 
-    def callbacks(self, spec):
-        options = self.options(spec)
-        bn_only_from = spec.train.epochs - options.bn_only_epochs
+    def callbacks(self, run):
+        options = self.options
+        bn_only_from = run.epochs - options.bn_only_epochs
         return [
             cb.Temperature(options.tmin, options.tmax),
             cb.Rotation(options.rotation_update, options.rotation_iterations, options.svd_device, bn_only_from),
             cb.BNOnly(bn_only_from),
-            cb.Telemetry(options.weight_hist, spec.run_path),
+            cb.Telemetry(options.weight_hist, run.run_path),
             BNRecalibration(options.bn_recalibration_batches),
         ]
 
-    def train_step(self, model, images, labels, criterion):
-        if self.mixup:
-            lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+    def train_step(self, model, images, labels, loss):
+        mixup = self.options.mixup
+        if mixup:
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())
             order = torch.randperm(len(images), device=images.device)
             images = lam * images + (1 - lam) * images[order]
         logits = model(images)
         if self.teacher is not None:
             return self._distributional_loss(logits, images), logits
-        if self.mixup:
-            return lam * criterion(logits, labels) + (1 - lam) * criterion(logits, labels[order]), logits
-        return criterion(logits, labels), logits
+        if mixup:
+            return lam * loss(logits, labels) + (1 - lam) * loss(logits, labels[order]), logits
+        return loss(logits, labels), logits
 
     def _distributional_loss(self, logits, images):
         """KL(p_teacher ‖ p_student) over the batch (ReActNet: the teacher's distribution is the only target)."""
@@ -70,17 +93,12 @@ class RBNN(Workload):
         return F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
 
 
-def _teacher_workload(teacher: Teacher):
-    return registry.get(teacher.workload)
+def _teacher_model_config(teacher: Teacher):
+    """The teacher's `model` section, typed by its own workload."""
+    return parse_section(registry.workload_class(teacher.workload).ModelConfig, teacher.model, "rbnn.teacher.model")
 
 
-def _teacher_spec(spec: RunSpec, teacher: Teacher) -> RunSpec:
-    """The student's spec with the teacher's workload and model section: what that workload parses."""
-    return spec.model_copy(update={"workload": teacher.workload, "model": teacher.model})
-
-
-def _load_teacher(spec: RunSpec, teacher: Teacher) -> torch.nn.Module:
-    workload = _teacher_workload(teacher)
-    model = workload.build_model(workload.model_config(_teacher_spec(spec, teacher)), info(spec.data))
+def _load_teacher(teacher: Teacher, info: DataInfo) -> torch.nn.Module:
+    model = registry.get(teacher.workload).build_model(_teacher_model_config(teacher), info)
     model.load_state_dict(checkpoint.weights(checkpoint.find(teacher.checkpoint)))
     return model.eval().requires_grad_(False)

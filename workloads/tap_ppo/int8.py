@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from bitfleet.data import build_datasets
 from bitfleet.engine.callbacks import Callback
 from bitfleet.report import against_targets
+from bitfleet.spec import DataSpec
 from workloads.tap_ppo import models, quant
 from workloads.tap_ppo.tap import TapCodes, levels, tmax_from_histogram
 
@@ -29,9 +30,9 @@ def batches(dataset, batch_size: int) -> list:
     return list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
-def calibration_batches(spec, batch_size: int) -> list:
+def calibration_batches(data: DataSpec, batch_size: int) -> list:
     """The `val` split: `data.val_size` images held out of training (validated to exist)."""
-    return batches(build_datasets(spec.data).val, batch_size)
+    return batches(build_datasets(data).val, batch_size)
 
 
 def int8_network(arch: str, qat_weights: dict) -> torch.nn.Module:
@@ -43,7 +44,7 @@ def int8_network(arch: str, qat_weights: dict) -> torch.nn.Module:
 def teacher(spec, qat_dir: str | Path) -> torch.nn.Module:
     """The INT8 network of a finished QAT stage."""
     weights = torch.load(Path(qat_dir) / QAT_WEIGHTS, map_location="cpu", weights_only=True)
-    return int8_network(spec.model["arch"], weights)
+    return int8_network(spec.model.arch, weights)
 
 
 def snapshot(qat_model: torch.nn.Module, calibration: list, run_dir: Path) -> dict:
@@ -68,13 +69,13 @@ def snapshot(qat_model: torch.nn.Module, calibration: list, run_dir: Path) -> di
 class Int8Snapshot(Callback):
     """At the end of the QAT stage (rank 0): the INT8 network, its histograms and tmax (`snapshot`)."""
 
-    def __init__(self, spec, batch_size: int):
-        self.spec, self.batch_size = spec, batch_size
+    def __init__(self, data: DataSpec, run_dir: Path, batch_size: int):
+        self.data, self.run_dir, self.batch_size = data, run_dir, batch_size
 
     def on_epoch_end(self, state, metrics):
         if state.epoch < state.epochs or state.rank != 0:
             return
-        record = snapshot(state.model, calibration_batches(self.spec, self.batch_size), self.spec.run_dir)
+        record = snapshot(state.model, calibration_batches(self.data, self.batch_size), self.run_dir)
         state.metrics.update({"qat/fakequant_calib_acc": record["fakequant_calib_acc"],
                               "qat/int8_calib_acc": record["int8_calib_acc"]})
 

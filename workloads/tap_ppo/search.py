@@ -26,7 +26,6 @@ import torch
 
 from bitfleet.spec import RunSpec
 from workloads.tap_ppo import int8, quant
-from workloads.tap_ppo.config import Options
 from workloads.tap_ppo.tap import STEPS, TapCodes, levels, saved_fraction
 
 EPISODES_FILE, PROGRESS_FILE = "episodes.jsonl", "ppo_progress.json"
@@ -52,15 +51,15 @@ class TapEnv(gym.Env):
     """The layer-by-layer choice of TAP codes for one INT8 network (see the module docstring)."""
 
     def __init__(self, config: dict):
-        spec = RunSpec.model_validate(config["spec"])
-        options = Options.model_validate(spec.options)
+        spec: RunSpec = config["spec"]  # resolved: its tap_ppo section is the typed Options
+        options = spec.options
         stats = json.loads((Path(spec.inputs["qat"]) / int8.INT8_FILE).read_text())
         self.teacher = int8.teacher(spec, spec.inputs["qat"])
         self.layers, self.bins = stats["record_points"], options.breakpoint_bins
         self.tmax = stats["tmax"]
         self.attention = options.attention_layers or self.teacher.attention_layers
         self.weights = (options.attention_weight, options.cost_weight)
-        self.calibration = int8.calibration_batches(spec, options.calibration_batch)
+        self.calibration = int8.calibration_batches(spec.data, options.calibration_batch)
         self.histogram_cdf = {name: self._cdf(np.asarray(stats["histograms"][name], float), self.tmax[name])
                               for name in self.layers}
         self.reference = self._outputs({})  # the teacher's logits and attention features, once
@@ -124,17 +123,17 @@ class TapEnv(gym.Env):
         return np.asarray(head + list(self.histogram_cdf[name]) + choice, np.float32)
 
 
-def run(spec: RunSpec) -> dict:
+def run_search(spec: RunSpec) -> dict:
     """The PPO stage: train PPO until `episodes` episodes, keep the best choice, write `tap_result.json`."""
     from ray.rllib.algorithms.ppo import PPOConfig
 
-    options = Options.model_validate(spec.options)
+    options = spec.options
     episodes_file = spec.run_dir / EPISODES_FILE
     episodes_file.unlink(missing_ok=True)  # a restarted stage searches again from scratch
     ppo = options.ppo
     config = (
         PPOConfig()
-        .environment(TapEnv, env_config={"spec": spec.model_dump(mode="json"), "episodes_file": str(episodes_file)})
+        .environment(TapEnv, env_config={"spec": spec, "episodes_file": str(episodes_file)})
         .env_runners(num_env_runners=spec.scaling.max_workers, num_cpus_per_env_runner=spec.scaling.cpus_per_worker)
         .training(lr=ppo.lr, train_batch_size_per_learner=ppo.train_batch_size, minibatch_size=ppo.minibatch_size,
                   num_epochs=ppo.num_epochs, entropy_coeff=ppo.entropy_coeff, gamma=ppo.gamma)

@@ -8,7 +8,10 @@ stages are this workload's tasks.
 """
 from __future__ import annotations
 
-from bitfleet.spec import SpecError
+from pathlib import Path
+
+from bitfleet.errors import SpecError
+from bitfleet.metrics import Metric
 from bitfleet.workload import Workload
 from workloads.tap_ppo import int8, models, quant, search
 from workloads.tap_ppo.config import ModelConfig, Options
@@ -19,10 +22,16 @@ class TapPPO(Workload):
     ModelConfig = ModelConfig
     Options = Options
     datasets = ("cifar10", "cifar100")  # 3x32x32: the seed's networks are CIFAR variants
+    metrics = (  # the qat stage's last epoch: calibration accuracy of the fake-quantized and the INT8 network
+        Metric("bitfleet_qat_fakequant_calib_accuracy", "gauge", "TAP: calibration accuracy with fake quantization",
+               key="qat/fakequant_calib_acc"),
+        Metric("bitfleet_qat_int8_calib_accuracy", "gauge", "TAP: calibration accuracy of the INT8 network",
+               key="qat/int8_calib_acc"),
+    )
 
     def validate(self, spec):
         super().validate(spec)
-        options, arch = self.options(spec), self.model_config(spec).arch
+        options, arch = spec.options, spec.model.arch
         if spec.data.val_size < 16:
             raise SpecError("data.val_size: tap_ppo holds a calibration split out of training (histograms, the "
                             "PPO reward); set it, e.g. 1000")
@@ -34,11 +43,12 @@ class TapPPO(Workload):
         if unknown:
             raise SpecError(f"tap_ppo.attention_layers: {unknown[0]!r} is not a record point of {arch} ({', '.join(points)})")
 
-    def prepare(self, spec):
-        self.qat = self.options(spec).stage == "qat"
-        self.arch = self.model_config(spec).arch
+    @property
+    def qat(self) -> bool:
+        return self.options.stage == "qat"
 
     def build_model(self, config: ModelConfig, data):
+        self.arch = config.arch  # the float network whose weights `load_initial_weights` may receive
         model = models.build(config.arch, data.num_classes, data.in_channels)
         return quant.prepare_qat(model) if self.qat else model
 
@@ -47,8 +57,8 @@ class TapPPO(Workload):
             weights = quant.qat_from_float(self.arch, weights).state_dict()
         model.load_state_dict(weights)
 
-    def callbacks(self, spec):
-        return [int8.Int8Snapshot(spec, self.options(spec).calibration_batch)] if self.qat else []
+    def callbacks(self, run):
+        return [int8.Int8Snapshot(run.data, Path(run.run_path), self.options.calibration_batch)] if self.qat else []
 
     def tasks(self):
-        return {"ppo": search.run, "eval": int8.evaluate}
+        return {"ppo": search.run_search, "eval": int8.evaluate}

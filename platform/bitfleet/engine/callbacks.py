@@ -12,6 +12,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from bitfleet.data import DataInfo
+from bitfleet.spec import DataSpec
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a workload's worker-side hooks (`setup`, `callbacks`) may know of the run besides the workload's own config."""
+
+    epochs: int
+    run_path: str  # the run's folder or URI (bitfleet.storage writes to both)
+    data: DataSpec
+    info: DataInfo
+    rank: int = 0
+    world_size: int = 1
+
 
 @dataclass
 class TrainState:

@@ -18,6 +18,14 @@ from typing import Any, Iterator
 import torch
 
 FILE = "state.pt"
+SHARDS = "deepspeed"  # the sub-folder of a sharded strategy's per-rank files (DeepSpeed ZeRO)
+TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
+NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
+             "(train.init_from takes the weights of any checkpoint)")
+
+
+def has_shards(directory: str | Path) -> bool:
+    return (Path(directory) / SHARDS / TAG).is_dir()
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
 """The per-worker epoch/step loop: strategy (DDP or DeepSpeed), EMA, evaluation, report, checkpoint.
 
-`run` is the `train_loop_per_worker` of every bitfleet TorchTrainer. Every rank calls
+`train_worker` is the `train_loop_per_worker` of every bitfleet TorchTrainer. Every rank calls
 `ray.train.report` exactly once per epoch; rank 0 attaches the checkpoint (with a sharded strategy every
 rank attaches its shard to the same one) and writes `metrics.json`.
 """
@@ -17,22 +17,22 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
-from bitfleet.metrics import WorkerMetrics
+from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.data import loaders
 from bitfleet.engine import checkpoint, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
-from bitfleet.engine.callbacks import Callbacks, TrainState
+from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.spec import RunSpec
 
 
-def run(config: dict) -> None:
-    """Entry point inside each Ray Train worker; `config` is the resolved spec as JSON-able dict."""
-    Trainer(RunSpec.model_validate(config)).fit()
+def train_worker(config: dict) -> None:
+    """Entry point inside each Ray Train worker; `config["spec"]` is the resolved RunSpec, its workload's
+    sections already typed."""
+    Trainer(config["spec"]).fit()
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -51,16 +51,17 @@ class Trainer:
         self.spec, self.train_spec = spec, spec.train
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.run_path = storage.run_path(spec)
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-        self.workload = registry.get(spec.workload)
-        self.workload.prepare(spec)
-
-        self.data = loaders.build(spec, self.rank, self.world, self.device)
+        self.data = loaders.build(spec.data, loaders.Batches.of(spec), self.rank, self.world, self.device)
         self.train_loader, self.eval_loaders = self.data.train, self.data.evals
         self.steps_per_epoch = min(self.data.steps_per_epoch, self.train_spec.max_steps_per_epoch or math.inf)
-        self.top5 = self.data.info.num_classes > 10
+        run = RunContext(self.train_spec.epochs, self.run_path, spec.data, self.data.info, self.rank, self.world)
+        self.workload = registry.get(spec.workload, spec.options)  # a fresh one, holding this run's options
+        self.workload.setup(run)
+
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
-        self.model = self.workload.build_model(self.workload.model_config(spec), self.data.info)
+        self.model = self.workload.build_model(spec.model, self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
             self.workload.load_initial_weights(self.model, checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
@@ -72,8 +73,8 @@ class Trainer:
                                        self.train_spec.batch_size // self.world)
         ema = self.train_spec.ema
         self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True) if ema else None
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=self.train_spec.label_smoothing)
-        self.callbacks = Callbacks(self.workload.callbacks(spec))
+        self.objective = self.workload.Objective(self.train_spec, self.data.info)
+        self.callbacks = Callbacks(self.workload.callbacks(run))
         self.state = TrainState(
             self.model, self.optimizer, epochs=self.train_spec.epochs, steps_per_epoch=self.steps_per_epoch,
             rank=self.rank, world_size=self.world, train_loader=self.train_loader,
@@ -81,7 +82,7 @@ class Trainer:
         )
         self.history: list[dict] = []
         self.restores = 0
-        self.metrics = WorkerMetrics(spec, self.rank)
+        self.metrics = WorkerMetrics(run_labels(spec), self.rank)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> None:
@@ -107,55 +108,52 @@ class Trainer:
         return {**metrics, **state.metrics, "restores": self.restores, "workers": self.world}
 
     def train_epoch(self) -> dict[str, float]:
-        totals = torch.zeros(3, device=self.device)  # loss sum, correct, seen
+        sums = torch.zeros(2 + len(self.objective.sums), device=self.device)  # loss sum, seen, the objective's
         start = clock = time.perf_counter()
         for images, labels in itertools.islice(self.train_loader, self.steps_per_epoch):  # no batch past the last
             loaded = time.perf_counter()
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-            loss, logits = self.train_step(images, labels)
-            totals += _batch_totals(loss.detach() * len(labels), logits, labels)
+            loss, outputs = self.train_step(images, labels)
+            sums += self._batch_sums(loss.detach() * len(labels), outputs, labels, train=True)
             self.state.global_step += 1
             self.callbacks.on_step_end(self.state)
             now = time.perf_counter()
             self.metrics.step(now - clock, data_wait_s=loaded - clock, samples=len(labels))
             clock = now
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen = self._all_reduce(totals).tolist()
-        return {
-            "train/loss": loss_sum / seen, "train/acc": 100.0 * correct / seen,
-            "images_per_s": seen / elapsed, "epoch_time_s": elapsed,
-        }
+        loss_sum, seen, *rest = self._all_reduce(sums).tolist()
+        return {**self.objective.metrics("train", loss_sum, seen, rest, train=True),
+                "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
 
     def train_step(self, images, labels):
         with self.strategy.autocast():
-            loss, logits = self.workload.train_step(self.strategy.model, images, labels, self.criterion)
+            loss, outputs = self.workload.train_step(self.strategy.model, images, labels, self.objective.loss)
         self.strategy.step(loss)
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return loss, logits
+        return loss, outputs
 
     @torch.no_grad()
     def evaluate(self, split: str, loader) -> dict[str, float]:
-        """Loss and accuracy (top-5 too past 10 classes) of the bare model (or its EMA) on this rank's shard
-        of `split`, summed over ranks."""
+        """The objective's metrics of the bare model (or its EMA) on this rank's shard of `split`, summed
+        over ranks."""
         model = self.state.eval_model
         model.eval()
-        totals = torch.zeros(4, device=self.device)
+        sums = torch.zeros(2 + len(self.objective.sums), device=self.device)
         for step, (images, labels) in enumerate(loader):
             if step == self.train_spec.max_eval_steps:
                 break
             images, labels = images.to(self.device), labels.to(self.device)
             with self.strategy.autocast():
-                logits = model(images).float()
-            batch = _batch_totals(F.cross_entropy(logits, labels, reduction="sum"), logits, labels)
-            totals += torch.cat([batch, _top5_correct(logits, labels)])
-        loss_sum, correct, seen, correct5 = self._all_reduce(totals).tolist()
-        seen = max(seen, 1)
-        metrics = {f"{split}/loss": loss_sum / seen, f"{split}/acc": 100.0 * correct / seen}
-        if self.top5:
-            metrics[f"{split}/acc5"] = 100.0 * correct5 / seen
-        return metrics
+                outputs = model(images).float()
+            sums += self._batch_sums(self.objective.eval_loss_sum(outputs, labels), outputs, labels, train=False)
+        loss_sum, seen, *rest = self._all_reduce(sums).tolist()
+        return self.objective.metrics(split, loss_sum, max(seen, 1), rest, train=False)
+
+    def _batch_sums(self, loss_sum, outputs, labels, train: bool) -> torch.Tensor:
+        seen = loss_sum.new_tensor(len(labels), dtype=torch.float32)
+        return torch.cat([torch.stack([loss_sum.float(), seen]), self.objective.batch_sums(outputs, labels, train)])
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -180,7 +178,7 @@ class Trainer:
             ray.train.report(metrics)
 
     def _write_metrics(self) -> None:
-        storage.write_text(storage.join(self.spec.run_path, "metrics.json"), json.dumps(self.history, indent=1))
+        storage.write_text(storage.join(self.run_path, "metrics.json"), json.dumps(self.history, indent=1))
 
     def state_dict(self) -> dict:
         return {
@@ -224,19 +222,12 @@ class Trainer:
         self.history, self.restores = state["history"], state["restores"] + 1
 
 
-def _batch_totals(loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(summed loss, correct, seen) of one batch, to be added up and all-reduced once per epoch."""
-    correct = (logits.argmax(1) == labels).sum()
-    return torch.stack([loss_sum.float(), correct.float(), correct.new_tensor(len(labels)).float()])
-
-
-def _top5_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    top5 = logits.topk(min(5, logits.shape[1]), 1).indices
-    return (top5 == labels[:, None]).any(1).sum().float().view(1)
-
-
 def _progress_line(name: str, m: dict, epochs: int) -> str:
-    return (
-        f"[{name}] epoch {m['epoch']}/{epochs}  train loss {m['train/loss']:.4f} acc {m['train/acc']:.2f}%  "
-        f"test loss {m['test/loss']:.4f} acc {m['test/acc']:.2f}%  lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s"
+    """`[run] epoch 3/8  train loss 0.41 acc 87.5  test loss 0.38 acc 88.9  lr 0.05  530 img/s`: every
+    split's objective metrics, whatever the workload's objective measures."""
+    splits = "  ".join(
+        f"{split} " + " ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in m.items()
+                              if key.startswith(split + "/"))
+        for split in SPLITS if f"{split}/loss" in m
     )
+    return f"[{name}] epoch {m['epoch']}/{epochs}  {splits}  lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s"

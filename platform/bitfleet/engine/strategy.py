@@ -15,19 +15,8 @@ from pathlib import Path
 import ray.train.torch
 import torch
 
+from bitfleet.engine.checkpoint import NO_SHARDS, SHARDS, TAG, has_shards
 from bitfleet.spec import DeepSpeedSpec, TrainSpec
-
-SHARDS = "deepspeed"  # the checkpoint's sub-folder of DeepSpeed files
-TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
-
-
-NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
-             "(train.init_from takes the weights of any checkpoint)")
-
-
-def has_shards(directory: str | Path) -> bool:
-    return (Path(directory) / SHARDS / TAG).is_dir()
-
 
 def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
           per_worker_batch: int):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from bitfleet.spec import SpecError, load_spec
+from bitfleet.errors import SpecError
+from bitfleet.resolve import load_spec
 
 _EXCLUDES = [".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 

@@ -16,11 +16,18 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import bitfleet
-from bitfleet import metrics, storage
+from bitfleet import metrics, registry, storage
 from bitfleet.engine import loop
 from bitfleet.spec import RunSpec
 
-SCORE = "test/acc"  # checkpoints kept: the best `failure.keep` by this metric, and always the latest
+
+
+def checkpoint_score(spec: RunSpec) -> tuple[str, str]:
+    """(metric, "max" | "min") that ranks the run's checkpoints: `failure.checkpoint_metric`, else the
+    workload objective's own on the validation split when one is held out, else on the test split."""
+    objective = registry.workload_class(spec.workload).Objective
+    metric = spec.failure.checkpoint_metric or f"{'val' if spec.data.val_size else 'test'}/{objective.score}"
+    return metric, spec.failure.checkpoint_mode or objective.modes[metric.split("/", 1)[1]]
 
 
 def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
@@ -29,9 +36,10 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    metric, mode = checkpoint_score(spec)
     return TorchTrainer(
-        loop.run,
-        train_loop_config=spec.model_dump(mode="json"),
+        loop.train_worker,
+        train_loop_config={"spec": spec},  # typed: the workload's sections are not parsed again
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=scaling.resize_check_s),
         run_config=RunConfig(
@@ -40,13 +48,13 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
             callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=spec.failure.max_failures),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=spec.failure.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=spec.failure.keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
         ),
     )
 
 
-def run(spec: RunSpec, address: str | None = None):
+def run_training(spec: RunSpec, address: str | None = None):
     """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
     if not ray.is_initialized():
         ray.init(address=address)
@@ -54,15 +62,17 @@ def run(spec: RunSpec, address: str | None = None):
     record_config(spec)
     with metrics.run_state(metrics.run_labels(spec)):
         result = build_trainer(spec).fit()
-    best = max(result.best_checkpoints or [], key=lambda cm: cm[1].get(SCORE, float("-inf")), default=None)
+    metric, mode = checkpoint_score(spec)
+    scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or [] if metric in values]
+    best = (max if mode == "max" else min)(scored, key=lambda scored: scored[1][metric], default=None)
     summary = {
-        "run_dir": spec.run_path,
+        "run_dir": storage.run_path(spec),
         "final": result.metrics,
         "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best[0].path if best else None,
         "best": best[1] if best else None,
     }
-    storage.write_text(storage.join(spec.run_path, "result.json"), json.dumps(summary, indent=1, default=str))
+    storage.write_text(storage.join(storage.run_path(spec), "result.json"), json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -78,7 +88,7 @@ def record_config(spec: RunSpec) -> None:
         },
         "git_revision": _git_revision(),
     }
-    storage.write_text(storage.join(spec.run_path, "config.json"), json.dumps(record, indent=1))
+    storage.write_text(storage.join(storage.run_path(spec), "config.json"), json.dumps(record, indent=1))
 
 
 def _git_revision() -> str | None:

@@ -13,8 +13,10 @@ import json
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from bitfleet import registry
-from bitfleet.spec import RunSpec, ScalingSpec, SpecError, StageSpec, set_path, validate_spec
+from bitfleet import registry, report
+from bitfleet.resolve import resolve_stage
+from bitfleet.scheduler import launch
+from bitfleet.spec import RunSpec, ScalingSpec, StageSpec
 
 STAGE_FILE = "stage.json"  # written when a stage has completed
 
@@ -23,43 +25,12 @@ class StageFailed(RuntimeError):
     """A pipeline stage failed; the message names it."""
 
 
-def stage_raw(spec: RunSpec, stage: StageSpec) -> dict:
-    """The raw spec of one stage: the pipeline's fields, the stage's overrides, its name, folder and inputs."""
-    raw = spec.model_dump(mode="json", exclude={"stages", "inputs"})
-    for key, value in stage.overrides.items():
-        set_path(raw, key, value, f"stages.{stage.name}.overrides.{key}")
-    folder = Path(spec.storage_path) / spec.name
-    raw.update(name=stage.name, storage_path=str(folder), inputs={need: str(folder / need) for need in stage.needs})
-    if stage.init_from:
-        set_path(raw, "train.init_from", str(folder / stage.init_from), f"stages.{stage.name}.init_from")
-    return raw
-
-
-def validate_stages(spec: RunSpec) -> None:
-    """Every stage's spec validates (bar checkpoints its needs will write) and names a known task."""
-    tasks = {"report"} | set(registry.get(spec.workload).tasks())
-    for stage in spec.stages:
-        if stage.task and stage.task not in tasks:
-            raise SpecError(f"stages.{stage.name}.task: {stage.task!r} is not a task of {spec.workload} "
-                            f"(expected one of {', '.join(sorted(tasks))})")
-        raw = stage_raw(spec, stage)
-        try:
-            validate_spec(raw, pending_checkpoints=tuple(raw["inputs"].values()))  # written by the needed stages
-        except SpecError as exc:
-            raise SpecError(f"stages.{stage.name}: {exc}") from None
-
-
-def stage_spec(spec: RunSpec, stage: StageSpec) -> RunSpec:
-    """The validated spec of a stage whose needs have completed."""
-    return validate_spec(stage_raw(spec, stage))
-
-
 def completed(spec: RunSpec, stage: StageSpec) -> dict | None:
     path = Path(spec.storage_path) / spec.name / stage.name / STAGE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
+def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
     """Run the pipeline's stages; returns {stage: record}. Raises StageFailed naming the first failure."""
     import ray
 
@@ -115,21 +86,15 @@ def _scaling_overrides(stage: StageSpec) -> dict:
 
 
 def _run_stage(spec: RunSpec, stage: StageSpec) -> dict:
-    resolved = stage_spec(spec, stage)
+    resolved = resolve_stage(spec, stage)
     resolved.run_dir.mkdir(parents=True, exist_ok=True)
     if stage.task is None:
-        from bitfleet.scheduler import launch
-
-        summary = launch.run(resolved)
+        summary = launch.run_training(resolved)
     elif stage.task == "report":
-        from bitfleet import report
-
         summary = {"report": str(report.write(list(resolved.inputs.values()), resolved.run_dir))}
     else:
-        from bitfleet.scheduler import launch
-
         launch.record_config(resolved)
-        summary = registry.get(resolved.workload).tasks()[stage.task](resolved)
+        summary = registry.get(resolved.workload, resolved.options).tasks()[stage.task](resolved)
     record = {"stage": stage.name, "state": "completed", "run_dir": str(resolved.run_dir), "summary": summary}
     (resolved.run_dir / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str))
     return record

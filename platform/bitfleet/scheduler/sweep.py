@@ -31,7 +31,9 @@ from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
 from bitfleet import metrics, sweeps
-from bitfleet.spec import RunSpec, validate_spec
+from bitfleet.scheduler import launch
+from bitfleet.resolve import validate_spec
+from bitfleet.spec import RunSpec
 from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
 
 RUNS = "runs"
@@ -85,8 +87,6 @@ def trial_spec(base: dict, config: dict, sweep_dir: Path, trial_id: str, resume_
 
 def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
     """Tune's function trainable: one bitfleet run per start of the trial, its epochs reported to Tune."""
-    from bitfleet.scheduler import launch
-
     start = tune.get_checkpoint()  # a donor's (PBT) or the trial's own last epoch (a resumed sweep)
     resume_from = start.path if start is not None else None
     trial_id = tune.get_context().get_trial_id()
@@ -125,7 +125,7 @@ def _report(item: dict, spec: RunSpec) -> None:
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def run(spec: RunSpec, address: str | None = None) -> dict:
+def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
     """Run (or resume) the sweep of `spec`; returns the results summary written next to it."""
     if not ray.is_initialized():
         ray.init(address=address)

@@ -1,0 +1,148 @@
+"""Spec file + overrides -> a resolved RunSpec, checked against everything it names, before any Ray call.
+
+Resolution parses each workload section once — `model:` into the workload's `ModelConfig`, its own section
+into its `Options`, `sweep:` into a `SweepSpec` — and checks the spec against the registry, the data on
+disk, the checkpoints it names, its sweep and its pipeline's stages. What it returns travels typed to the
+scheduler and to every worker; nothing downstream parses a section again.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from bitfleet import registry
+from bitfleet.data import check_available
+from bitfleet.engine.checkpoint import NO_SHARDS, find, has_shards
+from bitfleet.errors import SpecError, format_validation_error
+from bitfleet.spec import RunSpec, StageSpec, set_path
+from bitfleet.sweeps import check_sweep, parse_sweep
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
+    """Read a YAML spec, apply `a.b.c=value` overrides and resolve it."""
+    raw = read_spec_file(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_spec(raw)
+
+
+def read_spec_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: expected a mapping of spec fields at the top level")
+    return raw
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `train.epochs=3` in a raw spec dict; the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"override {item!r}: expected dotted.path=value, e.g. train.epochs=1")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
+    set_path(raw, key.strip(), parsed, f"override {key}")
+
+
+def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSpec:
+    """The resolved RunSpec of a raw spec dict, or a SpecError naming the first wrong field.
+
+    `pending_checkpoints`: folders that earlier pipeline stages will write; not required to exist yet.
+    """
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, RunSpec)) from None
+    spec = registry.workload_class(spec.workload).resolve_sections(spec)
+    workload = registry.get(spec.workload, spec.options)
+    workload.validate(spec)
+    _check_checkpoint_metric(spec, workload)
+    if spec.sweep is not None:
+        sweep = parse_sweep(spec.sweep)
+        check_sweep(sweep, spec.model_dump(mode="json"))
+        spec = spec.model_copy(update={"sweep": sweep})
+    if spec.stages:
+        validate_stages(spec)
+    if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
+        existing_checkpoint(spec.train.init_from, "train.init_from")
+    if spec.train.resume_from:
+        found = existing_checkpoint(spec.train.resume_from, "train.resume_from")
+        if spec.train.strategy == "deepspeed" and not has_shards(found):
+            raise SpecError(f"train.resume_from: {found} has {NO_SHARDS}")
+    if spec.train.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise SpecError("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]` (on every node)")
+    missing = check_available(spec.data)
+    if missing:
+        raise SpecError(missing)
+    return spec
+
+
+def existing_checkpoint(path: str, field: str) -> Path:
+    """The checkpoint folder a spec field names (a checkpoint or a run folder), or a SpecError naming the field."""
+    try:
+        return find(path)
+    except FileNotFoundError as exc:
+        raise SpecError(f"{field}: {exc}") from None
+
+
+def _check_checkpoint_metric(spec: RunSpec, workload) -> None:
+    """`failure.checkpoint_metric` names a split the run evaluates and, without a mode, a metric whose
+    direction the workload's objective knows."""
+    metric, mode = spec.failure.checkpoint_metric, spec.failure.checkpoint_mode
+    if metric is None:
+        return
+    split, _, leaf = metric.partition("/")
+    splits = ("train", "test", "val") if spec.data.val_size else ("train", "test")
+    if split not in splits or not leaf:
+        raise SpecError(f"failure.checkpoint_metric: {metric!r} is not a metric of this run: expected "
+                        f"<split>/<name> with split {' or '.join(splits)}" +
+                        ("" if spec.data.val_size else " (val needs data.val_size > 0)"))
+    if mode is None and leaf not in workload.Objective.modes:
+        raise SpecError(f"failure.checkpoint_mode: set max or min: {workload.name}'s objective does not know "
+                        f"whether a higher {leaf!r} is better (it knows {', '.join(workload.Objective.modes)})")
+
+
+# --------------------------------------------------------------------------- pipeline stages
+
+
+def stage_raw(spec: RunSpec, stage: StageSpec) -> dict:
+    """The raw spec of one stage: the pipeline's fields, the stage's overrides, its name, folder and inputs."""
+    raw = spec.model_dump(mode="json", exclude={"stages", "inputs"})
+    for key, value in stage.overrides.items():
+        set_path(raw, key, value, f"stages.{stage.name}.overrides.{key}")
+    folder = Path(spec.storage_path) / spec.name
+    raw.update(name=stage.name, storage_path=str(folder), inputs={need: str(folder / need) for need in stage.needs})
+    if stage.init_from:
+        set_path(raw, "train.init_from", str(folder / stage.init_from), f"stages.{stage.name}.init_from")
+    return raw
+
+
+def validate_stages(spec: RunSpec) -> None:
+    """Every stage's spec resolves (bar checkpoints its needs will write) and names a known task."""
+    tasks = {"report"} | set(registry.get(spec.workload).tasks())
+    for stage in spec.stages:
+        if stage.task and stage.task not in tasks:
+            raise SpecError(f"stages.{stage.name}.task: {stage.task!r} is not a task of {spec.workload} "
+                            f"(expected one of {', '.join(sorted(tasks))})")
+        raw = stage_raw(spec, stage)
+        try:
+            validate_spec(raw, pending_checkpoints=tuple(raw["inputs"].values()))  # written by the needed stages
+        except SpecError as exc:
+            raise SpecError(f"stages.{stage.name}: {exc}") from None
+
+
+def resolve_stage(spec: RunSpec, stage: StageSpec) -> RunSpec:
+    """The resolved spec of a stage whose needs have completed."""
+    return validate_spec(stage_raw(spec, stage))
