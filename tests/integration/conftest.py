@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.workloads import site as workloads_site
+
+REPO = Path(__file__).parents[2]
 GCS_PORT, DASHBOARD_PORT = 26379, 28265
 _OTHER_PORTS = {
     "--ray-client-server-port": 26380, "--node-manager-port": 26381, "--object-manager-port": 26382,
@@ -61,6 +64,10 @@ def ray_cluster():
     # inherited by Ray's own processes too: its helpers that look a cluster up (Train's placement-group
     # cleaner) then find this one, not another cluster of this machine that /tmp/ray happens to name
     env["RAY_ADDRESS"] = f"127.0.0.1:{GCS_PORT}"
+    # the test-only workloads (tests/workloads) as an installed package would be: found by entry point by
+    # the drivers and the workers alike, with no edit to bitfleet
+    site = workloads_site.write(Path(temp_dir) / "site")
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     ports = [f"{flag}={port}" for flag, port in _OTHER_PORTS.items()]
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--temp-dir={temp_dir}",

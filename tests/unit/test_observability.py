@@ -72,6 +72,17 @@ def test_the_core_catalogue_names_no_paper_and_each_workload_declares_the_keys_i
         assert declared - keys == set(), name
 
 
+def test_a_reported_key_no_metric_declares_is_warned_about_once_per_run(caplog):
+    labels = {"run": "r", "workload": "w", "trial": ""}
+    worker = metrics.WorkerMetrics(labels, rank=0)
+    for _ in range(3):
+        worker.epoch({"custom/score": 1.0, "other/thing": 2.0})
+    warned = [r.getMessage() for r in caplog.records if "no metric declares" in r.getMessage()]
+    assert len(warned) == 2 and "'custom/score'" in warned[0] and "'other/thing'" in warned[1]
+    metrics.WorkerMetrics(labels, rank=0).epoch({"custom/score": 1.0})  # a new run warns again
+    assert sum("no metric declares" in r.getMessage() for r in caplog.records) == 3
+
+
 def test_run_labels_of_a_plain_run_and_of_a_sweep_trial(mnist_root):
     raw = {"name": "plain", "workload": "resnet_cifar", "data": {"dataset": "mnist", "root": str(mnist_root)}}
     assert metrics.run_labels(validate_spec(raw)) == {"run": "plain", "workload": "resnet_cifar", "trial": ""}

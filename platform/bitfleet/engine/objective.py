@@ -23,6 +23,9 @@ class Objective:
     modes: ClassVar[dict[str, str]]  # metric name -> "max" | "min"
     sums: ClassVar[tuple[str, ...]]  # names of what `batch_sums` adds up, besides the loss and the count
 
+    def __init__(self, train: TrainSpec, info: DataInfo):
+        """Built from the run's `train:` section and the data's shape; take what the objective needs."""
+
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The mean training loss of a batch."""
         raise NotImplementedError
