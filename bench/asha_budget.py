@@ -15,8 +15,8 @@ from pathlib import Path
 import ray
 import yaml
 
-from bitfleet.scheduler import sweep
 from bitfleet.resolve import apply_override, validate_spec
+from bitfleet.scheduler import sweep
 
 SPEC = Path(__file__).parent.parent / "workloads/rbnn/specs/cifar10_resnet20_tsweep.yaml"
 GRID = {"rbnn.tmin": [1.0e-3, 1.0e-1], "train.optimizer.lr": [0.02, 0.2]}
@@ -30,7 +30,8 @@ def run_sweep(scheduler: str, storage: Path, epochs: int, steps: int) -> dict:
         apply_override(raw, item)
     raw["sweep"].update(  # the space's keys are dotted paths: set as a whole, not through -o overrides
         num_samples=1, search={"type": "grid"}, space={path: {"grid": values} for path, values in GRID.items()},
-        scheduler={"type": "fifo"} if scheduler == "fifo" else {"type": "asha", "grace_period": 1, "reduction_factor": 2})
+        scheduler=({"type": "fifo"} if scheduler == "fifo"
+                   else {"type": "asha", "grace_period": 1, "reduction_factor": 2}))
     spec = validate_spec(raw)
     summary = sweep.run_sweep(spec)
     rows = json.loads((storage / spec.name / "trials.json").read_text())

@@ -96,14 +96,17 @@ def main() -> None:
 
     result = {"images": n, "threads": args.threads, "batch": args.batch, "passes": args.passes,
               "images_per_s": rates,
-              "dali_cpu_over_torchvision": {k: rates["dali_cpu"][k] / rates["torchvision"][k] for k in ("train", "eval")}}
+              "dali_cpu_over_torchvision": {k: rates["dali_cpu"][k] / rates["torchvision"][k]
+                                            for k in ("train", "eval")}}
     if args.gpu:
-        result["dali_mixed_over_torchvision"] = {k: rates["dali_mixed"][k] / rates["torchvision"][k] for k in ("train", "eval")}
+        result["dali_mixed_over_torchvision"] = {k: rates["dali_mixed"][k] / rates["torchvision"][k]
+                                                 for k in ("train", "eval")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for kind in ("train", "eval"):
         line = ", ".join(f"{name} {r[kind]:.0f}" for name, r in rates.items())
-        ratios = ", ".join(f"{k.split('_over')[0]} {v[kind]:.2f}x" for k, v in result.items() if k.endswith("_over_torchvision"))
+        ratios = ", ".join(f"{k.split('_over')[0]} {v[kind]:.2f}x" for k, v in result.items()
+                           if k.endswith("_over_torchvision"))
         print(f"{kind} pipeline, {n} JPEGs, {args.threads} threads, batch {args.batch}: images/s {line} -> {ratios}")
     print(f"wrote {args.out}")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from timing import step_seconds
 
 from bitfleet.data import info
 from bitfleet.spec import DataSpec
-from timing import step_seconds
 from workloads.lbpnet import intengine
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.models import LBPNet
@@ -42,10 +42,12 @@ class SeedStyleLBP(torch.nn.Module):
         pos = self.ours.positions().reshape(-1, 2)[: self.ours.num_patterns * self.ours.num_points]  # (PN, 2)
         pn = len(pos)
         gy, gx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-        grid = torch.stack([gx + pos[:, 1].view(-1, 1, 1) * 2 / (w - 1), gy + pos[:, 0].view(-1, 1, 1) * 2 / (h - 1)], -1)
+        grid = torch.stack([gx + pos[:, 1].view(-1, 1, 1) * 2 / (w - 1),
+                            gy + pos[:, 0].view(-1, 1, 1) * 2 / (h - 1)], -1)
         grid = grid.unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(b * pn, h, w, 2)
         xs = x.unsqueeze(1).expand(b, pn, c, h, w).reshape(b * pn, c, h, w)
-        sampled = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=True).view(b, pn, c, h, w)
+        sampled = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border",
+                                align_corners=True).view(b, pn, c, h, w)
         soft = torch.sigmoid((sampled - x.unsqueeze(1)) / self.ours.alpha)
         bits = ((sampled > x.unsqueeze(1)).float() - soft).detach() + soft  # hard forward, sigmoid STE
         bits = bits.mean(2)  # (B, PN, H, W)
@@ -107,10 +109,12 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     t, i = result["train"], result["inference"]
-    print(f"train (paper_mnist_rp_full60k, batch 256, {args.threads} threads): ours {t['ours_images_per_s']:.0f} img/s, "
+    print(f"train (paper_mnist_rp_full60k, batch 256, {args.threads} threads): "
+          f"ours {t['ours_images_per_s']:.0f} img/s, "
           f"seed-style {t['seed_style_images_per_s']:.0f} img/s, ratio {t['ratio']:.1f}x")
-    print(f"inference (quickstart network): integer engine {i['integer_engine_images_per_s']:.0f} img/s, torch hard path "
-          f"{i['torch_hard_path_images_per_s']:.0f} img/s, ratio {i['ratio']:.2f}x, predictions equal: {i['predictions_equal']}")
+    print(f"inference (quickstart network): integer engine {i['integer_engine_images_per_s']:.0f} img/s, "
+          f"torch hard path {i['torch_hard_path_images_per_s']:.0f} img/s, ratio {i['ratio']:.2f}x, "
+          f"predictions equal: {i['predictions_equal']}")
     print(f"wrote {out}")
 
 

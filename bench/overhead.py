@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import secrets
@@ -39,10 +40,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
-
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +97,8 @@ def plain_loop(raw: dict, epochs: int) -> dict:
             step_s.append(now - clock)
             clock = now
         epoch_s.append(time.perf_counter() - start)
-    return {"epoch_time_s": epoch_s, "steps": len(step_s) // epochs, "median_step_s": statistics.median(step_s[len(loader):])}
+    return {"epoch_time_s": epoch_s, "steps": len(step_s) // epochs,
+            "median_step_s": statistics.median(step_s[len(loader):])}
 
 
 def steady_step_s(epoch_times: list[float], steps: int) -> float:
@@ -176,7 +176,8 @@ def stepping_workers(run: str) -> set[str]:
     """WorkerIds of the processes that have reported a training step of `run` on the endpoint."""
     text = scrape() or ""
     return {s.labels.get("WorkerId", "") for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "ray_bitfleet_steps_total" and s.labels.get("run") == run and s.value > 0}
+            for s in family.samples
+            if s.name == "ray_bitfleet_steps_total" and s.labels.get("run") == run and s.value > 0}
 
 
 def wait_until(predicate, timeout_s: float, what: str, poll_s: float = POLL_S):
@@ -204,13 +205,15 @@ def recovery(tmp: Path, args, env: dict) -> dict:
     driver = bitfleet_run(raw, tmp, log, env)
     try:
         # Ray hands back only a checkpoint its controller has registered (its snapshot file), as the tests wait.
-        wait_until(lambda: (run_dir / "metrics.json").is_file() and (run_dir / "checkpoint_manager_snapshot.json").is_file(),
+        wait_until(lambda: (run_dir / "metrics.json").is_file()
+                   and (run_dir / "checkpoint_manager_snapshot.json").is_file(),
                    900, "epoch 1's checkpoint", poll_s=0.5)
         seen = wait_until(lambda: stepping_workers(name), 30, "the first worker's steps on the endpoint")
         victim = [int(p) for p in re.findall(r"pid=(\d+)\) world_rank=\d+", log.read_text())][-1]
         killed_at = time.time()
         os.kill(victim, signal.SIGKILL)
-        restored = wait_until(lambda: "restored from checkpoint at epoch" in log.read_text() and time.time(), 600, "the restore")
+        restored = wait_until(lambda: "restored from checkpoint at epoch" in log.read_text() and time.time(), 600,
+                              "the restore")
         stepped = wait_until(lambda: stepping_workers(name) - seen and time.time(), 600, "a step from a new worker")
         driver.wait(timeout=1200)
         history = json.loads((run_dir / "metrics.json").read_text())
@@ -226,7 +229,8 @@ def recovery(tmp: Path, args, env: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per epoch")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of the step-time comparison (the first is warm-up)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="epochs of the step-time comparison (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
@@ -239,16 +243,19 @@ def main() -> None:
         cluster, env = start_cluster(ray_tmp)
         try:
             steps = step_overhead(tmp, args, env)
-            print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, epochs 2-{args.epochs} of {args.steps} steps: "
+            print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, "
+                  f"epochs 2-{args.epochs} of {args.steps} steps: "
                   f"bitfleet {steps['bitfleet_step_s']:.3f} s, plain PyTorch {steps['plain_step_s']:.3f} s "
-                  f"(before {steps['plain_step_s_before_after'][0]:.3f}, after {steps['plain_step_s_before_after'][1]:.3f}) "
+                  f"(before {steps['plain_step_s_before_after'][0]:.3f}, "
+                  f"after {steps['plain_step_s_before_after'][1]:.3f}) "
                   f"-> bitfleet/plain {steps['ratio']:.3f}x", flush=True)
             rec = recovery(tmp, args, env)
         finally:
             stop_cluster(cluster)
             shutil.rmtree(ray_tmp, ignore_errors=True)
     print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
-          f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s (upper bound, resolution {rec['resolution_s']:.2f} s)")
+          f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s "
+          f"(upper bound, resolution {rec['resolution_s']:.2f} s)")
     result = {"threads": args.threads, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
               "step_time": steps, "recovery": rec}
     args.out.parent.mkdir(parents=True, exist_ok=True)

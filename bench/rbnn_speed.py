@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from timing import step_seconds
+
 from workloads.rbnn.layers import binary_convs
 from workloads.rbnn.models import ARCHS, build
 from workloads.resnet_cifar import models as float_models
@@ -60,8 +60,10 @@ def model_table(steps: int, batch: int) -> list[dict]:
         model = build(arch, 10, 3, 32)
         params = sum(p.numel() for p in model.parameters())
         binary = sum(c.weight.numel() for c in binary_convs(model))
-        rows.append({"arch": arch, "params": params, "binary_share": binary / params, "step_s": sgd_step_seconds(model, steps, batch)})
-        print(f"  {arch:38s} {params:>10,d} params  {100 * binary / params:5.1f}% binary  {rows[-1]['step_s']:.3f} s/step")
+        rows.append({"arch": arch, "params": params, "binary_share": binary / params,
+                     "step_s": sgd_step_seconds(model, steps, batch)})
+        print(f"  {arch:38s} {params:>10,d} params  {100 * binary / params:5.1f}% binary  "
+              f"{rows[-1]['step_s']:.3f} s/step")
     return rows
 
 
@@ -75,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    float_s = sgd_step_seconds(float_models.build("resnet20", "A", num_classes=10, in_channels=3), args.steps, args.batch)
+    float_s = sgd_step_seconds(float_models.build("resnet20", "A", num_classes=10, in_channels=3),
+                               args.steps, args.batch)
     binary_s = sgd_step_seconds(build("resnet20_1w1a", 10, 3, 32), args.steps, args.batch)
     ours = rotation_seconds(lambda layer: layer.update_rotation(3))
     loop = rotation_seconds(loop_rotation_update)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 
-def step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 steps: int) -> float:
     """Median seconds of a full training step (cross-entropy) over `steps`, after one warm-up step."""
     times = []
     for _ in range(steps + 1):

@@ -137,7 +137,8 @@ def cmd_data_check(args) -> int:
     for path, error in report["unreadable"].items():
         print(f"unreadable: {path}: {error}")
     bad = len(report["unreadable"])
-    print(f"{bad} unreadable image(s){'; runs leave them out' if bad else ''} (recorded in {args.root}/bitfleet-check.json)")
+    print(f"{bad} unreadable image(s){'; runs leave them out' if bad else ''} "
+          f"(recorded in {args.root}/bitfleet-check.json)")
     return 1 if bad else 0
 
 

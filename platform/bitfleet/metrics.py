@@ -51,7 +51,8 @@ class Metric:
 
 PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs beside their code
     # -- an epoch's results, from rank 0 after the all-reduce
-    Metric("bitfleet_loss", "gauge", "Mean loss of the last epoch (the workload's objective)", SPLIT_LABELS, "{split}/loss"),
+    Metric("bitfleet_loss", "gauge", "Mean loss of the last epoch (the workload's objective)", SPLIT_LABELS,
+           "{split}/loss"),
     Metric("bitfleet_accuracy", "gauge", "Top-1 accuracy of the last epoch, percent", SPLIT_LABELS, "{split}/acc"),
     Metric("bitfleet_accuracy_top5", "gauge", "Top-5 accuracy of the last epoch, percent (past 10 classes)",
            SPLIT_LABELS, "{split}/acc5"),
@@ -67,7 +68,8 @@ PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs
     Metric("bitfleet_data_wait_seconds", "counter",
            "Time spent waiting for the next batch; its rate is the share of wall time lost to data", RANK_LABELS),
     # -- checkpoints (rank 0) and the run's life (the driver)
-    Metric("bitfleet_checkpoint_save_seconds", "gauge", "Time to write and persist the last checkpoint (its ray.train.report included)"),
+    Metric("bitfleet_checkpoint_save_seconds", "gauge",
+           "Time to write and persist the last checkpoint (its ray.train.report included)"),
     Metric("bitfleet_checkpoint_restore_seconds", "gauge", "Time to load the checkpoint a worker group restarted from"),
     Metric("bitfleet_run_state", "gauge", "State of a run: 1 running, 2 succeeded, 3 failed"),
     # -- a sweep's trials, counted by state in the driver
@@ -94,7 +96,8 @@ def register(declared) -> None:
     for metric in declared:
         owner = BY_NAME.get(metric.name)
         assert owner is None or owner == metric, f"metric {metric.name} is declared twice, differently"
-        assert metric.key is None or _KEYS.get(metric.key, (metric,))[0] == metric, f"report key {metric.key} has two metrics"
+        assert metric.key is None or _KEYS.get(metric.key, (metric,))[0] == metric, (
+            f"report key {metric.key} has two metrics")
         BY_NAME[metric.name] = metric
         if metric.key is not None:
             _KEYS[metric.key] = (metric, _key_pattern(metric))

@@ -31,7 +31,8 @@ def summarize(run: dict) -> dict:
     last = metrics[-1]
     row = {
         "run": spec["name"], "workload": spec["workload"], "model": spec.get("model", {}),
-        "epochs": len(metrics), "final_test_acc": last["test/acc"], "final_test_error": round(100 - last["test/acc"], 2),
+        "epochs": len(metrics), "final_test_acc": last["test/acc"],
+        "final_test_error": round(100 - last["test/acc"], 2),
         "best_test_acc": best["test/acc"], "best_epoch": best["epoch"], "final_train_loss": last["train/loss"],
         # the workload's own figures at the end (validation, paper metrics, temperatures, ...)
         "final_metrics": {k: v for k, v in last.items() if "/" in k and not k.startswith(("train/", "test/"))},
@@ -40,7 +41,8 @@ def summarize(run: dict) -> dict:
     if isinstance(target, list):  # an expected range rather than one paper number
         row.update(expected_test_acc=target, within_expected=target[0] <= last["test/acc"] <= target[1])
     elif target is not None:
-        row.update(paper_test_error=round(100 - target, 2), gap_to_paper_error=round((100 - last["test/acc"]) - (100 - target), 2))
+        row.update(paper_test_error=round(100 - target, 2),
+                   gap_to_paper_error=round((100 - last["test/acc"]) - (100 - target), 2))
     return row
 
 
@@ -51,7 +53,8 @@ def against_targets(values: dict[str, float], targets: dict) -> dict[str, dict]:
         if key in values:
             value = values[key]
             rows[key] = ({"value": value, "expected": list(target), "within": target[0] <= value <= target[1]}
-                         if isinstance(target, (list, tuple)) else {"value": value, "paper": target, "gap": value - target})
+                         if isinstance(target, (list, tuple))
+                         else {"value": value, "paper": target, "gap": value - target})
     return rows
 
 

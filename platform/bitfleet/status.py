@@ -84,7 +84,8 @@ def render(runs: list[RunRow], sweeps: dict[str, dict[str, float]]) -> str:
     lines = _aligned(table) if runs else []
     if sweeps:
         sweep_table = [["SWEEP", *(s.upper() for s in TRIAL_STATES)]]
-        sweep_table += [[name, *(f"{counts.get(s, 0):.0f}" for s in TRIAL_STATES)] for name, counts in sorted(sweeps.items())]
+        sweep_table += [[name, *(f"{counts.get(s, 0):.0f}" for s in TRIAL_STATES)]
+                        for name, counts in sorted(sweeps.items())]
         lines += ([""] if lines else []) + _aligned(sweep_table)
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Annotated, Any, Iterator, Literal, Mapping, Union
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
@@ -46,7 +47,8 @@ class Distribution(Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_key(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and set(raw) == {"kind", "values"}:  # built in Python: Distribution(kind=..., values=...)
+        # built in Python: Distribution(kind=..., values=...)
+        if isinstance(raw, dict) and set(raw) == {"kind", "values"}:
             raw = {raw["kind"]: raw["values"]}
         if not (isinstance(raw, dict) and len(raw) == 1 and next(iter(raw)) in KINDS):
             raise ValueError(f"expected one key out of {', '.join(KINDS)}, e.g. {{loguniform: [1.0e-3, 1.0e-1]}}")
@@ -260,7 +262,8 @@ def _problems(sweep: SweepSpec) -> Iterator[str]:
     """Every rule that ties the sweep's parts together, as `field.path: what is wrong`."""
     sched, search = sweep.scheduler, sweep.search.type
     if not sweep.space and not isinstance(sched, (Pbt, Pb2)):
-        yield "space: nothing to sweep; give dotted spec paths and distributions, e.g. {rbnn.tmin: {loguniform: [1.0e-3, 1.0e-1]}}"
+        yield ("space: nothing to sweep; give dotted spec paths and distributions, "
+               "e.g. {rbnn.tmin: {loguniform: [1.0e-3, 1.0e-1]}}")
     for path, dist in sweep.space.items():
         if dist.problem():
             yield f"space.{path}: {dist.problem()}"
@@ -344,7 +347,8 @@ def _schedule_problem(sched: Strict, fields: Mapping[str, Any]) -> str | None:
         return None
     interval = sched.perturbation_interval
     if epochs and interval >= epochs:
-        return f"perturbation_interval: {interval} epochs is not below train.epochs={epochs}: nothing would be perturbed"
+        return (f"perturbation_interval: {interval} epochs is not below train.epochs={epochs}: "
+                "nothing would be perturbed")
     if every and interval % every:
         return (f"perturbation_interval: {interval} is not a multiple of failure.checkpoint_every={every}: "
                 "a trial that copies another would restore an older checkpoint")

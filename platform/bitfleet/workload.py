@@ -9,7 +9,8 @@ shape, `setup` and `callbacks` a `RunContext`. The engine never reads `spec.mode
 """
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ValidationError
@@ -17,8 +18,8 @@ from torch import nn
 
 from bitfleet import metrics
 from bitfleet.data import DataInfo
-from bitfleet.engine.callbacks import Callback, RunContext
 from bitfleet.engine import objective
+from bitfleet.engine.callbacks import Callback, RunContext
 from bitfleet.errors import SpecError, format_validation_error
 from bitfleet.spec import RunSpec
 
@@ -33,7 +34,8 @@ class Workload:
     name: ClassVar[str]
     ModelConfig: ClassVar[type[BaseModel]]
     Options: ClassVar[type[BaseModel]] = NoOptions  # the workload's own top-level spec section
-    Objective: ClassVar[type[objective.Objective]] = objective.Classification  # its loss and metrics; what ranks its checkpoints
+    # its loss and metrics; what ranks its checkpoints
+    Objective: ClassVar[type[objective.Objective]] = objective.Classification
     datasets: ClassVar[tuple[str, ...] | None] = None  # the data sets its models take; None: any
     metrics: ClassVar[tuple[metrics.Metric, ...]] = ()  # what its callbacks report, as Prometheus metrics
 
@@ -73,7 +75,8 @@ class Workload:
     def callbacks(self, run: RunContext) -> list[Callback]:
         return []
 
-    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   loss) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass and loss (`loss`: the objective's); returns (loss, outputs). Override for
         distillation, mixup, regularisers."""
         outputs = model(images)

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from bitfleet.engine import checkpoint, strategy
+from bitfleet.engine import checkpoint
 from tests.conftest import write_spec
 from tests.integration.conftest import read_metrics, wait_until
 from tests.integration.test_runs import bitfleet, checkpointed, finish, worker_pids

@@ -2,7 +2,8 @@
 
 Each worker node offers one `bitfleet_worker_node`, and the run asks one per worker, so its workers land
 one per node. A fixed-size run of two workers loses a node (the raylet and its workers SIGKILLed at once)
-and restarts its group from the last checkpoint once a replacement node has joined. An elastic run (`scaling.num_workers: [1, 2]`) loses a node that hosts one of its workers
+and restarts its group from the last checkpoint once a replacement node has joined. An elastic run
+(`scaling.num_workers: [1, 2]`) loses a node that hosts one of its workers
 mid-run (the raylet and its workers SIGKILLed at once): Ray Train restarts the group with the one worker
 that still fits, from the last checkpoint. A node then joins again, and the group grows back to two
 workers (from the latest checkpoint) and finishes.

@@ -43,7 +43,8 @@ def test_stages_run_in_order_hand_on_weights_and_a_rerun_skips_them(ray_cluster,
     records = {name: json.loads((folder / name / "stage.json").read_text()) for name in ("first", "second", "report")}
     assert all(r["state"] == "completed" for r in records.values())
     assert out.index("stage first completed") < out.index("stage second started") < out.index("stage report started")
-    assert [m["epoch"] for m in read_metrics(folder / "first")] == [1] == [m["epoch"] for m in read_metrics(folder / "second")]
+    assert ([m["epoch"] for m in read_metrics(folder / "first")] == [1]
+            == [m["epoch"] for m in read_metrics(folder / "second")])
     first = checkpoint.load(checkpoint.find(folder / "first"))["model"]
     second = checkpoint.load(checkpoint.find(folder / "second"))["model"]
     convs = [k for k in first if k.endswith("conv1.weight")]

@@ -58,6 +58,7 @@ def test_a_head_only_storage_path_is_refused_and_a_shared_one_accepted(ray_clust
     shared = tmp_path / "shared"  # outside the tmpfs: the same folder for both nodes, as a mount would be
     check = ("import ray, sys; ray.init(address='auto', logging_level='ERROR'); from bitfleet.storage import "
              "check_shared; check_shared(sys.argv[1]); print('shared')")
-    ok = subprocess.run([sys.executable, "-c", check, str(shared)], env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address},
+    ok = subprocess.run([sys.executable, "-c", check, str(shared)],
+                        env={**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address},
                         capture_output=True, text=True, timeout=240)
     assert ok.returncode == 0 and ok.stdout.strip().endswith("shared"), ok.stderr[-3000:]

@@ -107,7 +107,8 @@ def test_round_trip_restores_every_piece_exactly(tmp_path):
         assert torch.equal(buf_o, buf_r)
     assert [g["lr"] for g in restored.optimizer.param_groups] == [g["lr"] for g in original.optimizer.param_groups]
     assert restored.scheduler.last_epoch == original.scheduler.last_epoch == 5
-    assert [cb.state_dict() for cb in restored.callbacks.callbacks] == [cb.state_dict() for cb in original.callbacks.callbacks]
+    assert ([cb.state_dict() for cb in restored.callbacks.callbacks]
+            == [cb.state_dict() for cb in original.callbacks.callbacks])
     assert restored.callbacks.callbacks[1].t == pytest.approx(2.0 * 0.9 ** 5)
     assert restored.history == original.history and len(restored.history) == 5
 
@@ -251,7 +252,8 @@ def test_init_from_must_name_a_checkpoint(tmp_path):
     from bitfleet.errors import SpecError
     from bitfleet.resolve import validate_spec
 
-    raw = {"name": "x", "workload": "resnet_cifar", "data": {"dataset": "mnist_sample"}, "train": {"init_from": str(tmp_path)}}
+    raw = {"name": "x", "workload": "resnet_cifar", "data": {"dataset": "mnist_sample"},
+           "train": {"init_from": str(tmp_path)}}
     with pytest.raises(SpecError, match="train.init_from: .*neither a checkpoint"):
         validate_spec(raw)
     checkpoint.save(tmp_path, {"model": {}})

@@ -86,7 +86,8 @@ def test_train_shards_are_disjoint_cover_the_data_and_have_equal_steps(root, wor
 def test_eval_counts_every_image_once_over_ranks(root):
     test = indexed(folders.scan(Path(root), "test"))
     for world in (2, 3, 5):
-        got = [labels_of(loader(test, data_spec(root), train=False, batch=2, rank=r, world=world)) for r in range(world)]
+        got = [labels_of(loader(test, data_spec(root), train=False, batch=2, rank=r, world=world))
+               for r in range(world)]
         assert sorted(i for shard in got for i in shard) == list(range(13))
 
 
@@ -119,9 +120,10 @@ def test_augmentation_is_random_resized_crop_and_flip(root):
 
 
 def test_loaders_build_dali_with_a_held_out_validation_split(root):
-    raw = {"name": "d", "workload": "resnet_cifar", "data": {"dataset": "image_folder", "root": str(root), "loader": "dali",
-           "crop_size": 32, "resize_size": 36, "val_size": 5}, "train": {"batch_size": 8, "eval_batch_size": 4},
-           "scaling": {"num_workers": 2}}
+    raw = {"name": "d", "workload": "resnet_cifar",
+           "data": {"dataset": "image_folder", "root": str(root), "loader": "dali",
+                    "crop_size": 32, "resize_size": 36, "val_size": 5},
+           "train": {"batch_size": 8, "eval_batch_size": 4}, "scaling": {"num_workers": 2}}
     spec = validate_spec(raw)
     built = [loaders.build(spec.data, loaders.Batches.of(spec), rank, 2, CPU) for rank in range(2)]
     assert built[0].info.num_classes == 5 and built[0].info.image_size == 32

@@ -65,7 +65,8 @@ def test_torchvision_reads_the_mnist_files_back(mnist_root):
 def test_mnist_build_datasets_normalises(mnist_root):
     ds = build_datasets(DataSpec(dataset="mnist", root=str(mnist_root), augment=False))
     assert (len(ds.train), len(ds.test)) == (30, 12)
-    assert ds.info == info(DataSpec(dataset="mnist", root=str(mnist_root))) == ds.info.__class__(10, 1, 28, (0.1307,), (0.3081,))
+    assert (ds.info == info(DataSpec(dataset="mnist", root=str(mnist_root)))
+            == ds.info.__class__(10, 1, 28, (0.1307,), (0.3081,)))
     raw = torchvision.datasets.MNIST(str(mnist_root), train=False, download=False)
     for i in (0, 11):
         x, y = ds.test[i]

@@ -129,8 +129,8 @@ def test_torchvision_transforms_shapes_ranges_and_eval_reference(folder_root):
         size = (48, round(48 * h / w)) if w < h else (round(48 * w / h), 48)
         resized = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255
     top, left = (resized.shape[0] - 40) // 2, (resized.shape[1] - 40) // 2
-    ref = (torch.from_numpy(resized[top:top + 40, left:left + 40]).permute(2, 0, 1) - torch.tensor(folders.MEAN)[:, None, None]) \
-        / torch.tensor(folders.STD)[:, None, None]
+    ref = (torch.from_numpy(resized[top:top + 40, left:left + 40]).permute(2, 0, 1)
+           - torch.tensor(folders.MEAN)[:, None, None]) / torch.tensor(folders.STD)[:, None, None]
     assert path.endswith("a_smooth.JPEG") and y == label and (x - ref).abs().max() < 0.05
 
 
@@ -178,5 +178,7 @@ def test_dali_loader_without_dali_names_the_install(folder_root, monkeypatch):
 
 
 def test_default_crops_follow_the_data_set():
-    assert (DataSpec(dataset="imagenet", root="/x").crop, DataSpec(dataset="imagenet", root="/x").eval_resize) == (224, 256)
-    assert (DataSpec(dataset="tinyimagenet", root="/x").crop, DataSpec(dataset="tinyimagenet", root="/x").eval_resize) == (64, 64)
+    assert (DataSpec(dataset="imagenet", root="/x").crop,
+            DataSpec(dataset="imagenet", root="/x").eval_resize) == (224, 256)
+    assert (DataSpec(dataset="tinyimagenet", root="/x").crop,
+            DataSpec(dataset="tinyimagenet", root="/x").eval_resize) == (64, 64)

@@ -41,7 +41,8 @@ def test_temperatures_follow_the_cosine_schedule_at_step_resolution():
 
 
 def test_freeze_keeps_offsets_and_gates_then_thaws_them():
-    model, opt, state, options = setup({"freeze_schedule": {"freeze_offsets_epochs": 1, "freeze_gates_extra_epochs": 1}})
+    model, opt, state, options = setup({"freeze_schedule": {"freeze_offsets_epochs": 1,
+                                                            "freeze_gates_extra_epochs": 1}})
     freeze = cb.Freeze(options.freeze_schedule)
     offsets, gates = model.blocks[0].lbp.offsets, model.blocks[0].fusion.gate_logits
     before_offsets, before_gates = offsets.detach().clone(), gates.detach().clone()
@@ -106,9 +107,11 @@ def test_bn_recalibration_reestimates_statistics_on_the_hard_path():
 
 def test_regularisers_are_zero_when_disabled_and_push_the_right_way():
     model, _, _, _ = setup()
-    off = Options.model_validate({"alive_ratio_reg": {"enable": False}, "gate_margin": {"enable": False}, "offset_reg": {"enable": False}})
+    off = Options.model_validate({"alive_ratio_reg": {"enable": False}, "gate_margin": {"enable": False},
+                                  "offset_reg": {"enable": False}})
     assert regularisation(model, off).item() == 0.0
-    on = Options.model_validate({"alive_ratio_reg": {"target": 0.1, "weight": 1.0}, "gate_margin": {"enable": False}, "offset_reg": {"enable": False}})
+    on = Options.model_validate({"alive_ratio_reg": {"target": 0.1, "weight": 1.0}, "gate_margin": {"enable": False},
+                                 "offset_reg": {"enable": False}})
     loss = regularisation(model, on)
     loss.backward()
     assert loss.item() > 0 and (model.blocks[0].fusion.gate_logits.grad > 0).all()  # close gates toward 10%

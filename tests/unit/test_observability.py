@@ -46,7 +46,8 @@ def test_catalogue_names_labels_and_keys():
     registry.load_all()
     names = [m.name for m in metrics.catalogue()]
     assert len(names) == len(set(names)) and all(n.startswith("bitfleet_") for n in names)
-    assert all(set(m.labels) <= ALLOWED_LABELS and set(metrics.RUN_LABELS) <= set(m.labels) for m in metrics.catalogue())
+    assert all(set(m.labels) <= ALLOWED_LABELS and set(metrics.RUN_LABELS) <= set(m.labels)
+               for m in metrics.catalogue())
     assert metrics.lookup("val/acc") == (metrics.BY_NAME["bitfleet_accuracy"], {"split": "val"})
     assert metrics.lookup("test/acc5")[0].name == "bitfleet_accuracy_top5"
     assert metrics.lookup("lr")[0].name == "bitfleet_learning_rate" and metrics.lookup("lr")[1] == {}
@@ -65,8 +66,10 @@ def test_the_core_catalogue_names_no_paper_and_each_workload_declares_the_keys_i
     assert [m.name for m in metrics.PLATFORM if any(p in m.name or p in (m.key or "") for p in papers)] == []
     for name in ("rbnn", "lbpnet", "tap_ppo", "resnet_cifar"):
         workload = registry.workload_class(name)
-        keys = {node.value for path in (REPO / "workloads" / name).glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
-                if isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"[a-z_0-9]+/[a-z0-9_]+", node.value)}
+        keys = {node.value for path in (REPO / "workloads" / name).glob("*.py")
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and re.fullmatch(r"[a-z_0-9]+/[a-z0-9_]+", node.value)}
         assert {key for key in keys - NOT_REPORTED if metrics.lookup(key) is None} == set(), name
         declared = {m.key for m in workload.metrics if not m.key.startswith("paper/")}  # paper/*: from QUANTITIES
         assert declared - keys == set(), name

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bitfleet.scheduler import pipeline
 from bitfleet.errors import SpecError
-from bitfleet.resolve import stage_raw, load_spec, validate_spec
+from bitfleet.resolve import load_spec, stage_raw, validate_spec
+from bitfleet.scheduler import pipeline
 
 BASE = {"name": "pipe", "workload": "resnet_cifar", "model": {"arch": "resnet20"}, "data": {"dataset": "mnist_sample"},
         "train": {"epochs": 3, "batch_size": 32}, "storage_path": "/tmp/bf-pipe"}
@@ -22,7 +22,8 @@ def spec_with(stages):
 def test_a_stage_is_the_pipeline_spec_with_its_overrides_folder_and_inputs():
     spec = validate_spec(spec_with([
         {"name": "float"},
-        {"name": "tune", "needs": ["float"], "init_from": "float", "overrides": {"train.epochs": 1, "model.arch": "plain20"}},
+        {"name": "tune", "needs": ["float"], "init_from": "float",
+         "overrides": {"train.epochs": 1, "model.arch": "plain20"}},
         {"name": "report", "task": "report", "needs": ["float", "tune"]},
     ]))
     tune = stage_raw(spec, spec.stages[1])
@@ -42,9 +43,11 @@ def test_a_stage_is_the_pipeline_spec_with_its_overrides_folder_and_inputs():
     ([{"name": "a", "needs": ["b"]}, {"name": "b", "needs": ["a"]}], "stages: the needs form a cycle"),
     ([{"name": "a"}, {"name": "b", "init_from": "a"}], "stages.1.init_from: 'a' must be one of the stages it needs"),
     ([{"name": "a", "task": "ppo"}], "stages.a.task: 'ppo' is not a task of resnet_cifar"),
-    ([{"name": "a", "overrides": {"train.epochs": 0}}], "stages.a: train.epochs: Input should be greater than or equal to 1"),
+    ([{"name": "a", "overrides": {"train.epochs": 0}}],
+     "stages.a: train.epochs: Input should be greater than or equal to 1"),
     ([{"name": "a", "overrides": {"model.arch": "resnet21"}}], "stages.a: model.arch: "),
-    ([{"name": "a", "overrides": {"train.epochs.x": 1}}], "stages.a.overrides.train.epochs.x: 'epochs' is not a section"),
+    ([{"name": "a", "overrides": {"train.epochs.x": 1}}],
+     "stages.a.overrides.train.epochs.x: 'epochs' is not a section"),
     ([{"name": "a", "recipe": 1}], "stages.0.recipe: unknown key"),
     ([{"name": "bad name"}], "stages.0.name: "),
 ])
@@ -65,6 +68,8 @@ def test_cpus_count_each_stage_with_its_own_scaling():
 def test_the_reproduction_suite_runs_four_independent_stages_then_the_report():
     raw = yaml.safe_load(Path("workloads/resnet_cifar/specs/cifar10_reproduction_suite.yaml").read_text())
     stages = {s["name"]: s for s in raw["stages"]}
-    assert [s.get("overrides", {}).get("model.arch") for s in raw["stages"][:4]] == ["plain20", "plain56", "resnet20", "resnet56"]
+    assert ([s.get("overrides", {}).get("model.arch") for s in raw["stages"][:4]]
+            == ["plain20", "plain56", "resnet20", "resnet56"])
     assert not any(s.get("needs") for s in raw["stages"][:4])
-    assert stages["report"] == {"name": "report", "task": "report", "needs": ["plain20", "plain56", "resnet20", "resnet56"]}
+    assert stages["report"] == {"name": "report", "task": "report",
+                                "needs": ["plain20", "plain56", "resnet20", "resnet56"]}

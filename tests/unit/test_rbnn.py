@@ -113,7 +113,8 @@ def test_temperature_is_log_linear_from_tmin_to_tmax():
         state.epoch = epoch
         callback.on_epoch_start(state)
         layer = binary_convs(model)[0]
-        assert math.isclose(layer.t.item(), t, rel_tol=1e-5) and math.isclose(layer.k.item(), max(1 / t, 1), rel_tol=1e-5)
+        assert (math.isclose(layer.t.item(), t, rel_tol=1e-5)
+                and math.isclose(layer.k.item(), max(1 / t, 1), rel_tol=1e-5))
 
 
 def test_rotation_callback_runs_every_n_epochs_and_reports_errors():
@@ -170,7 +171,8 @@ def reactnet_spec(tmp_path, checkpoint_dir, **teacher):
     raw = {
         "name": "reactnet", "workload": "rbnn", "model": {"arch": "mobilenetv1_bireal_025_1w1a", "w32": True},
         "data": {"dataset": "mnist_sample"}, "storage_path": str(tmp_path),
-        "rbnn": {"teacher": {"workload": "resnet_cifar", "model": {"arch": "resnet20"}, "checkpoint": str(checkpoint_dir), **teacher}},
+        "rbnn": {"teacher": {"workload": "resnet_cifar", "model": {"arch": "resnet20"},
+                             "checkpoint": str(checkpoint_dir), **teacher}},
     }
     return validate_spec(raw)
 
@@ -178,9 +180,9 @@ def reactnet_spec(tmp_path, checkpoint_dir, **teacher):
 def test_teacher_gives_the_distributional_loss(tmp_path):
     from bitfleet import registry
     from bitfleet.data import info
-    from bitfleet.spec import DataSpec
     from bitfleet.engine import checkpoint
     from bitfleet.engine.callbacks import RunContext
+    from bitfleet.spec import DataSpec
     from workloads.resnet_cifar import models as float_models
 
     teacher = float_models.build("resnet20", "A", num_classes=10, in_channels=1)
@@ -200,7 +202,8 @@ def test_teacher_gives_the_distributional_loss(tmp_path):
     assert all(p.grad is None for p in workload.teacher.parameters())
 
 
-@pytest.mark.parametrize("teacher, field", [({"workload": "rbnn"}, "rbnn.teacher.workload"), ({"model": {"arch": "resnet21"}}, "model.arch")])
+@pytest.mark.parametrize("teacher, field", [({"workload": "rbnn"}, "rbnn.teacher.workload"),
+                                            ({"model": {"arch": "resnet21"}}, "model.arch")])
 def test_bad_teachers_are_refused_before_any_run(tmp_path, teacher, field):
     from bitfleet.errors import SpecError
 

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from bitfleet.engine import batchnorm
 from bitfleet.data import info
+from bitfleet.engine import batchnorm
 from bitfleet.engine.callbacks import RunContext, TrainState
 from bitfleet.resolve import load_spec
 from workloads.rbnn.models import build

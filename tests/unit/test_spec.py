@@ -21,7 +21,8 @@ QUICKSTART = REPO / "workloads" / "resnet_cifar" / "specs" / "quickstart.yaml"
 SPEC_FILES = sorted(REPO.glob("workloads/*/specs/*.yaml"))
 
 # A YAML file broken on line 5 (the flow list is never closed).
-BROKEN_YAML = "name: broken\nworkload: resnet_cifar\ndata: {dataset: mnist_sample}\ntrain:\n  epochs: [1,\n  batch_size: 2\n"
+BROKEN_YAML = ("name: broken\nworkload: resnet_cifar\ndata: {dataset: mnist_sample}\ntrain:\n"
+               "  epochs: [1,\n  batch_size: 2\n")
 
 
 @pytest.fixture
@@ -54,7 +55,8 @@ BAD_OVERRIDES = [
      ["bitfleet data download cifar100"]),
     ("mnist-missing", ["data.dataset=mnist", "data.root=/nonexistent/bitfleet"], "data.root",
      ["bitfleet data download mnist", "train-images-idx3-ubyte"]),
-    ("batch-not-divisible", ["scaling.num_workers=2", "train.batch_size=129"], "train.batch_size", ["129", "scaling.num_workers=2"]),
+    ("batch-not-divisible", ["scaling.num_workers=2", "train.batch_size=129"], "train.batch_size",
+     ["129", "scaling.num_workers=2"]),
     ("workload-section-unknown-key", ["resnet_cifar.depth=3"], "resnet_cifar.depth", ["unknown key"]),
     ("bad-strategy", ["train.strategy=fsdp"], "train.strategy", ["'ddp'", "'deepspeed'", "'fsdp'"]),
     ("zero-stage-3", ["train.strategy=deepspeed", "train.deepspeed.zero_stage=3"], "train.deepspeed.zero_stage",
@@ -63,7 +65,8 @@ BAD_OVERRIDES = [
      ["strategy: deepspeed", "'ddp'"]),
     ("deepspeed-owned-key", ["train.strategy=deepspeed", "train.deepspeed.config={optimizer: {type: Adam}}"],
      "train.deepspeed.config", ["optimizer is set by train.optimizer"]),
-    ("deepspeed-owned-zero-stage", ["train.strategy=deepspeed", "train.deepspeed.config={zero_optimization: {stage: 3}}"],
+    ("deepspeed-owned-zero-stage",
+     ["train.strategy=deepspeed", "train.deepspeed.config={zero_optimization: {stage: 3}}"],
      "train.deepspeed.config", ["zero_optimization.stage is set by train.deepspeed.zero_stage"]),
     ("deepspeed-elastic", ["train.strategy=deepspeed", "scaling.num_workers=[1, 2]"], "scaling.num_workers",
      ["elastic", "fixed number"]),
@@ -163,7 +166,8 @@ def test_apply_override_on_raw_dict():
     apply_override(raw, "train.epochs=3")
     apply_override(raw, "name=has=equals")  # only the first '=' separates path from value
     apply_override(raw, "train.grad_clip=null")
-    assert raw == {"train": {"epochs": 3, "grad_clip": None}, "a": {"b": {"c": [1, 2.5, True, "x"]}}, "name": "has=equals"}
+    assert raw == {"train": {"epochs": 3, "grad_clip": None}, "a": {"b": {"c": [1, 2.5, True, "x"]}},
+                   "name": "has=equals"}
     assert isinstance(raw["a"]["b"]["c"][1], float)
 
 
@@ -216,7 +220,8 @@ def test_every_shipped_spec_validates(path, tmp_path):
 
 def test_quickstart_resolves_as_written():
     spec = load_spec(QUICKSTART)
-    assert (spec.name, spec.workload, spec.model.model_dump()) == ("quickstart-resnet20-mnist", "resnet_cifar", {"arch": "resnet20", "shortcut": "A"})
+    assert (spec.name, spec.workload, spec.model.model_dump()) == ("quickstart-resnet20-mnist", "resnet_cifar",
+                                                                   {"arch": "resnet20", "shortcut": "A"})
     assert spec.scaling.num_workers == 2 and spec.train.batch_size == 128
     assert spec.train.lr_schedule.type == "cosine" and spec.train.lr_schedule.warmup_epochs == 0.5
     assert spec.run_dir == Path("~/bitfleet_results").expanduser().absolute() / "quickstart-resnet20-mnist"
@@ -314,5 +319,6 @@ def test_deepspeed_strategy_without_deepspeed_names_the_install(spec_file, monke
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
-    with pytest.raises(SpecError, match=re.escape("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]`")):
+    with pytest.raises(SpecError, match=re.escape("train.strategy: deepspeed needs DeepSpeed: "
+                                                  "`pip install bitfleet[deepspeed]`")):
         load_spec(spec_file, ["train.strategy=deepspeed"])

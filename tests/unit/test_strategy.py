@@ -33,9 +33,11 @@ SPEC = TrainSpec(strategy="deepspeed", deepspeed=DeepSpeedSpec(zero_stage=2), gr
 
 
 def test_config_derives_the_keys_the_spec_owns_and_keeps_the_users():
-    ds = DeepSpeedSpec(zero_stage=2, config={"zero_optimization": {"overlap_comm": False}, "wall_clock_breakdown": True})
+    ds = DeepSpeedSpec(zero_stage=2, config={"zero_optimization": {"overlap_comm": False},
+                                             "wall_clock_breakdown": True})
     spec = TrainSpec(strategy="deepspeed", deepspeed=ds, grad_clip=2.0, amp=True, amp_dtype="bf16")
-    config = strategy.deepspeed_config(ds, spec, per_worker_batch=16, dtype=strategy.autocast_dtype(spec, torch.device("cpu")))
+    config = strategy.deepspeed_config(ds, spec, per_worker_batch=16,
+                                       dtype=strategy.autocast_dtype(spec, torch.device("cpu")))
     assert config["zero_optimization"] == {"overlap_comm": False, "stage": 2}
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["gradient_accumulation_steps"] == 1
     assert config["gradient_clipping"] == 2.0 and config["wall_clock_breakdown"] is True
@@ -49,7 +51,8 @@ def _two_ranks(rank, init, out):
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     generator = torch.Generator().manual_seed(rank)
-    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)) for _ in range(6)]
+    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+               for _ in range(6)]
     results = {}
     for stage, clip in CASES:
         spec = SPEC.model_copy(update={"deepspeed": DeepSpeedSpec(zero_stage=stage), "grad_clip": clip})
@@ -115,7 +118,8 @@ def _steps(model, scheduler, ds, batches):
 
 def test_shards_restore_weights_optimizer_and_masters_exactly(group, tmp_path):
     generator = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator)) for _ in range(6)]
+    batches = [(torch.randn(4, 8, generator=generator), torch.randint(0, 3, (4,), generator=generator))
+               for _ in range(6)]
     model, scheduler, ds = _run(seed=0)
     _steps(model, scheduler, ds, batches[:3])
     state = {"model": model.state_dict(), "scheduler": scheduler.state_dict(), **ds.state_dict()}

@@ -40,7 +40,8 @@ def test_param_space_domains_and_ranges():
 def test_grid_search_enumerates_choices():
     sweep = SweepSpec.model_validate({"space": {"rbnn.rotation_update": {"choice": [1, 2]},
                                                 "train.batch_size": {"grid": [64]}}, "search": "grid"})
-    assert param_space(sweep) == {"rbnn.rotation_update": {"grid_search": [1, 2]}, "train.batch_size": {"grid_search": [64]}}
+    assert param_space(sweep) == {"rbnn.rotation_update": {"grid_search": [1, 2]},
+                                  "train.batch_size": {"grid_search": [64]}}
 
 
 def test_param_space_starts_pbt_and_pb2_paths_from_their_distributions():
@@ -51,7 +52,8 @@ def test_param_space_starts_pbt_and_pb2_paths_from_their_distributions():
     assert pbt["rbnn.tmin"].lower == 1e-3  # the space's own distribution wins
     assert isinstance(pbt["train.optimizer.lr"], Categorical) and pbt["train.optimizer.lr"].categories == [0.1, 0.01]
     pb2 = param_space(SweepSpec.model_validate({"scheduler": PB2}))
-    assert isinstance(pb2["train.optimizer.lr"], Float) and (pb2["train.optimizer.lr"].lower, pb2["train.optimizer.lr"].upper) == (0.001, 0.1)
+    assert (isinstance(pb2["train.optimizer.lr"], Float)
+            and (pb2["train.optimizer.lr"].lower, pb2["train.optimizer.lr"].upper) == (0.001, 0.1))
 
 
 def test_schedulers_carry_their_options():
@@ -147,9 +149,11 @@ def test_random_and_grid_search_are_seeded_basic_variant_generators():
 
 
 def test_grid_search_trials_are_the_grid_times_num_samples():
-    raw = {"space": {"rbnn.rotation_update": {"choice": [1, 2]}, "train.batch_size": {"grid": [64, 128]}}, "search": "grid"}
+    raw = {"space": {"rbnn.rotation_update": {"choice": [1, 2]}, "train.batch_size": {"grid": [64, 128]}},
+           "search": "grid"}
     once = trial_configs(SweepSpec.model_validate(raw))
-    assert sorted((c["rbnn.rotation_update"], c["train.batch_size"]) for c in once) == [(1, 64), (1, 128), (2, 64), (2, 128)]
+    assert (sorted((c["rbnn.rotation_update"], c["train.batch_size"]) for c in once)
+            == [(1, 64), (1, 128), (2, 64), (2, 128)])
     assert len(trial_configs(SweepSpec.model_validate({**raw, "num_samples": 2}))) == 8
 
 

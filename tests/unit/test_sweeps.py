@@ -10,13 +10,19 @@ import pytest
 from pydantic import ValidationError
 
 from bitfleet import registry
-from bitfleet.errors import SpecError
-from bitfleet.errors import format_validation_error
+from bitfleet.errors import SpecError, format_validation_error
 from bitfleet.resolve import validate_spec
-from bitfleet.spec import RunSpec
 from bitfleet.scheduler.sweep import param_space
+from bitfleet.spec import RunSpec
 from bitfleet.sweeps import (
-    Asha, Distribution, Fifo, Pb2, Pbt, SweepSpec, apply_config, check_sweep,
+    Asha,
+    Distribution,
+    Fifo,
+    Pb2,
+    Pbt,
+    SweepSpec,
+    apply_config,
+    check_sweep,
 )
 
 TMIN = {"rbnn.tmin": {"loguniform": [1e-3, 1e-1]}}
@@ -106,22 +112,27 @@ def space(dist: dict, path: str = "rbnn.tmin") -> dict:
 
 PBT_OPTIONS = "options: perturbation_interval, mutations, quantile_fraction, resample_probability, synch"
 BAD_SWEEPS = [  # (id, sweep section, the exact start of the message, substrings it must contain)
-    ("uniform-empty", space({"uniform": [0.5, 0.5]}), "sweep.space.rbnn.tmin: uniform range is empty (low 0.5 >= high 0.5)", []),
+    ("uniform-empty", space({"uniform": [0.5, 0.5]}),
+     "sweep.space.rbnn.tmin: uniform range is empty (low 0.5 >= high 0.5)", []),
     ("loguniform-empty", space({"loguniform": [0.1, 0.01]}),
      "sweep.space.rbnn.tmin: loguniform range is empty (low 0.1 >= high 0.01)", []),
     ("randint-empty", space({"randint": [3, 3]}, "rbnn.rotation_update"),
      "sweep.space.rbnn.rotation_update: randint range is empty (low 3 >= high 3, high excluded)", []),
-    ("loguniform-zero-low", space({"loguniform": [0, 1]}), "sweep.space.rbnn.tmin: loguniform needs 0 < low (got low 0.0)", []),
+    ("loguniform-zero-low", space({"loguniform": [0, 1]}),
+     "sweep.space.rbnn.tmin: loguniform needs 0 < low (got low 0.0)", []),
     ("loguniform-negative-low", space({"loguniform": [-1, 1]}), "sweep.space.rbnn.tmin: loguniform needs 0 < low", []),
     ("choice-empty", space({"choice": []}), "sweep.space.rbnn.tmin: choice needs at least one value", []),
     ("grid-empty", space({"grid": []}), "sweep.space.rbnn.tmin: grid needs at least one value", []),
-    ("unknown-distribution", space({"normal": [0, 1]}), "sweep.space.rbnn.tmin: expected one key out of uniform", ["'normal'"]),
+    ("unknown-distribution", space({"normal": [0, 1]}),
+     "sweep.space.rbnn.tmin: expected one key out of uniform", ["'normal'"]),
     ("two-keys", space({"uniform": [0, 1], "choice": [1]}), "sweep.space.rbnn.tmin: expected one key", []),
     ("not-a-mapping", space(0.1), "sweep.space.rbnn.tmin: expected one key", ["0.1"]),
-    ("three-numbers", space({"uniform": [0, 1, 2]}), "sweep.space.rbnn.tmin: uniform takes [low, high], two numbers", []),
+    ("three-numbers", space({"uniform": [0, 1, 2]}),
+     "sweep.space.rbnn.tmin: uniform takes [low, high], two numbers", []),
     ("uniform-strings", space({"uniform": ["a", "b"]}), "sweep.space.rbnn.tmin: uniform takes [low, high]", []),
     ("uniform-bool", space({"uniform": [False, True]}), "sweep.space.rbnn.tmin: uniform takes [low, high]", []),
-    ("randint-fraction", space({"randint": [1, 2.5]}), "sweep.space.rbnn.tmin: randint takes [low, high], two integers", []),
+    ("randint-fraction", space({"randint": [1, 2.5]}),
+     "sweep.space.rbnn.tmin: randint takes [low, high], two integers", []),
     ("choice-not-list", space({"choice": "abc"}), "sweep.space.rbnn.tmin: choice takes a list", []),
     ("nothing-to-sweep", {}, "sweep.space: nothing to sweep", []),
     ("unknown-key", {"space": TMIN, "metirc": "x"}, "sweep.metirc: unknown key; did you mean 'metric'?", []),
@@ -134,7 +145,8 @@ BAD_SWEEPS = [  # (id, sweep section, the exact start of the message, substrings
     ("fifo-option", {"space": TMIN, "scheduler": {"type": "fifo", "grace_period": 3}},
      "sweep.scheduler.grace_period: not an option of scheduler fifo (options: none)", []),
     ("asha-option", {"space": TMIN, "scheduler": {"type": "asha", "perturbation_interval": 3}},
-     "sweep.scheduler.perturbation_interval: not an option of scheduler asha (options: grace_period, reduction_factor, max_t)", []),
+     "sweep.scheduler.perturbation_interval: not an option of scheduler asha "
+     "(options: grace_period, reduction_factor, max_t)", []),
     ("pbt-option", {"space": TMIN, "scheduler": {**PBT, "grace_period": 3}},
      f"sweep.scheduler.grace_period: not an option of scheduler pbt ({PBT_OPTIONS})", []),
     ("pb2-option", {"space": TMIN, "scheduler": {**PB2, "resample_probability": 0.5}},
@@ -175,7 +187,8 @@ BAD_SWEEPS = [  # (id, sweep section, the exact start of the message, substrings
     ("overlapping-paths", {"space": {"train.optimizer": {"choice": [{"type": "adam"}]},
                                      "train.optimizer.lr": {"uniform": [0.01, 0.1]}}},
      "sweep.space.train.optimizer.lr: overlaps train.optimizer, which is swept as a whole", []),
-    ("mutation-inside-a-swept-section", {"space": {"train.optimizer": {"choice": [{"type": "adam"}]}}, "scheduler": PBT},
+    ("mutation-inside-a-swept-section",
+     {"space": {"train.optimizer": {"choice": [{"type": "adam"}]}}, "scheduler": PBT},
      "sweep.scheduler.mutations.train.optimizer.lr: overlaps train.optimizer", []),
 ]
 
@@ -237,17 +250,26 @@ def test_existing_paths_pass_including_workload_defaults(resolved):
 @pytest.mark.parametrize("sweep,message", [
     ({"space": {"train.lr_scheduel.type": {"choice": ["cosine"]}}},
      "sweep.space.train.lr_scheduel.type: no such field in the spec (did you mean train.lr_schedule.type?)"),
-    ({"space": {"rbnn.tminn": {"uniform": [0.01, 0.1]}}}, "sweep.space.rbnn.tminn: no such field in the spec (did you mean rbnn.tmin?)"),
-    ({"space": {"lbpnet.temperature": {"uniform": [0.01, 0.1]}}}, "sweep.space.lbpnet.temperature: no such field in the spec"),
-    ({"space": {"rbnn.teacher.checkpoint": {"choice": ["/x"]}}}, "sweep.space.rbnn.teacher.checkpoint: no such field in the spec (did you mean rbnn.teacher?)"),
+    ({"space": {"rbnn.tminn": {"uniform": [0.01, 0.1]}}},
+     "sweep.space.rbnn.tminn: no such field in the spec (did you mean rbnn.tmin?)"),
+    ({"space": {"lbpnet.temperature": {"uniform": [0.01, 0.1]}}},
+     "sweep.space.lbpnet.temperature: no such field in the spec"),
+    ({"space": {"rbnn.teacher.checkpoint": {"choice": ["/x"]}}},
+     "sweep.space.rbnn.teacher.checkpoint: no such field in the spec (did you mean rbnn.teacher?)"),
     ({"space": {"train.lr_schedule.milestones.0": {"randint": [1, 5]}}},
-     "sweep.space.train.lr_schedule.milestones.0: no such field in the spec (did you mean train.lr_schedule.milestones?)"),
+     "sweep.space.train.lr_schedule.milestones.0: no such field in the spec "
+     "(did you mean train.lr_schedule.milestones?)"),
     ({"scheduler": {**PBT, "mutations": {"train.optimizer.lrr": [0.1]}}},
      "sweep.scheduler.mutations.train.optimizer.lrr: no such field in the spec (did you mean train.optimizer.lr?)"),
-    ({"scheduler": {**PB2, "bounds": {"rbnn.tmax2": [1, 2]}}}, "sweep.scheduler.bounds.rbnn.tmax2: no such field in the spec (did you mean rbnn.tmax?)"),
-    ({"space": {"name": {"choice": ["a", "b"]}}}, "sweep.space.name: name cannot be swept (the run's name; Tune names the trials)"),
-    ({"space": {"workload": {"choice": ["rbnn", "lbpnet"]}}}, "sweep.space.workload: workload cannot be swept (each workload has its own sections; sweep one workload per spec)"),
-    ({"space": {"sweep.num_samples": {"choice": [1, 2]}}}, "sweep.space.sweep.num_samples: sweep cannot be swept (a sweep does not sweep its own settings)"),
+    ({"scheduler": {**PB2, "bounds": {"rbnn.tmax2": [1, 2]}}},
+     "sweep.scheduler.bounds.rbnn.tmax2: no such field in the spec (did you mean rbnn.tmax?)"),
+    ({"space": {"name": {"choice": ["a", "b"]}}},
+     "sweep.space.name: name cannot be swept (the run's name; Tune names the trials)"),
+    ({"space": {"workload": {"choice": ["rbnn", "lbpnet"]}}},
+     "sweep.space.workload: workload cannot be swept "
+     "(each workload has its own sections; sweep one workload per spec)"),
+    ({"space": {"sweep.num_samples": {"choice": [1, 2]}}},
+     "sweep.space.sweep.num_samples: sweep cannot be swept (a sweep does not sweep its own settings)"),
     ({"space": {"train.epochs": {"uniform": [1, 5]}}},
      "sweep.space.train.epochs: uniform draws real numbers but train.epochs is an integer (use randint)"),
     ({"scheduler": {**PB2, "bounds": {"rbnn.rotation_update": [1, 5]}}},
@@ -255,7 +277,8 @@ def test_existing_paths_pass_including_workload_defaults(resolved):
      "(use pbt with a randint mutation)"),
     ({"space": {"train.lr_schedule.type": {"uniform": [1, 5]}}},
      "sweep.space.train.lr_schedule.type: uniform draws numbers but train.lr_schedule.type is str 'cosine'"),
-    ({"space": {"train.amp": {"randint": [0, 2]}}}, "sweep.space.train.amp: randint draws numbers but train.amp is bool False"),
+    ({"space": {"train.amp": {"randint": [0, 2]}}},
+     "sweep.space.train.amp: randint draws numbers but train.amp is bool False"),
     ({"space": TMIN, "scheduler": {"type": "asha", "grace_period": 10}},
      "sweep.scheduler.grace_period: 10 leaves nothing to stop early: it must be below max_t=10 (train.epochs)"),
     ({"space": TMIN, "scheduler": {"type": "asha", "grace_period": 4, "max_t": 4}},
@@ -277,7 +300,8 @@ def test_perturbation_interval_must_fall_on_checkpoints(resolved):
 
 def test_apply_config_sets_nested_values_on_a_copy():
     raw = {"name": "x", "train": {"epochs": 3, "optimizer": {"lr": 0.1}}}
-    config = {"train.optimizer.lr": np.float64(0.01), "rbnn.rotation_update": np.int64(5), "train.lr_schedule.type": "step"}
+    config = {"train.optimizer.lr": np.float64(0.01), "rbnn.rotation_update": np.int64(5),
+              "train.lr_schedule.type": "step"}
     trial = apply_config(raw, config)
     assert trial == {"name": "x", "train": {"epochs": 3, "optimizer": {"lr": 0.01}, "lr_schedule": {"type": "step"}},
                      "rbnn": {"rotation_update": 5}}

@@ -314,7 +314,8 @@ def test_attention_map_by_hand():
     f = torch.tensor([[[[1.0, 2.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 1.0]]]])  # (1, 2, 2, 2)
     # mean_c f^2 = [1, 2, 2, 1], ||.||_2 = sqrt(10)
     assert torch.allclose(quant.attention_map(f), torch.tensor([[1.0, 2.0, 2.0, 1.0]]) / math.sqrt(10))
-    assert torch.allclose(quant.attention_map(torch.tensor([[3.0, -4.0]])), torch.tensor([[9.0, 16.0]]) / math.sqrt(337))
+    assert torch.allclose(quant.attention_map(torch.tensor([[3.0, -4.0]])),
+                          torch.tensor([[9.0, 16.0]]) / math.sqrt(337))
     q = torch.quantize_per_tensor(f, 0.5, 0, torch.quint8)
     assert torch.allclose(quant.attention_map(q), quant.attention_map(f))
     for shape in [(4, 8, 5, 5), (4, 30)]:

@@ -51,7 +51,8 @@ class Regression(Workload):
     datasets = ("mnist_sample", "mnist")
     metrics = (
         Metric("bitfleet_regression_mse", "gauge", "Mean squared error of the last epoch", SPLIT_LABELS, "{split}/mse"),
-        Metric("bitfleet_regression_mae", "gauge", "Mean absolute error of the last epoch", SPLIT_LABELS, "{split}/mae"),
+        Metric("bitfleet_regression_mae", "gauge", "Mean absolute error of the last epoch", SPLIT_LABELS,
+               "{split}/mae"),
     )
 
     def build_model(self, config: ModelConfig, data):

@@ -41,7 +41,8 @@ class BlocksConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self):
         if len(self.channels_per_stage) != self.stages:
-            raise ValueError(f"channels_per_stage: expected {self.stages} widths, one per stage (got {self.channels_per_stage})")
+            raise ValueError(f"channels_per_stage: expected {self.stages} widths, one per stage "
+                             f"(got {self.channels_per_stage})")
         bad = [s for s in self.downsample_at if not 0 <= s < self.stages]
         if bad:
             raise ValueError(f"downsample_at: stage indices must be in [0, {self.stages - 1}] (got {bad})")

@@ -8,7 +8,8 @@ The float head (global average pool or flatten, Linear, BN, ReLU, Linear) stays 
 
 LBP comparisons depend only on the order of values within a channel, and the input normalisation is
 strictly increasing, so the engine reads raw uint8 pixels where the model reads normalised ones; before
-the head the image channels are normalised as the data loader does. Its predictions equal the model's hard-path predictions.
+the head the image channels are normalised as the data loader does. Its predictions equal the model's
+hard-path predictions.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def export(model: LBPNet, data, path: Path) -> dict:
     """Write the integer engine's tables (.npz) of a MAC-free RP LBPNet; returns a summary."""
     blocks = list(model.blocks)
     if not all(isinstance(b, LBPBlock) and b.kind == "macfree" and isinstance(b.fusion, RPFusion) for b in blocks):
-        raise SpecError("model.blocks: integer export needs the MAC-free network (block: macfree, fusion_type: rp_paper)")
+        raise SpecError("model.blocks: integer export needs the MAC-free network "
+                        "(block: macfree, fusion_type: rp_paper)")
     arrays: dict[str, np.ndarray] = {"num_blocks": np.array(len(blocks))}
     for i, block in enumerate(blocks):
         lbp, rp = block.lbp, block.fusion
@@ -47,7 +49,8 @@ def export(model: LBPNet, data, path: Path) -> dict:
     })
     if bn is not None:
         arrays.update({
-            "bn.mean": bn.running_mean.numpy(), "bn.var": bn.running_var.numpy(), "bn.eps": np.array(bn.eps, np.float32),
+            "bn.mean": bn.running_mean.numpy(), "bn.var": bn.running_var.numpy(),
+            "bn.eps": np.array(bn.eps, np.float32),
             "bn.weight": bn.weight.detach().numpy(), "bn.bias": bn.bias.detach().numpy(),
         })
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,8 @@ class IntegerLBPNet:
     def logits(self, images: np.ndarray) -> np.ndarray:
         t = self.t
         features = self.features(images).astype(np.float32)
-        k = int(t["input_channels"])  # the image channels were carried as pixel codes: normalise them as the loader does
+        # the image channels were carried as pixel codes: normalise them as the loader does
+        k = int(t["input_channels"])
         mean, std = t["input_mean"][:, None, None], t["input_std"][:, None, None]
         features[:, :k] = (features[:, :k] / np.float32(255) - mean) / std
         pooled = features.reshape(len(features), -1) if str(t["head_pool"]) == "flatten" else features.mean((2, 3))
@@ -89,11 +93,13 @@ class IntegerLBPNet:
         b, c, h, w = x.shape
         planes = _compare(x, t["channels"], t["offsets"], int(t["radius"]) + 1)  # (B, U, words) uint64
         count = _popcount(planes[:, t["routes"]], h * w)  # (B, C_out, H·W)
-        y = np.maximum(count - (int(t["threshold"]) - 1), 0).astype(np.uint8) * t["gates"][None, :, None].astype(np.uint8)
+        y = (np.maximum(count - (int(t["threshold"]) - 1), 0).astype(np.uint8)
+             * t["gates"][None, :, None].astype(np.uint8))
         out = np.concatenate([x, y.reshape(b, -1, h, w)], 1)
         if t["downsample"]:  # 2x2 max pool as three element-wise maxima of strided views
             even = out[:, :, : h // 2 * 2, : w // 2 * 2]
-            out = np.maximum(np.maximum(even[:, :, ::2, ::2], even[:, :, 1::2, ::2]), np.maximum(even[:, :, ::2, 1::2], even[:, :, 1::2, 1::2]))
+            out = np.maximum(np.maximum(even[:, :, ::2, ::2], even[:, :, 1::2, ::2]),
+                             np.maximum(even[:, :, ::2, 1::2], even[:, :, 1::2, 1::2]))
         return out
 
 
@@ -102,7 +108,8 @@ def _compare(x: np.ndarray, channels: np.ndarray, offsets: np.ndarray, pad: int)
     b, c, h, w = x.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge").reshape(b, -1)
     hp, wp = h + 2 * pad, w + 2 * pad
-    centre = (channels[:, None, None] * hp * wp + (np.arange(h)[:, None] + pad) * wp + np.arange(w) + pad).reshape(len(channels), -1)
+    centre = (channels[:, None, None] * hp * wp + (np.arange(h)[:, None] + pad) * wp
+              + np.arange(w) + pad).reshape(len(channels), -1)
     sample = centre + (offsets[:, 0] * wp + offsets[:, 1])[:, None]
     bits = xp[:, sample] > xp[:, centre]  # (B, U, H·W) bool
     packed = np.packbits(bits, axis=-1, bitorder="little")

@@ -84,7 +84,8 @@ class LBPLayer(nn.Module):
     ):
         super().__init__()
         assert window % 2 == 1 and surrogate in SURROGATES
-        self.in_channels, self.num_patterns, self.num_points, self.window = in_channels, num_patterns, num_points, window
+        self.in_channels, self.num_patterns, self.num_points, self.window = (
+            in_channels, num_patterns, num_points, window)
         self.radius = (window - 1) / 2
         self.share_across_channels, self.surrogate = share_across_channels, surrogate
         tables = 1 if share_across_channels else in_channels
@@ -135,7 +136,8 @@ class LBPLayer(nn.Module):
         whole = torch.round(pos.detach()).long()
         sample = centre + (whole[:, 0] * wp + whole[:, 1]).view(-1, 1)
         scale = 1.0 / self.alpha.clamp(min=1e-3)
-        bits = _LBPCompare.apply(xp, pos, scale.to(x.dtype), sample.flatten(), centre.flatten(), wp, self.surrogate, self.soft_forward and self.training)
+        bits = _LBPCompare.apply(xp, pos, scale.to(x.dtype), sample.flatten(), centre.flatten(), wp, self.surrogate,
+                                 self.soft_forward and self.training)
         return bits.view(b, len(channel), h, w)
 
     def offset_penalty(self, target_radius: float | None) -> torch.Tensor:
@@ -202,7 +204,8 @@ class RPFusion(nn.Module):
         self.soft_forward = soft_forward  # relaxed gates in the forward pass (before hardening)
         self.threshold = math.ceil(n_bits_per_out / 2) if threshold is None else int(threshold)
         generator = torch.Generator().manual_seed(seed)
-        routes = torch.stack([torch.randperm(num_bits_in, generator=generator)[:n_bits_per_out] for _ in range(out_channels)])
+        routes = torch.stack([torch.randperm(num_bits_in, generator=generator)[:n_bits_per_out]
+                              for _ in range(out_channels)])
         needed, local = torch.unique(routes, return_inverse=True)
         self.register_buffer("routes", routes)  # (C_out, k) flat LBP bit indices: part of the model
         self.register_buffer("needed_bits", needed, persistent=False)  # the LBP bits to compute, sorted

@@ -28,13 +28,15 @@ def _tile(x: torch.Tensor, channels: int) -> torch.Tensor:
 class LBPBlock(nn.Module):
     """LBP comparisons fused into `out_channels` maps by RP or 1x1 fusion, in the `residual` or `macfree` form."""
 
-    def __init__(self, in_channels: int, out_channels: int, kind: str, downsample: bool, lbp: dict, fusion: str, rp: dict):
+    def __init__(self, in_channels: int, out_channels: int, kind: str, downsample: bool, lbp: dict, fusion: str,
+                 rp: dict):
         super().__init__()
         self.kind, self.downsample = kind, downsample
         self.lbp = LBPLayer(in_channels, **lbp)
         if fusion == "rp_paper":
             activation = "shifted_relu" if kind == "macfree" else "threshold"
-            self.fusion = RPFusion(self.lbp.num_bits, out_channels, activation=activation, surrogate=self.lbp.surrogate, **rp)
+            self.fusion = RPFusion(self.lbp.num_bits, out_channels, activation=activation,
+                                   surrogate=self.lbp.surrogate, **rp)
         else:
             self.fusion = Conv1x1Fusion(self.lbp.num_bits, out_channels)
         self.bn = nn.BatchNorm2d(out_channels) if kind == "residual" or fusion == "conv1x1" else nn.Identity()

@@ -19,7 +19,6 @@ from torch import nn
 from workloads.lbpnet.layers import Conv1x1Fusion, RPFusion
 from workloads.lbpnet.models import LBPBlock
 
-
 QUANTITIES = {  # what `measure` returns, reported each epoch as `paper/<name>`
     "cmp": "comparisons per image", "add": "additions per image", "mul": "multiplications per image",
     "ops": "operations per image", "gops": "GOPs per image", "size_bytes": "model size in bytes",
@@ -44,7 +43,8 @@ def measure(model: nn.Module, image_size: int) -> dict[str, float]:
             ops["add"] += computed * pixels
             size += lbp.offsets.numel() * 4
             window_positions = _bits_for(lbp.window**2)
-            packed_bits += lbp.offsets[..., 0].numel() * window_positions + lbp.point_channels.numel() * _bits_for(lbp.in_channels)
+            packed_bits += (lbp.offsets[..., 0].numel() * window_positions
+                            + lbp.point_channels.numel() * _bits_for(lbp.in_channels))
             if isinstance(fusion, RPFusion):
                 ops["add"] += (fusion.k - 1) * fusion.out_channels * pixels
                 ops["cmp"] += fusion.out_channels * pixels

@@ -52,7 +52,9 @@ class LBPNetWorkload(Workload):
         temperatures = cb.Temperatures(options.temp_schedule)
         freeze = cb.Freeze(options.freeze_schedule)
         hard = cb.HardFinetune(options.hard_finetune)
-        out = [temperatures, freeze, hard, cb.BNRecalibration(options.hard_finetune.bn_recal_batches, options.hard_finetune.bn_recal == "every_eval", hard)]
+        out = [temperatures, freeze, hard,
+               cb.BNRecalibration(options.hard_finetune.bn_recal_batches,
+                                  options.hard_finetune.bn_recal == "every_eval", hard)]
         if options.stability.collapse_guard:
             out.append(cb.CollapseGuard(options.stability, temperatures, freeze))
         out.append(cb.Telemetry(run.info.image_size))

@@ -57,7 +57,8 @@ class BNOnly(HoldParameters):
     def held(self, state: TrainState) -> set[str]:
         if state.epoch < self.start:
             return set()
-        bn = {id(p) for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+        bn = {id(p) for m in state.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              for p in m.parameters()}
         return {name for name, p in state.model.named_parameters() if id(p) not in bn}
 
     def on_epoch_start(self, state):

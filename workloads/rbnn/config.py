@@ -19,7 +19,8 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _something_binary(self):
         if self.a32 and self.w32:
-            raise ValueError("w32: a32 and w32 together leave nothing binary; use the resnet_cifar workload for float nets")
+            raise ValueError("w32: a32 and w32 together leave nothing binary; "
+                             "use the resnet_cifar workload for float nets")
         return self
 
 

@@ -49,7 +49,8 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
 
 
 class BinaryConv2d(nn.Conv2d):
-    """1-bit weights (rotated, then sign, unless `w32`) and 1-bit activations (sign, unless `a32`), scaled per channel."""
+    """1-bit weights (rotated, then sign, unless `w32`) and 1-bit activations (sign, unless `a32`), scaled
+    per channel."""
 
     def __init__(self, *args, a32: bool = False, w32: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

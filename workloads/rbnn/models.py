@@ -68,7 +68,8 @@ class CifarBlock(nn.Module):
         super().__init__()
         self.bireal = bireal
         shortcut = ShortcutA(in_planes, planes, stride) if stride != 1 or in_planes != planes else nn.Identity()
-        self.first = BinaryConvBN(conv(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes), shortcut, bireal)
+        self.first = BinaryConvBN(conv(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+                                  shortcut, bireal)
         self.second = BinaryConvBN(conv(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes), None, bireal)
         self.shortcut = shortcut
 
@@ -82,7 +83,8 @@ class CifarBlock(nn.Module):
 class CifarResNet(nn.Module):
     def __init__(self, blocks, widths, num_classes, in_channels, conv, bireal):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.Hardtanh())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.Hardtanh())
         layers, planes = [], widths[0]
         for stage, (count, width) in enumerate(zip(blocks, widths)):
             for i in range(count):
@@ -143,8 +145,10 @@ class MobileNetV1BiReal(nn.Module):
         for out, stride in self.PLAN:
             out = int(out * width)
             groups = c if grouped else 1
-            layers.append(BinaryConvBN(conv(c, c, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(c), ChannelShortcut(c, c, stride)))
-            layers.append(BinaryConvBN(conv(c, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out), ChannelShortcut(c, out, 1)))
+            layers.append(BinaryConvBN(conv(c, c, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(c),
+                                       ChannelShortcut(c, c, stride)))
+            layers.append(BinaryConvBN(conv(c, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out),
+                                       ChannelShortcut(c, out, 1)))
             c = out
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm1d(c)  # the unclipped stream's scale grows with depth: normalise before the classifier
@@ -160,7 +164,8 @@ class ImageNetBiRealResNet(nn.Module):
     def __init__(self, blocks, num_classes, in_channels, conv):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1)
         )
         layers, c = [], 64
         for stage, count in enumerate(blocks):
@@ -181,7 +186,8 @@ class ImageNetBiRealResNet(nn.Module):
 
 
 def _cifar_resnet(blocks, widths, bireal):
-    return lambda num_classes, in_channels, size, conv: CifarResNet(blocks, widths, num_classes, in_channels, conv, bireal)
+    return lambda num_classes, in_channels, size, conv: CifarResNet(blocks, widths, num_classes, in_channels,
+                                                                    conv, bireal)
 
 
 def _resnet(blocks):
@@ -194,7 +200,8 @@ def _resnet(blocks):
 
 
 def _mobilenet(width, grouped):
-    return lambda num_classes, in_channels, size, conv: MobileNetV1BiReal(width, grouped, num_classes, in_channels, conv)
+    return lambda num_classes, in_channels, size, conv: MobileNetV1BiReal(width, grouped, num_classes, in_channels,
+                                                                          conv)
 
 
 ARCHS = {
@@ -210,7 +217,8 @@ ARCHS = {
 }
 
 
-def build(arch: str, num_classes: int, in_channels: int, image_size: int, a32: bool = False, w32: bool = False) -> nn.Module:
+def build(arch: str, num_classes: int, in_channels: int, image_size: int, a32: bool = False,
+          w32: bool = False) -> nn.Module:
     model = ARCHS[arch](num_classes, in_channels, image_size, partial(BinaryConv2d, a32=a32, w32=w32))
     if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
         with torch.no_grad():  # materialise VGG-small's classifier for this image size

@@ -51,7 +51,8 @@ class RBNN(Workload):
         teacher = spec.options.teacher
         if teacher is not None:
             if teacher.workload == self.name:
-                raise SpecError("rbnn.teacher.workload: the teacher is a real-valued network of another workload (e.g. resnet_cifar)")
+                raise SpecError("rbnn.teacher.workload: the teacher is a real-valued network of another workload "
+                                "(e.g. resnet_cifar)")
             _teacher_model_config(teacher)
             existing_checkpoint(teacher.checkpoint, "rbnn.teacher.checkpoint")
 
@@ -59,7 +60,8 @@ class RBNN(Workload):
         self.teacher = _load_teacher(self.options.teacher, run.info) if self.options.teacher else None
 
     def build_model(self, config: ModelConfig, data):
-        return models.build(config.arch, data.num_classes, data.in_channels, data.image_size, a32=config.a32, w32=config.w32)
+        return models.build(config.arch, data.num_classes, data.in_channels, data.image_size, a32=config.a32,
+                            w32=config.w32)
 
     def callbacks(self, run):
         options = self.options

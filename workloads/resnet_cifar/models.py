@@ -54,7 +54,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, residual: bool, shortcut: Literal["A", "B"] = "A", num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, depth: int, residual: bool, shortcut: Literal["A", "B"] = "A", num_classes: int = 10,
+                 in_channels: int = 3):
         super().__init__()
         assert (depth - 2) % 6 == 0, "depth must be 6n+2"
         n = (depth - 2) // 6
@@ -74,7 +75,8 @@ class CifarResNet(nn.Module):
         """He initialisation of the convolutions, as in the paper (its ref. [13])."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_out" if isinstance(m, nn.Conv2d) else "fan_in",
+                                        nonlinearity="relu")
 
     def forward(self, x):
         x = self.blocks(F.relu(self.bn1(self.conv1(x))))
@@ -83,4 +85,5 @@ class CifarResNet(nn.Module):
 
 def build(arch: str, shortcut: Literal["A", "B"] = "A", num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     kind, depth = ARCHS[arch]
-    return CifarResNet(depth, residual=kind == "resnet", shortcut=shortcut, num_classes=num_classes, in_channels=in_channels)
+    return CifarResNet(depth, residual=kind == "resnet", shortcut=shortcut, num_classes=num_classes,
+                       in_channels=in_channels)

@@ -20,8 +20,8 @@ networks' attention maps (Zagoruyko & Komodakis, ICLR 2017) at the model's `atte
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from contextlib import contextmanager
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,8 @@ QCONFIG = tq.QConfig(
 def use_engine(engine: str = ENGINE) -> None:
     """Select the quantized kernels that pack (at convert) and run the INT8 network."""
     if engine not in torch.backends.quantized.supported_engines:
-        raise ValueError(f"engine: {engine!r} not supported by this torch ({torch.backends.quantized.supported_engines})")
+        raise ValueError(f"engine: {engine!r} not supported by this torch "
+                         f"({torch.backends.quantized.supported_engines})")
     torch.backends.quantized.engine = engine
 
 

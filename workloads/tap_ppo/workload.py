@@ -41,7 +41,8 @@ class TapPPO(Workload):
         points = models.ARCHS[arch].record_points
         unknown = [name for name in options.attention_layers or [] if name not in points]
         if unknown:
-            raise SpecError(f"tap_ppo.attention_layers: {unknown[0]!r} is not a record point of {arch} ({', '.join(points)})")
+            raise SpecError(f"tap_ppo.attention_layers: {unknown[0]!r} is not a record point of {arch} "
+                            f"({', '.join(points)})")
 
     @property
     def qat(self) -> bool:

@@ -75,9 +75,10 @@ def unreadable(root: Path) -> set[str]:
 def missing(spec) -> str | None:
     """None when the folders are laid out as expected, else what is wrong and how to fix it."""
     root = Path(spec.root)
-    for split, folder in SPLITS.items():
+    for _split, folder in SPLITS.items():
         if not (root / folder).is_dir():
-            hint = f"; `bitfleet data prepare {spec.dataset} {root}` lays it out" if spec.dataset != "image_folder" else ""
+            hint = (f"; `bitfleet data prepare {spec.dataset} {root}` lays it out"
+                    if spec.dataset != "image_folder" else "")
             return f"data.root: {root / folder} not found (expected {root}/{folder}/<class>/*.JPEG){hint}"
     classes = class_names(root)
     if not classes:

@@ -7,9 +7,9 @@ order, and shard the eval splits without padding so every image counts once in t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bitfleet.data.folders import CHECK_FILE, EXTENSIONS, SPLITS, image_files, class_names
+from bitfleet.data.folders import CHECK_FILE, EXTENSIONS, SPLITS, class_names, image_files
 
 DECODABLE = {"JPEG", "PNG"}  # what both loaders decode (DALI's nvImageCodec and PIL)
 

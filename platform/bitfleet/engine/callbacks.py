@@ -18,7 +18,8 @@ from bitfleet.spec import DataSpec
 
 @dataclass(frozen=True)
 class RunContext:
-    """What a workload's worker-side hooks (`setup`, `callbacks`) may know of the run besides the workload's own config."""
+    """What a workload's worker-side hooks (`setup`, `callbacks`) may know of the run besides the workload's
+    own config."""
 
     epochs: int
     run_path: str  # the run's folder or URI (bitfleet.storage writes to both)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def load(directory: str | Path) -> dict[str, Any]:
 
 
 @contextmanager
-def to_ray(state: dict[str, Any] | None, write_shard=None) -> Iterator["ray.train.Checkpoint"]:  # noqa: F821
+def to_ray(state: dict[str, Any] | None, write_shard=None) -> Iterator[ray.train.Checkpoint]:  # noqa: F821
     """A `ray.train.Checkpoint` in a temporary directory, valid inside the `with`: `state` (rank 0's; None on
     the other ranks) and what `write_shard(directory)` writes. Ray merges the ranks' files into one folder."""
     import ray.train

@@ -20,12 +20,12 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
-from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.data import loaders
 from bitfleet.engine import checkpoint, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
+from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec
 
 
@@ -63,7 +63,8 @@ class Trainer:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
         self.model = self.workload.build_model(spec.model, self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
-            self.workload.load_initial_weights(self.model, checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
+            self.workload.load_initial_weights(self.model,
+                                               checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.train_spec.lr_schedule, self.train_spec.epochs, self.steps_per_epoch
@@ -72,7 +73,8 @@ class Trainer:
         self.strategy = strategy.build(self.train_spec, self.model, self.optimizer, self.device,
                                        self.train_spec.batch_size // self.world)
         ema = self.train_spec.ema
-        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True) if ema else None
+        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True)
+                    if ema else None)
         self.objective = self.workload.Objective(self.train_spec, self.data.info)
         self.callbacks = Callbacks(self.workload.callbacks(run))
         self.state = TrainState(

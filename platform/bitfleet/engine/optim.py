@@ -9,7 +9,8 @@ from torch.optim import lr_scheduler
 
 def param_groups(model: torch.nn.Module, spec) -> list[dict]:
     """One group per `spec.param_groups` entry (first match wins), the rest in a `default` group."""
-    groups = {g.name: {"name": g.name, "params": [], "lr_mult": g.lr_mult, "wd_mult": g.weight_decay_mult} for g in spec.param_groups}
+    groups = {g.name: {"name": g.name, "params": [], "lr_mult": g.lr_mult, "wd_mult": g.weight_decay_mult}
+              for g in spec.param_groups}
     default = {"name": "default", "params": [], "lr_mult": 1.0, "wd_mult": 1.0}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -27,7 +28,8 @@ def param_groups(model: torch.nn.Module, spec) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, spec) -> torch.optim.Optimizer:
     groups = param_groups(model, spec)
     if spec.type == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.nesterov,
+                               weight_decay=spec.weight_decay)
     cls = torch.optim.Adam if spec.type == "adam" else torch.optim.AdamW
     return cls(groups, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
 

@@ -18,6 +18,7 @@ import torch
 from bitfleet.engine.checkpoint import NO_SHARDS, SHARDS, TAG, has_shards
 from bitfleet.spec import DeepSpeedSpec, TrainSpec
 
+
 def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
           per_worker_batch: int):
     if spec.strategy == "deepspeed":

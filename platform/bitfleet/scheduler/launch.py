@@ -21,7 +21,6 @@ from bitfleet.engine import loop
 from bitfleet.spec import RunSpec
 
 
-
 def checkpoint_score(spec: RunSpec) -> tuple[str, str]:
     """(metric, "max" | "min") that ranks the run's checkpoints: `failure.checkpoint_metric`, else the
     workload objective's own on the validation split when one is held out, else on the test split."""
@@ -40,7 +39,8 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     return TorchTrainer(
         loop.train_worker,
         train_loop_config={"spec": spec},  # typed: the workload's sections are not parsed again
-        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=scaling.resize_check_s),
         run_config=RunConfig(
             name=spec.name,

@@ -19,8 +19,9 @@ import shutil
 import tempfile
 import threading
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ray
 import yaml
@@ -31,8 +32,8 @@ from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
 from bitfleet import metrics, sweeps
-from bitfleet.scheduler import launch
 from bitfleet.resolve import validate_spec
+from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec
 from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
 
@@ -284,7 +285,8 @@ def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
     sweep = spec.sweep
     ids = _trial_ids(sweep_dir)
     rows = [_trial_row(result, ids, sweep, spec.train.epochs, sweep_dir) for result in results]
-    rows.sort(key=lambda r: (r[sweep.metric] is None, -(r[sweep.metric] or 0) if sweep.mode == "max" else (r[sweep.metric] or 0)))
+    rows.sort(key=lambda r: (r[sweep.metric] is None,
+                             -(r[sweep.metric] or 0) if sweep.mode == "max" else (r[sweep.metric] or 0)))
     best = results.get_best_result(sweep.metric, sweep.mode, scope="last", filter_nan_and_inf=True)
     best_raw = sweeps.apply_config(raw, best.config)
     best_raw.pop("sweep", None)
@@ -341,7 +343,8 @@ def _trial_row(result, ids: dict[str, str], sweep, epochs: int, sweep_dir: Path)
 
 def _table(rows: list[dict], columns: list[str]) -> str:
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)] if cells else [len(c) for c in columns]
+    widths = ([max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)] if cells
+              else [len(c) for c in columns])
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
     return "\n".join(lines)
