@@ -7,7 +7,7 @@ import os
 import sys
 
 from bitfleet.errors import SpecError
-from bitfleet.resolve import load_spec
+from bitfleet.resolve import load_spec, set_aside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    spec = load_spec(args.spec, args.override)  # validated before any Ray call
+    spec = _load_for_a_start(args)  # validated before any Ray call
     from ray.train import TrainingFailedError
 
     from bitfleet.scheduler import launch, pipeline
@@ -52,7 +52,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    spec = load_spec(args.spec, args.override)  # the sweep section too: paths, ranges, scheduler options
+    spec = _load_for_a_start(args)  # the sweep section too: paths, ranges, scheduler options
     if spec.sweep is None:
         raise SpecError(f"sweep: {args.spec} has no sweep section (see the README's Sweeps)")
     from bitfleet.scheduler import sweep
@@ -60,6 +60,16 @@ def cmd_sweep(args) -> int:
     summary = sweep.run_sweep(spec, address=args.address)
     print(json.dumps(summary, indent=1, default=str))
     return 0
+
+
+def _load_for_a_start(args):
+    """The resolved spec of `run`/`sweep`; with --fresh an existing run of that name is set aside first."""
+    spec = load_spec(args.spec, args.override, fresh=args.fresh)
+    if args.fresh:
+        aside = set_aside(spec)
+        if aside:
+            print(f"bitfleet: --fresh: the earlier {spec.name} is kept as {aside}", file=sys.stderr)
+    return spec
 
 
 def cmd_submit(args) -> int:
@@ -166,8 +176,11 @@ def _parser() -> argparse.ArgumentParser:
     run = spec_command("run", cmd_run, "run a spec as a Ray Train job, or its stages as a pipeline "
                        "(a local Ray when no cluster is given)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
+    run.add_argument("--fresh", action="store_true", help="start anew: an existing run of that name is moved "
+                     "aside (to NAME.<UTC time>), not resumed")
     sweep = spec_command("sweep", cmd_sweep, "run the spec's `sweep:` as a Ray Tune search (resumes if it ran before)")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
+    sweep.add_argument("--fresh", action="store_true", help="start the sweep anew, its earlier folder moved aside")
     submit = spec_command("submit", cmd_submit, "submit `bitfleet run SPEC` through Ray Jobs")
     submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")

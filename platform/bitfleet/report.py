@@ -12,6 +12,8 @@ from pathlib import Path
 
 import matplotlib
 
+from bitfleet import storage
+
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -81,7 +83,7 @@ def write(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     plot(runs, "train/loss", "training loss", out / "train_loss.png")
     plot(runs, "test/acc", "test accuracy (%)", out / "test_accuracy.png")
     summary = [summarize(r) for r in runs]
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    storage.write_text(str(out / "summary.json"), json.dumps(summary, indent=1))
     return out
 
 

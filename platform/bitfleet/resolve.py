@@ -8,25 +8,29 @@ scheduler and to every worker; nothing downstream parses a section again.
 from __future__ import annotations
 
 import importlib.util
+import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
-from bitfleet import registry
+from bitfleet import registry, storage
 from bitfleet.data import check_available
 from bitfleet.engine.checkpoint import NO_SHARDS, find, has_shards
 from bitfleet.errors import SpecError, format_validation_error
-from bitfleet.spec import RunSpec, StageSpec, set_path
+from bitfleet.spec import RunSpec, StageSpec, result_fields, set_path
 from bitfleet.sweeps import check_sweep, parse_sweep
 
+CONFIG_FILE = "config.json"  # a run's resolved spec (and the history of those it ran with), by the scheduler
 
-def load_spec(path: str | Path, overrides: list[str] = ()) -> RunSpec:
-    """Read a YAML spec, apply `a.b.c=value` overrides and resolve it."""
+
+def load_spec(path: str | Path, overrides: list[str] = (), fresh: bool = False) -> RunSpec:
+    """Read a YAML spec, apply `a.b.c=value` overrides and resolve it (`fresh`: see `validate_spec`)."""
     raw = read_spec_file(path)
     for item in overrides:
         apply_override(raw, item)
-    return validate_spec(raw)
+    return validate_spec(raw, fresh=fresh)
 
 
 def read_spec_file(path: str | Path) -> dict:
@@ -56,10 +60,11 @@ def apply_override(raw: dict, item: str) -> None:
     set_path(raw, key.strip(), parsed, f"override {key}")
 
 
-def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSpec:
+def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: bool = False) -> RunSpec:
     """The resolved RunSpec of a raw spec dict, or a SpecError naming the first wrong field.
 
     `pending_checkpoints`: folders that earlier pipeline stages will write; not required to exist yet.
+    `fresh`: the run will start anew (`--fresh`), so an existing run of that name is not compared with it.
     """
     try:
         spec = RunSpec.model_validate(raw)
@@ -86,7 +91,55 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = ()) -> RunSp
     missing = check_available(spec.data)
     if missing:
         raise SpecError(missing)
+    if not fresh:
+        check_existing_run(spec)
     return spec
+
+
+def check_existing_run(spec: RunSpec) -> None:
+    """A rerun under an existing run name continues that run: refuse one whose resolved spec would change
+    its result (listing each field `old → new`); `train.epochs` may only grow (extending a run)."""
+    config = storage.join(storage.run_path(spec), CONFIG_FILE)
+    if not storage.exists(config):
+        return
+    try:
+        old = json.loads(storage.read_text(config))["spec"]
+    except (ValueError, KeyError, TypeError):
+        raise SpecError(f"{config} is unreadable (a truncated write?): rerun with --fresh to start the run "
+                        "anew, its folder kept aside") from None
+    new = spec.model_dump(mode="json")
+    before, after = drift_fields(old), drift_fields(new)
+    changed = [f"{key}: {before.get(key, '(unset)')!r} → {after.get(key, '(unset)')!r}"
+               for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    old_epochs, new_epochs = old.get("train", {}).get("epochs", 0), new["train"]["epochs"]
+    if new_epochs < old_epochs:
+        changed.append(f"train.epochs: {old_epochs} → {new_epochs} (a run can be extended, not shortened)")
+    if changed:
+        raise SpecError(f"{spec.name}: {storage.run_path(spec)} holds a run of a different spec: "
+                        f"{'; '.join(changed)}. Rerun with --fresh to start it anew (the old folder is kept "
+                        "beside it), or name it differently")
+
+
+def drift_fields(dumped: dict) -> dict:
+    """What a rerun must keep: the fields that decide the result, and a sweep's own section."""
+    fields = result_fields(dumped)
+    if dumped.get("sweep"):
+        fields.update({f"sweep.{k}": v for k, v in result_fields({"s": dumped["sweep"]}).items()})
+    return fields
+
+
+def set_aside(spec: RunSpec) -> str | None:
+    """`--fresh`: move an existing run folder out of the way (to `<name>.<UTC time>` beside it); returns
+    where it went, None when there was none."""
+    folder = Path(spec.storage_path) / spec.name
+    if storage.is_uri(spec.storage_path):
+        raise SpecError(f"--fresh: storage_path {spec.storage_path} is a URI; move or delete {folder.name} there, "
+                        "or give the run another name")
+    if not folder.exists():
+        return None
+    aside = folder.with_name(f"{folder.name}.{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
+    folder.rename(aside)
+    return str(aside)
 
 
 def existing_checkpoint(path: str, field: str) -> Path:

@@ -7,6 +7,8 @@ Every error is one `SpecError` naming the field and what was expected.
 from __future__ import annotations
 
 import graphlib
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -284,6 +286,33 @@ class RunSpec(Strict):
     def run_dir(self) -> Path:
         """The run's folder where `storage_path` is a folder (`bitfleet.storage.run_path` for URIs too)."""
         return Path(self.storage_path) / self.name
+
+
+# what a rerun of a run may change without changing its result: where and how it runs, what it is compared
+# with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run)
+NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "stages", "inputs", "trial_of", "sweep",
+           "train.epochs", "train.init_from", "train.resume_from", "data.root")
+
+
+def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a dumped resolved spec that decide the run's result, flat by dotted path."""
+    return {path: value for path, value in _leaves(dumped)
+            if not any(path == n or path.startswith(n + ".") for n in NEUTRAL)}
+
+
+def spec_digest(spec: RunSpec) -> str:
+    """SHA-256 of `result_fields`: two runs that may share checkpoints have the same digest."""
+    fields = result_fields(spec.model_dump(mode="json"))
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _leaves(tree: dict[str, Any], prefix: str = ""):
+    """(dotted path, value) of every leaf; an empty mapping and a list are leaves."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _check_stages(stages: list[StageSpec]) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -41,9 +43,17 @@ def write_bytes(path: str, data: bytes) -> None:
     if not is_uri(path):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(data)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")  # one per writer
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename makes it visible: no empty file after a crash
         tmp.replace(target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself
+        finally:
+            os.close(directory)
         return
     import pyarrow.fs
 
@@ -51,6 +61,20 @@ def write_bytes(path: str, data: bytes) -> None:
     filesystem.create_dir(inner.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(inner) as out:
         out.write(data)
+
+
+def check_free_space(run_path: str, needed: int) -> None:
+    """Before a checkpoint: room for it in the temporary folder it is written to first and, for a local
+    `storage_path`, in the run folder Ray copies it to. An OSError naming the path and the bytes otherwise."""
+    places = [tempfile.gettempdir()] + ([] if is_uri(run_path) else [run_path])
+    for place in places:
+        existing = Path(place)
+        while not existing.exists():
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if free < needed * 1.1:  # a margin for the manifest, DeepSpeed's shards are counted by their writer
+            raise OSError(f"bitfleet: no room for a checkpoint in {place}: {free:,} bytes free, about "
+                          f"{needed:,} needed; free some space or point storage_path (or TMPDIR) elsewhere")
 
 
 def read_text(path: str) -> str:

@@ -23,12 +23,12 @@ import pytest
 from tests.workloads import site as workloads_site
 
 REPO = Path(__file__).parents[2]
-GCS_PORT, DASHBOARD_PORT = 26379, 28265
-_OTHER_PORTS = {
-    "--ray-client-server-port": 26380, "--node-manager-port": 26381, "--object-manager-port": 26382,
-    "--dashboard-agent-grpc-port": 26383, "--dashboard-agent-listen-port": 26384,
-    "--metrics-export-port": 26385, "--runtime-env-agent-port": 26386,
-}
+# ports outside Ray's worker range; BITFLEET_TEST_PORT_OFFSET moves them all, for a second suite beside this one
+_OFFSET = int(os.environ.get("BITFLEET_TEST_PORT_OFFSET", "0"))
+GCS_PORT, DASHBOARD_PORT = 26379 + _OFFSET, 28265 + _OFFSET
+_OTHER_PORTS = {flag: 26380 + i + _OFFSET for i, flag in enumerate((
+    "--ray-client-server-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
+    "--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port"))}
 
 
 @dataclass

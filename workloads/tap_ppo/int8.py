@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from bitfleet import storage
 from bitfleet.data import build_datasets
 from bitfleet.engine.callbacks import Callback
 from bitfleet.report import against_targets
@@ -62,7 +63,7 @@ def snapshot(qat_model: torch.nn.Module, calibration: list, run_dir: Path) -> di
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save(qat.state_dict(), run_dir / QAT_WEIGHTS)
-    (run_dir / INT8_FILE).write_text(json.dumps(record))
+    storage.write_text(str(run_dir / INT8_FILE), json.dumps(record))
     return record
 
 
@@ -96,7 +97,7 @@ def evaluate(spec) -> dict:
     values = {"teacher_int8/acc": teacher_acc, "student_tap/acc": student_acc, "drop": teacher_acc - student_acc}
     result = {**values, "levels": {name: levels(c) for name, c in codes.items()},
               "targets": against_targets(values, spec.targets)}
-    (spec.run_dir / EVAL_FILE).write_text(json.dumps(result, indent=1))
+    storage.write_text(str(spec.run_dir / EVAL_FILE), json.dumps(result, indent=1))
     print(f"[{spec.name}] teacher INT8 {teacher_acc:.2f}%  student TAP {student_acc:.2f}%  "
           f"drop {teacher_acc - student_acc:.2f} points", flush=True)
     return result

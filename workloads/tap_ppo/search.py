@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from bitfleet import storage
 from bitfleet.spec import RunSpec
 from workloads.tap_ppo import int8, quant
 from workloads.tap_ppo.tap import STEPS, TapCodes, levels, saved_fraction
@@ -152,9 +153,9 @@ def run_search(spec: RunSpec) -> dict:
                   f"return {progress[-1]['return_mean']}, {progress[-1]['seconds']:.1f} s", flush=True)
     finally:
         algo.stop()
-    (spec.run_dir / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
+    storage.write_text(str(spec.run_dir / PROGRESS_FILE), json.dumps(progress, indent=1))
     best = max(_episodes(episodes_file), key=lambda e: e["reward"])
-    (spec.run_dir / int8.RESULT_FILE).write_text(json.dumps(best, indent=1))
+    storage.write_text(str(spec.run_dir / int8.RESULT_FILE), json.dumps(best, indent=1))
     seconds = [p["seconds"] for p in progress]
     return {"best_reward": best["reward"], "best_drop": best["drop"], "episodes": _count(episodes_file),
             "iterations": len(progress), "seconds_per_iteration": float(np.median(seconds))}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bitfleet import storage
 from bitfleet.data.folders import CHECK_FILE, EXTENSIONS, SPLITS, class_names, image_files
 
 DECODABLE = {"JPEG", "PNG"}  # what both loaders decode (DALI's nvImageCodec and PIL)
@@ -109,5 +110,5 @@ def check(root: Path, workers: int = 1) -> dict:
         for path, error in zip(files, errors):
             if error:
                 report["unreadable"][os.path.relpath(path, root)] = error
-    (root / CHECK_FILE).write_text(json.dumps(report, indent=1))
+    storage.write_text(str(root / CHECK_FILE), json.dumps(report, indent=1))
     return report

@@ -1,4 +1,4 @@
-"""One checkpoint format: a directory with `state.pt` holding every stateful piece of a run.
+"""One checkpoint format: a directory with `state.pt` holding every stateful piece of a run, and a manifest.
 
 model, optimizer, lr scheduler, AMP grad scaler, EMA, callbacks, the epoch/step counters and the metric
 history. A sharded strategy (DeepSpeed ZeRO) keeps the optimizer in per-rank shards beside it
@@ -6,19 +6,30 @@ history. A sharded strategy (DeepSpeed ZeRO) keeps the optimizer in per-rank sha
 state: the loop reseeds every epoch from (seed, epoch, rank), and the samplers derive their order from
 (seed, epoch), so a run restored at an epoch boundary draws exactly what the uninterrupted run would
 have drawn.
+
+A checkpoint is complete only when its manifest checks out: every rank that writes into it adds, after
+its own files, a manifest part naming them with their sizes and SHA-256 (`manifest.json` from rank 0,
+which also records the epoch, the step and how many parts there are; `manifest.rank<k>.json` from the
+others). Ray merges the ranks' folders in no particular order, and a write can die half way: a missing
+part, a missing or truncated file, or a changed byte makes the checkpoint incomplete, and every reader
+(`find`, `newest`, the restart path) passes over it with one warning naming it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
 FILE = "state.pt"
+MANIFEST = "manifest.json"
 SHARDS = "deepspeed"  # the sub-folder of a sharded strategy's per-rank files (DeepSpeed ZeRO)
 TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
 NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
@@ -30,6 +41,13 @@ def has_shards(directory: str | Path) -> bool:
 
 
 def save(directory: str | Path, state: dict[str, Any]) -> Path:
+    """A complete one-part checkpoint: `state.pt` and the manifest that vouches for it."""
+    path = write_state(directory, state)
+    write_manifest(directory, [FILE], rank=0, parts=1, epoch=state.get("epoch"), step=state.get("global_step"))
+    return path
+
+
+def write_state(directory: str | Path, state: dict[str, Any]) -> Path:
     path = Path(directory) / FILE
     torch.save(state, path)
     return path
@@ -39,17 +57,103 @@ def load(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / FILE, map_location="cpu", weights_only=True)
 
 
+def write_manifest(directory: str | Path, files: Iterable[str], rank: int, parts: int, epoch: int | None = None,
+                   step: int | None = None, spec_digest: str | None = None) -> None:
+    """This rank's manifest part, written after its files (`files`: paths relative to `directory`)."""
+    directory = Path(directory)
+    entry = {"rank": rank, "files": {name: _fingerprint(directory / name) for name in sorted(files)}}
+    if rank == 0:
+        entry.update(parts=parts, epoch=epoch, step=step, spec_digest=spec_digest)
+    (directory / _part(rank)).write_text(json.dumps(entry, indent=1))
+
+
+def problem(directory: str | Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None when every manifest part checks out."""
+    directory = Path(directory)
+    head = _read_part(directory, 0)
+    if isinstance(head, str):
+        return head
+    for rank in range(head.get("parts", 1)):
+        part = head if rank == 0 else _read_part(directory, rank)
+        if isinstance(part, str):
+            return part
+        for name, expected in part["files"].items():
+            path = directory / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != expected["size"] or _fingerprint(path)["sha256"] != expected["sha256"]:
+                return f"{name} differs from its manifest (truncated or corrupt)"
+    return None
+
+
+def manifest(directory: str | Path) -> dict[str, Any]:
+    """Rank 0's manifest part: parts, epoch, step, spec digest and its files."""
+    return json.loads((Path(directory) / MANIFEST).read_text())
+
+
+def newest(candidates: Iterable[str | Path]) -> Path | None:
+    """The newest complete checkpoint among `candidates`, by its recorded epoch and step, warning once
+    about each incomplete one passed over; None when none is complete."""
+    dated = []
+    for candidate in {Path(p).resolve() for p in candidates if Path(p).is_dir()}:  # not Ray's snapshot file
+        why = problem(candidate)
+        if why is None:
+            head = manifest(candidate)
+            dated.append(((head.get("epoch") or 0, head.get("step") or 0, candidate.name), candidate))
+        else:
+            log.warning("bitfleet: skipping checkpoint %s: %s", candidate, why)
+    return max(dated)[1] if dated else None
+
+
+def size_estimate(state: Any) -> int:
+    """Bytes `state` takes in `state.pt`: its tensors, and a margin for the rest."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(size_estimate(v) for v in state.values()) + 1024
+    if isinstance(state, (list, tuple)):
+        return sum(size_estimate(v) for v in state) + 1024
+    return 64
+
+
+def _part(rank: int) -> str:
+    return MANIFEST if rank == 0 else f"manifest.rank{rank}.json"
+
+
+def _read_part(directory: Path, rank: int) -> dict | str:
+    path = directory / _part(rank)
+    if not path.is_file():
+        return f"no {path.name} (its write did not finish)"
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{path.name} is unreadable (truncated)"
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 @contextmanager
-def to_ray(state: dict[str, Any] | None, write_shard=None) -> Iterator[ray.train.Checkpoint]:  # noqa: F821
+def to_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, parts: int = 1,
+           spec_digest: str | None = None) -> Iterator[ray.train.Checkpoint]:  # noqa: F821
     """A `ray.train.Checkpoint` in a temporary directory, valid inside the `with`: `state` (rank 0's; None on
-    the other ranks) and what `write_shard(directory)` writes. Ray merges the ranks' files into one folder."""
+    the other ranks), what `write_shard(directory)` writes, then this rank's manifest part (`parts`: how
+    many ranks write into the checkpoint). Ray merges the ranks' files into one folder."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="bitfleet-ckpt-") as tmp:
         if state is not None:
-            save(tmp, state)
+            write_state(tmp, state)
         if write_shard is not None:
             write_shard(Path(tmp))
+        files = [str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file()]
+        epoch, step = (state.get("epoch"), state.get("global_step")) if state is not None else (None, None)
+        write_manifest(tmp, files, rank, parts, epoch, step, spec_digest)
         yield ray.train.Checkpoint.from_directory(tmp)
 
 
@@ -63,17 +167,24 @@ def weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def find(path: str | Path) -> Path:
-    """The checkpoint folder `path` names: itself, or a run folder's best (else latest) checkpoint."""
+    """The complete checkpoint `path` names: itself, or a run folder's best one (`result.json`), else its
+    newest complete one. FileNotFoundError naming what is wrong otherwise."""
     path = Path(path)
-    if (path / FILE).is_file():
+    if (path / FILE).is_file() or (path / MANIFEST).is_file():
+        why = problem(path)
+        if why is not None:
+            raise FileNotFoundError(f"{path}: an incomplete or corrupt checkpoint: {why}")
         return path
     result = path / "result.json"
+    best = None
     if result.is_file():
-        summary = json.loads(result.read_text())
-        for key in ("best_checkpoint", "last_checkpoint"):
-            if summary.get(key) and (Path(summary[key]) / FILE).is_file():
-                return Path(summary[key])
-    found = sorted(path.glob(f"checkpoint_*/{FILE}"))
-    if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with checkpoints")
-    return found[-1].parent
+        try:
+            best = json.loads(result.read_text()).get("best_checkpoint")
+        except json.JSONDecodeError:
+            log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
+    if best and Path(best).is_dir() and problem(best) is None:
+        return Path(best)
+    found = newest(path.glob("checkpoint_*"))
+    if found is None:
+        raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
+    return found

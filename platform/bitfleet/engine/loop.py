@@ -6,11 +6,13 @@ rank attaches its shard to the same one) and writes `metrics.json`.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import ray.train
@@ -26,7 +28,7 @@ from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
-from bitfleet.spec import RunSpec
+from bitfleet.spec import RunSpec, spec_digest
 
 
 def train_worker(config: dict) -> None:
@@ -85,6 +87,7 @@ class Trainer:
         self.history: list[dict] = []
         self.restores = 0
         self.metrics = WorkerMetrics(run_labels(spec), self.rank)
+        self.spec_digest = spec_digest(spec)
 
     # ------------------------------------------------------------------ run
     def fit(self) -> None:
@@ -173,7 +176,12 @@ class Trainer:
         due = epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs
         if due and (self.rank == 0 or self.strategy.sharded):
             start = time.perf_counter()
-            with checkpoint.to_ray(self.state_dict() if self.rank == 0 else None, self.strategy.save_shard) as ckpt:
+            state = self.state_dict() if self.rank == 0 else None
+            if state is not None:
+                storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
+            parts = self.world if self.strategy.sharded else 1  # every rank adds its shard and manifest part
+            with checkpoint.to_ray(state, self.strategy.save_shard, rank=self.rank, parts=parts,
+                                   spec_digest=self.spec_digest) as ckpt:
                 ray.train.report(metrics, checkpoint=ckpt)
             self.metrics.checkpoint("save", time.perf_counter() - start)
         else:
@@ -196,21 +204,43 @@ class Trainer:
         }
 
     def restore(self) -> None:
-        """Continue from the checkpoint Ray hands over (after a worker failure or a driver rerun), else from
-        `train.resume_from` (another run's checkpoint: a PBT exploit, a restarted sweep trial)."""
+        """Continue from the newest complete checkpoint: the one Ray hands over (after a worker failure or a
+        driver rerun) or a newer one on storage that Ray had not registered when the group failed; else from
+        `train.resume_from` (another run's checkpoint: a PBT exploit, a restarted sweep trial); else from
+        scratch. An incomplete or corrupt checkpoint is passed over with a warning naming it."""
         start = time.perf_counter()
         ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as directory:
-                self.load(directory)
-        elif self.train_spec.resume_from:
-            self.load(checkpoint.find(self.train_spec.resume_from))
-        else:
-            return
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as handed:
+            directory = self._agree(self._restore_point(handed))
+            if directory is None and self.train_spec.resume_from:
+                directory = checkpoint.find(self.train_spec.resume_from)
+            if directory is None:
+                return
+            self.load(directory)
         self.metrics.checkpoint("restore", time.perf_counter() - start)
         self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
         if self.rank == 0:
             print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
+
+    def _restore_point(self, handed: str | None) -> str | None:
+        """Rank 0's choice: the newest complete checkpoint among Ray's and the run folder's (a local one)."""
+        if self.rank != 0:
+            return None
+        candidates = [Path(handed)] if handed else []
+        if not storage.is_uri(self.run_path):
+            candidates += Path(self.run_path).glob("checkpoint_*")
+        chosen = checkpoint.newest(candidates)
+        if chosen is None and candidates:
+            print(f"[{self.spec.name}] no complete checkpoint left: starting from scratch", flush=True)
+        return str(chosen) if chosen is not None else None
+
+    def _agree(self, choice: str | None) -> str | None:
+        """Every rank restores what rank 0 chose (a sharded strategy's ranks must load the same checkpoint)."""
+        if self.world > 1:
+            box = [choice]
+            dist.broadcast_object_list(box, src=0)
+            choice = box[0]
+        return choice
 
     def load(self, directory) -> None:
         state = checkpoint.load(directory)

@@ -9,6 +9,7 @@ import json
 import platform
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import ray
@@ -18,6 +19,7 @@ from ray.train.torch import TorchTrainer
 import bitfleet
 from bitfleet import metrics, registry, storage
 from bitfleet.engine import loop
+from bitfleet.resolve import CONFIG_FILE
 from bitfleet.spec import RunSpec
 
 
@@ -77,18 +79,24 @@ def run_training(spec: RunSpec, address: str | None = None):
 
 
 def record_config(spec: RunSpec) -> None:
-    """config.json: the resolved spec, the versions and the git revision this run was started from."""
+    """config.json: the resolved spec, the versions and the git revision this run was started from, and
+    below `history` each earlier start's (resolution has refused any rerun whose spec changes the result)."""
     import torch
 
+    path = storage.join(storage.run_path(spec), CONFIG_FILE)
+    earlier = json.loads(storage.read_text(path)) if storage.exists(path) else None
+    history = (earlier.pop("history", []) + [earlier]) if earlier else []
     record = {
         "spec": spec.model_dump(mode="json"),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {
             "bitfleet": bitfleet.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
             "ray": ray.__version__, "platform": platform.platform(),
         },
         "git_revision": _git_revision(),
+        "history": history,
     }
-    storage.write_text(storage.join(storage.run_path(spec), "config.json"), json.dumps(record, indent=1))
+    storage.write_text(path, json.dumps(record, indent=1))
 
 
 def _git_revision() -> str | None:

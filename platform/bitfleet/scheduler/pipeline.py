@@ -13,7 +13,7 @@ import json
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from bitfleet import registry, report
+from bitfleet import registry, report, storage
 from bitfleet.resolve import resolve_stage
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec, ScalingSpec, StageSpec
@@ -27,7 +27,13 @@ class StageFailed(RuntimeError):
 
 def completed(spec: RunSpec, stage: StageSpec) -> dict | None:
     path = Path(spec.storage_path) / spec.name / stage.name / STAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise StageFailed(f"pipeline {spec.name}: {path} is unreadable (truncated by an older bitfleet?): delete it "
+                          f"to run stage {stage.name!r} again") from None
 
 
 def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
@@ -96,5 +102,5 @@ def _run_stage(spec: RunSpec, stage: StageSpec) -> dict:
         launch.record_config(resolved)
         summary = registry.get(resolved.workload, resolved.options).tasks()[stage.task](resolved)
     record = {"stage": stage.name, "state": "completed", "run_dir": str(resolved.run_dir), "summary": summary}
-    (resolved.run_dir / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str))
+    storage.write_text(str(resolved.run_dir / STAGE_FILE), json.dumps(record, indent=1, default=str))
     return record

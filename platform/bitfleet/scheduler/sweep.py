@@ -31,7 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
-from bitfleet import metrics, sweeps
+from bitfleet import metrics, storage, sweeps
 from bitfleet.resolve import validate_spec
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec
@@ -130,6 +130,7 @@ def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
     """Run (or resume) the sweep of `spec`; returns the results summary written next to it."""
     if not ray.is_initialized():
         ray.init(address=address)
+    launch.record_config(spec)  # a rerun under this name must keep the base spec and the sweep section
     sweep, sweep_dir = spec.sweep, Path(spec.storage_path) / spec.name
     base = spec.model_dump(mode="json", exclude={"sweep"})  # resolved: a trial's spec is this plus its values
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)),
@@ -291,9 +292,9 @@ def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
     best_raw = sweeps.apply_config(raw, best.config)
     best_raw.pop("sweep", None)
     best_raw["name"] = f"{spec.name}-best"
-    (sweep_dir / "best_spec.yaml").write_text(yaml.safe_dump(best_raw, sort_keys=False))
-    (sweep_dir / "trials.json").write_text(json.dumps(rows, indent=1, default=str))
-    (sweep_dir / "sweep.json").write_text(json.dumps({"metric": sweep.metric, "mode": sweep.mode,
+    storage.write_text(str(sweep_dir / "best_spec.yaml"), yaml.safe_dump(best_raw, sort_keys=False))
+    storage.write_text(str(sweep_dir / "trials.json"), json.dumps(rows, indent=1, default=str))
+    storage.write_text(str(sweep_dir / "sweep.json"), json.dumps({"metric": sweep.metric, "mode": sweep.mode,
                                                        "paths": _paths(sweep)}, indent=1))
     columns = ["trial", "state", "epochs", sweep.metric, *_paths(sweep)]
     with open(sweep_dir / "trials.csv", "w", newline="") as out:
