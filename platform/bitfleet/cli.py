@@ -30,6 +30,13 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     spec = _load_for_a_start(args)  # validated before any Ray call
+    from bitfleet.scheduler import lock
+
+    with lock.hold(spec.storage_path, spec.name):  # one driver per run folder
+        return _run(spec, args)
+
+
+def _run(spec, args) -> int:
     from ray.train import TrainingFailedError
 
     from bitfleet.scheduler import launch, pipeline
@@ -55,9 +62,10 @@ def cmd_sweep(args) -> int:
     spec = _load_for_a_start(args)  # the sweep section too: paths, ranges, scheduler options
     if spec.sweep is None:
         raise SpecError(f"sweep: {args.spec} has no sweep section (see the README's Sweeps)")
-    from bitfleet.scheduler import sweep
+    from bitfleet.scheduler import lock, sweep
 
-    summary = sweep.run_sweep(spec, address=args.address)
+    with lock.hold(spec.storage_path, spec.name):
+        summary = sweep.run_sweep(spec, address=args.address)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -66,6 +74,9 @@ def _load_for_a_start(args):
     """The resolved spec of `run`/`sweep`; with --fresh an existing run of that name is set aside first."""
     spec = load_spec(args.spec, args.override, fresh=args.fresh)
     if args.fresh:
+        from bitfleet.scheduler import lock
+
+        lock.check_unheld(spec.storage_path, spec.name)  # never move a live run's folder
         aside = set_aside(spec)
         if aside:
             print(f"bitfleet: --fresh: the earlier {spec.name} is kept as {aside}", file=sys.stderr)

@@ -121,3 +121,36 @@ def test_a_truncated_stage_file_gets_one_clear_line(tmp_path):
     (folder / pipeline.STAGE_FILE).write_text('{"stage": "a", "sta')
     with pytest.raises(pipeline.StageFailed, match=r"stage\.json is unreadable .*delete it to run stage 'a' again"):
         pipeline.completed(spec, spec.stages[0])
+
+
+def test_one_driver_per_run_folder_and_a_dead_drivers_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from bitfleet.scheduler import lock
+
+    code = (f"import time; from bitfleet.scheduler import lock\nwith lock.hold({str(tmp_path)!r}, 'r'):\n"
+            "    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SpecError, match=rf"held by a running driver \(pid {holder.pid} on "):
+            with lock.hold(str(tmp_path), "r"):
+                pass
+        with pytest.raises(SpecError, match="held by a running driver"):
+            lock.check_unheld(str(tmp_path), "r")
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock.hold(str(tmp_path), "r") as path:  # its holder died without releasing it: taken over
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "r" / lock.LOCK_FILE).exists()  # released
+    (tmp_path / "r" / lock.LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    with pytest.raises(SpecError, match="on elsewhere"):  # another host's driver with a fresh heartbeat
+        with lock.hold(str(tmp_path), "r"):
+            pass
+    old = time.time() - lock.STALE_S - 1
+    os.utime(tmp_path / "r" / lock.LOCK_FILE, (old, old))  # its heartbeat stopped long ago
+    with lock.hold(str(tmp_path), "r"):
+        pass
