@@ -28,6 +28,7 @@ class Options(Strict):
     calibration_images: int = Field(512, ge=16)  # held out of training: histograms and the PPO reward
     calibration_batch: int = Field(256, ge=1)
     episodes: int = Field(1000, ge=1)  # --episodes
+    checkpoint_every: int = Field(1, ge=1)  # PPO iterations between checkpoints: a killed search continues
     breakpoint_bins: int = Field(16, ge=3)  # b1, b2 are picked from this many positions in (0, tmax)
     attention_weight: float = Field(1.0, ge=0)  # reward: - weight x attention-transfer distance (0..2)
     cost_weight: float = Field(0.05, ge=0)  # reward: + weight x saved fraction of output levels

@@ -17,6 +17,7 @@ appended to `episodes.jsonl`; the best one becomes `tap_result.json`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from bitfleet.spec import RunSpec
 from workloads.tap_ppo import int8, quant
 from workloads.tap_ppo.tap import STEPS, TapCodes, levels, saved_fraction
 
-EPISODES_FILE, PROGRESS_FILE = "episodes.jsonl", "ppo_progress.json"
+EPISODES_FILE, PROGRESS_FILE, CHECKPOINT = "episodes.jsonl", "ppo_progress.json", "ppo_checkpoint"
+CHECKPOINT_STATE = "bitfleet.json"  # written last into the checkpoint folder: iterations, episodes, progress
 HISTOGRAM_POINTS = 8
 OBSERVATION_SIZE = 3 + HISTOGRAM_POINTS + 5
 
@@ -130,7 +132,6 @@ def run_search(spec: RunSpec) -> dict:
 
     options = spec.options
     episodes_file = spec.run_dir / EPISODES_FILE
-    episodes_file.unlink(missing_ok=True)  # a restarted stage searches again from scratch
     ppo = options.ppo
     config = (
         PPOConfig()
@@ -141,8 +142,8 @@ def run_search(spec: RunSpec) -> dict:
         .debugging(seed=spec.seed)
     )
     algo = config.build_algo()
-    progress = []
     try:
+        progress = _resume(algo, spec.run_dir, episodes_file, spec.name)
         while _count(episodes_file) < options.episodes:
             start = time.perf_counter()
             result = algo.train()
@@ -151,6 +152,8 @@ def run_search(spec: RunSpec) -> dict:
                              "return_mean": result.get("env_runners", {}).get("episode_return_mean")})
             print(f"[{spec.name}] PPO iteration {len(progress)}: {progress[-1]['episodes']} episodes, "
                   f"return {progress[-1]['return_mean']}, {progress[-1]['seconds']:.1f} s", flush=True)
+            if len(progress) % options.checkpoint_every == 0:
+                _checkpoint(algo, spec.run_dir, progress)
     finally:
         algo.stop()
     storage.write_text(str(spec.run_dir / PROGRESS_FILE), json.dumps(progress, indent=1))
@@ -159,6 +162,35 @@ def run_search(spec: RunSpec) -> dict:
     seconds = [p["seconds"] for p in progress]
     return {"best_reward": best["reward"], "best_drop": best["drop"], "episodes": _count(episodes_file),
             "iterations": len(progress), "seconds_per_iteration": float(np.median(seconds))}
+
+
+def _checkpoint(algo, run_dir: Path, progress: list[dict]) -> None:
+    """The algorithm (policy, optimizer, connectors) and how far the search got, swapped in whole: saved to
+    a new folder, its state file last, then renamed over the previous checkpoint."""
+    fresh, folder = run_dir / f"{CHECKPOINT}.new", run_dir / CHECKPOINT
+    shutil.rmtree(fresh, ignore_errors=True)
+    algo.save_to_path(str(fresh))
+    state = {"iterations": len(progress), "episodes": progress[-1]["episodes"], "progress": progress}
+    storage.write_text(str(fresh / CHECKPOINT_STATE), json.dumps(state, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    fresh.rename(folder)
+
+
+def _resume(algo, run_dir: Path, episodes_file: Path, name: str) -> list[dict]:
+    """Continue from the search's checkpoint: the algorithm restored, the episode log cut back to the
+    episodes it had seen (those after it are searched again, not repeated); without one, from scratch."""
+    state_file = run_dir / CHECKPOINT / CHECKPOINT_STATE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        episodes_file.unlink(missing_ok=True)
+        return []
+    algo.restore_from_path(str(state_file.parent))
+    lines = episodes_file.read_text().splitlines(keepends=True) if episodes_file.is_file() else []
+    kept = lines[: state["episodes"]]  # complete lines all: the ones after may be cut short by the kill
+    storage.write_text(str(episodes_file), "".join(kept))
+    print(f"[{name}] PPO resumed at iteration {state['iterations']} ({len(kept)} episodes)", flush=True)
+    return state["progress"]
 
 
 def _episodes(path: Path) -> list[dict]:
