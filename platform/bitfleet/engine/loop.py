@@ -30,6 +30,8 @@ from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec, spec_digest
 
+HANDED = "<the checkpoint Ray handed over>"  # rank 0's choice of it, which each rank opens on its own node
+
 
 def train_worker(config: dict) -> None:
     """Entry point inside each Ray Train worker; `config["spec"]` is the resolved RunSpec, its workload's
@@ -212,6 +214,8 @@ class Trainer:
         ckpt = ray.train.get_checkpoint()
         with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as handed:
             directory = self._agree(self._restore_point(handed))
+            if directory == HANDED:  # each rank's own copy: downloaded per node from an object store
+                directory = handed
             if directory is None and self.train_spec.resume_from:
                 directory = checkpoint.find(self.train_spec.resume_from)
             if directory is None:
@@ -232,6 +236,8 @@ class Trainer:
         chosen = checkpoint.newest(candidates)
         if chosen is None and candidates:
             print(f"[{self.spec.name}] no complete checkpoint left: starting from scratch", flush=True)
+        if chosen is not None and handed and chosen == Path(handed).resolve():
+            return HANDED
         return str(chosen) if chosen is not None else None
 
     def _agree(self, choice: str | None) -> str | None:
