@@ -100,8 +100,11 @@ def check_existing_run(spec: RunSpec) -> None:
     """A rerun under an existing run name continues that run: refuse one whose resolved spec would change
     its result (listing each field `old → new`); `train.epochs` may only grow (extending a run)."""
     config = storage.join(storage.run_path(spec), CONFIG_FILE)
-    if not storage.exists(config):
-        return
+    try:
+        if not storage.exists(config):
+            return
+    except OSError as exc:  # an object store this machine cannot reach: the run could not write there either
+        raise SpecError(f"storage_path: cannot reach {spec.storage_path}: {exc}") from None
     try:
         old = json.loads(storage.read_text(config))["spec"]
     except (ValueError, KeyError, TypeError):

@@ -12,6 +12,7 @@ import yaml
 
 from bitfleet import cli
 from bitfleet.data import folders, synthetic
+from bitfleet.engine import checkpoint
 from bitfleet.errors import SpecError
 from bitfleet.resolve import apply_override, load_spec
 from bitfleet.spec import RunSpec
@@ -208,7 +209,7 @@ def test_every_shipped_spec_validates(path, tmp_path):
     # checkpoints of other runs a spec starts from (a teacher, stage 1): validation checks they exist
     placeholder = tmp_path / "checkpoint"
     placeholder.mkdir()
-    (placeholder / "state.pt").write_bytes(b"")
+    checkpoint.save(placeholder, {"model": {}})  # complete: its manifest checks out
     if (raw.get("train") or {}).get("init_from"):
         overrides.append(f"train.init_from={placeholder}")
     if ((raw.get(raw["workload"]) or {}).get("teacher") or {}).get("checkpoint"):

@@ -21,10 +21,12 @@ def test_uris_and_paths_join_and_round_trip(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_run_path_keeps_a_uri_whole(mnist_root):
+def test_run_path_keeps_a_uri_whole(mnist_root, tmp_path):
     raw = {"name": "r", "workload": "resnet_cifar", "data": {"dataset": "mnist", "root": str(mnist_root)}}
-    assert storage.run_path(validate_spec({**raw, "storage_path": "s3://bucket/bitfleet"})) == "s3://bucket/bitfleet/r"
+    uri = f"file://{tmp_path}/store"  # resolution reads the store (an existing run?): one this machine reaches
+    assert storage.run_path(validate_spec({**raw, "storage_path": uri})) == f"{uri}/r"
     assert storage.run_path(validate_spec({**raw, "storage_path": "/results"})) == "/results/r"
+    assert storage.join("s3://bucket/bitfleet/", "r", "metrics.json") == "s3://bucket/bitfleet/r/metrics.json"
 
 
 def test_sweeps_and_pipelines_refuse_uris(mnist_root):
