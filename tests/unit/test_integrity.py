@@ -154,3 +154,19 @@ def test_one_driver_per_run_folder_and_a_dead_drivers_lock_is_taken_over(tmp_pat
     os.utime(tmp_path / "r" / lock.LOCK_FILE, (old, old))  # its heartbeat stopped long ago
     with lock.hold(str(tmp_path), "r"):
         pass
+
+
+def test_checkpoints_are_ranked_by_the_objectives_metric_on_val_when_one_is_held_out():
+    assert launch.checkpoint_score(validate_spec(RAW)) == ("test/acc", "max")
+    held_out = {**RAW, "data": {"dataset": "mnist_sample", "val_size": 200}}
+    assert launch.checkpoint_score(validate_spec(held_out)) == ("val/acc", "max")
+    by_loss = {**held_out, "failure": {"checkpoint_metric": "val/loss"}}
+    assert launch.checkpoint_score(validate_spec(by_loss)) == ("val/loss", "min")
+    with pytest.raises(SpecError, match=r"failure.checkpoint_metric: 'val/acc' is not a metric of this run.*val "
+                                        r"needs data.val_size > 0"):
+        validate_spec({**RAW, "failure": {"checkpoint_metric": "val/acc"}})
+    with pytest.raises(SpecError, match=r"failure.checkpoint_mode: set max or min: resnet_cifar's objective does "
+                                        r"not know whether a higher 'rbnn/t' is better"):
+        validate_spec({**RAW, "failure": {"checkpoint_metric": "test/rbnn/t"}})
+    custom = {**RAW, "failure": {"checkpoint_metric": "test/rbnn/t", "checkpoint_mode": "min"}}
+    assert launch.checkpoint_score(validate_spec(custom)) == ("test/rbnn/t", "min")
