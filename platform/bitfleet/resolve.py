@@ -112,8 +112,9 @@ def check_existing_run(spec: RunSpec) -> None:
                         "anew, its folder kept aside") from None
     new = spec.model_dump(mode="json")
     before, after = drift_fields(old), drift_fields(new)
-    changed = [f"{key}: {before.get(key, '(unset)')!r} → {after.get(key, '(unset)')!r}"
-               for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
+    # fields both record: a run started by an older bitfleet recorded fewer (no workload defaults, say)
+    changed = [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(before.keys() & after.keys())
+               if before[key] != after[key]]
     old_epochs, new_epochs = old.get("train", {}).get("epochs", 0), new["train"]["epochs"]
     if new_epochs < old_epochs:
         changed.append(f"train.epochs: {old_epochs} → {new_epochs} (a run can be extended, not shortened)")

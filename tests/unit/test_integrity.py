@@ -97,6 +97,11 @@ def test_a_rerun_with_a_changed_spec_is_refused_with_the_diff_and_may_only_exten
     with pytest.raises(SpecError, match=r"train.epochs: 3 → 2 \(a run can be extended, not shortened\)"):
         validate_spec({**raw, "train": {**raw["train"], "epochs": 2}})
     validate_spec({**raw, "scaling": {"num_workers": 2, "cpus_per_worker": 0.5}})  # where it runs: free to change
+    config = tmp_path / "r" / "config.json"
+    record = json.loads(config.read_text())
+    del record["spec"]["model"]["shortcut"]  # an older bitfleet recorded the model section as written
+    config.write_text(json.dumps(record))
+    validate_spec(raw)
 
 
 def test_fresh_keeps_the_old_run_beside_and_config_keeps_the_history(tmp_path):
