@@ -151,6 +151,9 @@ def test_one_driver_per_run_folder_and_a_dead_drivers_lock_is_taken_over(tmp_pat
     with lock.hold(str(tmp_path), "r") as path:  # its holder died without releasing it: taken over
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not (tmp_path / "r" / lock.LOCK_FILE).exists()  # released
+    with lock.hold(str(tmp_path), "new"):
+        assert (tmp_path / "new" / lock.LOCK_FILE).is_file()
+    assert not (tmp_path / "new").exists()  # a folder made only for the lock goes with it (a refused run)
     (tmp_path / "r" / lock.LOCK_FILE).write_text(json.dumps({"host": "elsewhere", "pid": 1}))
     with pytest.raises(SpecError, match="on elsewhere"):  # another host's driver with a fresh heartbeat
         with lock.hold(str(tmp_path), "r"):

@@ -32,8 +32,13 @@ def hold(storage_path: str, name: str):
         yield None
         return
     path = Path(storage_path) / name / LOCK_FILE
+    created = not path.parent.exists()  # a run refused before it starts leaves no folder behind
     path.parent.mkdir(parents=True, exist_ok=True)
-    _acquire(path, name)
+    try:
+        _acquire(path, name)
+    except SpecError:
+        _remove_if_empty(path.parent, created)
+        raise
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
     beat.start()
@@ -44,6 +49,15 @@ def hold(storage_path: str, name: str):
         beat.join(timeout=5)
         if _holder(path).get("token") == _TOKEN:
             path.unlink(missing_ok=True)
+        _remove_if_empty(path.parent, created)
+
+
+def _remove_if_empty(folder: Path, created: bool) -> None:
+    if created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty: the run wrote into it
 
 
 _TOKEN = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"  # this process's claim
