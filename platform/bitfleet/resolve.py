@@ -19,7 +19,7 @@ from bitfleet import registry, storage
 from bitfleet.data import check_available
 from bitfleet.engine.checkpoint import NO_SHARDS, find, has_shards
 from bitfleet.errors import SpecError, format_validation_error
-from bitfleet.spec import RunSpec, StageSpec, result_fields, set_path
+from bitfleet.spec import RunSpec, StageSpec, leaves, result_fields, set_path
 from bitfleet.sweeps import check_sweep, parse_sweep
 
 CONFIG_FILE = "config.json"  # a run's resolved spec (and the history of those it ran with), by the scheduler
@@ -128,7 +128,7 @@ def drift_fields(dumped: dict) -> dict:
     """What a rerun must keep: the fields that decide the result, and a sweep's own section."""
     fields = result_fields(dumped)
     if dumped.get("sweep"):
-        fields.update({f"sweep.{k}": v for k, v in result_fields({"s": dumped["sweep"]}).items()})
+        fields.update(leaves(dumped["sweep"], "sweep."))
     return fields
 
 

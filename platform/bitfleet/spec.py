@@ -296,7 +296,7 @@ NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "stages", "i
 
 def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:
     """The fields of a dumped resolved spec that decide the run's result, flat by dotted path."""
-    return {path: value for path, value in _leaves(dumped)
+    return {path: value for path, value in leaves(dumped)
             if not any(path == n or path.startswith(n + ".") for n in NEUTRAL)}
 
 
@@ -306,11 +306,11 @@ def spec_digest(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _leaves(tree: dict[str, Any], prefix: str = ""):
+def leaves(tree: dict[str, Any], prefix: str = ""):
     """(dotted path, value) of every leaf; an empty mapping and a list are leaves."""
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            yield from _leaves(value, f"{prefix}{key}.")
+            yield from leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
 

@@ -104,6 +104,14 @@ def test_a_rerun_with_a_changed_spec_is_refused_with_the_diff_and_may_only_exten
     validate_spec(raw)
 
 
+def test_a_sweep_rerun_keeps_its_sweep_section(tmp_path):
+    raw = {**RAW, "storage_path": str(tmp_path), "sweep": {"space": {"train.optimizer.lr": {"choice": [0.1, 0.2]}}}}
+    launch.record_config(validate_spec(raw))
+    changed = {**raw, "sweep": {"space": {"train.optimizer.lr": {"choice": [0.1, 0.3]}}}}
+    with pytest.raises(SpecError, match=r"sweep.space.train.optimizer.lr.choice: \[0.1, 0.2\] → \[0.1, 0.3\]"):
+        validate_spec(changed)
+
+
 def test_fresh_keeps_the_old_run_beside_and_config_keeps_the_history(tmp_path):
     raw = {**RAW, "storage_path": str(tmp_path)}
     spec = validate_spec(raw)
