@@ -92,17 +92,26 @@ def manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def newest(candidates: Iterable[str | Path]) -> Path | None:
-    """The newest complete checkpoint among `candidates`, by its recorded epoch and step, warning once
-    about each incomplete one passed over; None when none is complete."""
-    dated = []
-    for candidate in {Path(p).resolve() for p in candidates if Path(p).is_dir()}:  # not Ray's snapshot file
+    """The newest complete checkpoint among `candidates`, by its recorded epoch and step, warning about each
+    damaged one passed over on the way; None when none is complete. Only the candidates down to the first
+    complete one are hashed: a run's older checkpoints (hundreds of MB each on ImageNet) are not read."""
+    folders = {Path(p).resolve() for p in candidates if Path(p).is_dir()}  # not Ray's snapshot file
+    for candidate in sorted(folders, key=_recorded_position, reverse=True):
         why = problem(candidate)
         if why is None:
-            head = manifest(candidate)
-            dated.append(((head.get("epoch") or 0, head.get("step") or 0, candidate.name), candidate))
-        else:
-            log.warning("bitfleet: skipping checkpoint %s: %s", candidate, why)
-    return max(dated)[1] if dated else None
+            return candidate
+        log.warning("bitfleet: skipping checkpoint %s: %s", candidate, why)
+    return None
+
+
+def _recorded_position(folder: Path) -> tuple:
+    """(epoch, step, name) from the manifest. A missing or unreadable one (most likely the newest, its write
+    cut short) sorts newest: it is passed over, with its warning, without reading any other file."""
+    try:
+        head = manifest(folder)
+        return (0, head.get("epoch") or 0, head.get("step") or 0, folder.name)
+    except (OSError, ValueError):
+        return (1, 0, 0, folder.name)
 
 
 def size_estimate(state: Any) -> int:
