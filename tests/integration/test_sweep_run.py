@@ -36,11 +36,13 @@ def trial_folders(sweep_dir) -> dict[str, str]:
 
 
 def trial_states(sweep_dir) -> dict[str, str]:
-    """Tune's own record of each trial's status (its experiment state file), read while the sweep runs."""
+    """Tune's own record of each trial's status (its experiment state file), read while the sweep runs.
+    Tune rewrites that file in place, so a read can catch it half written: that poll sees no trials."""
     states = sorted(sweep_dir.glob("experiment_state-*.json"))
-    if not states:
+    try:
+        trials = json.loads(states[-1].read_text()).get("trial_data", []) if states else []
+    except (json.JSONDecodeError, FileNotFoundError):
         return {}
-    trials = json.loads(states[-1].read_text()).get("trial_data", [])
     return {json.loads(meta)["trial_id"]: json.loads(meta)["status"] for meta, _ in trials}
 
 
