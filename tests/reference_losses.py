@@ -3,13 +3,26 @@
 Each curve is the per-step training loss of a few dozen steps (Ray Train's local mode: one process, no
 cluster), written to `tests/assets/losses/<workload>.txt` as `repr` floats, one a line. The test in
 `tests/unit/test_reference_losses.py` reruns them and compares bit for bit: a refactor that changes a
-loss fails it. Regenerate (after a change that is meant to alter the numbers, and say so in the commit):
+loss fails it.
+
+Bit for bit on any x86-64 machine, not only the one that wrote them: each curve is computed in a child
+process whose numerics are pinned to one code path. Left alone, torch, oneDNN and MKL each pick kernels by
+the CPU they find (AVX-512 or AVX2 vector widths, blockings sized to its caches), and the sums come out in a
+different order on another CPU: the curves then differ in the last bits (a CI machine showed it). Pinned:
+torch's own kernels at AVX2 width, one thread, oneDNN and NNPACK off (convolutions take torch's im2col and
+MKL's GEMM), and MKL's conditional numerical reproducibility at AVX2.
+
+Regenerate (after a change that is meant to alter the numbers, and say so in the commit):
 
     python -m tests.reference_losses --write
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,8 +42,25 @@ RUNS = {  # workload -> (spec, its extra overrides): every schedule of the quick
 }
 
 
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def losses(workload: str) -> list[float]:
-    """The per-step training losses of `workload`'s tiny run."""
+    """The per-step training losses of `workload`'s tiny run, computed in a child with pinned numerics."""
+    child = subprocess.run([sys.executable, "-m", "tests.reference_losses", "--child", workload],
+                           env={**os.environ, **PINNED_NUMERICS}, cwd=Path(__file__).parents[1],
+                           capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        raise RuntimeError(f"the reference run of {workload} failed:\n{child.stdout}\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _losses_here(workload: str) -> list[float]:
+    """The per-step training losses of `workload`'s tiny run, in this process (the child of `losses`)."""
+    torch.backends.mkldnn.enabled = False  # its kernels' blockings follow the CPU's caches
+    torch.backends.nnpack.set_flags(False)  # likewise
+    torch.set_num_threads(1)
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -59,11 +89,8 @@ def losses(workload: str) -> list[float]:
             trainer.train_step = recording
             trainer.fit()
 
-        threads = torch.get_num_threads()
-        try:  # num_workers=0: Ray Train's local mode runs the loop here, rank 0 of 1, without a cluster
-            TorchTrainer(train_fn, scaling_config=ScalingConfig(num_workers=0)).fit()
-        finally:
-            torch.set_num_threads(threads)
+        # num_workers=0: Ray Train's local mode runs the loop here, rank 0 of 1, without a cluster
+        TorchTrainer(train_fn, scaling_config=ScalingConfig(num_workers=0)).fit()
     return recorded
 
 
@@ -78,8 +105,12 @@ def read(workload: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="write the curves instead of comparing them")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("workloads", nargs="*", default=list(RUNS))
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_losses_here(args.workloads[0])))
+        return
     for workload in args.workloads:
         curve = losses(workload)
         if args.write:
