@@ -4,11 +4,15 @@ The file reader gets the epoch's file list already shuffled (the permutation Dis
 draw from the same seed and epoch) and takes its contiguous shard `shard_id = rank` of `num_shards =
 world size`, padded so that every rank has the same number of batches. Because the order is a function
 of (seed, epoch) alone, a worker restarted from an epoch-boundary checkpoint reads exactly the epoch it
-would have read; each pass builds a fresh pipeline for that reason. Decoding is `mixed` (nvJPEG) when the
+would have read; each pass builds a fresh pipeline for that reason. One restarted mid-epoch builds the
+same pipeline and drops the batches already trained on: the pipeline's crops and flips are drawn per
+pipeline, in batch order, so dropping them (not skipping their files) keeps the rest of the epoch's draws
+exact. Decoding is `mixed` (nvJPEG) when the
 worker holds a GPU and `cpu` otherwise, chosen from the device Ray Train gave the worker.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -64,10 +68,12 @@ class DaliLoader:
         self.images, self.spec, self.train = images, spec, train
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.decoder, self.device_id = ("mixed", device.index or 0) if device.type == "cuda" else ("cpu", None)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The epoch's order; its next pass drops its first `skip_batches` (a pass resumed mid-epoch: the
+        pipeline's augmentation draws per pipeline, so the skipped batches are drawn again, not skipped)."""
+        self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
         """Batches per rank and pass (the same on every rank)."""
@@ -86,7 +92,8 @@ class DaliLoader:
         pipe.build()
         batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        for (batch,) in batches:
+        skip, self.skip = self.skip, 0
+        for (batch,) in itertools.islice(batches, skip, None):
             labels = batch["labels"].view(-1).long()
             if len(labels):  # a shard shorter than the longest ends in a batch of padding only
                 yield batch["images"], labels

@@ -3,16 +3,25 @@
 Both kinds shard the training set by world rank with equal steps on every rank (Ray's report barrier
 and DDP's collectives depend on it), shuffle by (seed, epoch) so a restarted epoch reads the same
 order, and shard the eval splits without padding so every image counts once in the summed totals.
+
+Resuming inside an epoch: `set_epoch(epoch, skip_batches)` starts the next pass over the training shard
+at a batch, and what each sample looks like does not depend on where the pass started: the torchvision
+path draws every sample's augmentation from its own generator, seeded by (seed, epoch, index)
+(`SampleSeeded`), so neither loader worker processes nor the training step's own draws (dropout, mixup)
+share a random stream with it; DALI's pipeline draws per pipeline, so a resumed pass re-reads the skipped
+batches and drops them (the same draws, at the cost of decoding them again).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from bitfleet.data import DataInfo, build_datasets, folders, info, split_indices
 from bitfleet.spec import DataSpec, RunSpec
@@ -24,7 +33,7 @@ class Loaders:
     evals: dict[str, Iterable]  # "val" (held out of train) and "test"
     info: DataInfo
     steps_per_epoch: int  # the same on every rank
-    set_epoch: Callable[[int], None]  # reshuffles the training shard for an epoch
+    set_epoch: Callable[..., None]  # (epoch, skip_batches=0): the epoch's order, its next pass from a batch
 
 
 @dataclass(frozen=True)
@@ -52,18 +61,60 @@ def steps_per_epoch(n: int, world: int, per_worker: int) -> int:
     return shard // per_worker if shard >= per_worker else 1
 
 
+class SampleSeeded(Dataset):
+    """`dataset[i]` drawn under a torch generator seeded by (seed, epoch, i): a sample's augmentation is
+    the same whichever process loads it and wherever the pass over the epoch started."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        value = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):  # the caller's stream is left as it was
+            torch.manual_seed(value)
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose next pass can start `skip` samples into this rank's order of the epoch."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0  # only the pass that resumes starts late (BN recalibration reads all)
+        return itertools.islice(super().__iter__(), skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
 def _torchvision(data: DataSpec, batches: Batches, per_worker: int, rank: int, world: int, device) -> Loaders:
     sets = build_datasets(data)
-    sampler = DistributedSampler(sets.train, world, rank, shuffle=True, seed=batches.seed)
+    dataset = SampleSeeded(sets.train, batches.seed)
+    sampler = ResumableSampler(dataset, world, rank, shuffle=True, seed=batches.seed)
     workers, pin = data.loader_workers, device.type == "cuda"
-    train = DataLoader(sets.train, per_worker, sampler=sampler, num_workers=workers, pin_memory=pin,
-                       drop_last=len(sampler) >= per_worker)  # a batch-of-one would break BatchNorm
+    # its own generator: the base seed a pass draws for worker processes leaves the global stream alone
+    train = DataLoader(dataset, per_worker, sampler=sampler, num_workers=workers, pin_memory=pin,
+                       drop_last=len(sampler) >= per_worker,  # a batch-of-one would break BatchNorm
+                       generator=torch.Generator())
+
+    def set_epoch(epoch: int, skip_batches: int = 0) -> None:
+        dataset.epoch = epoch
+        sampler.set_epoch(epoch, skip_batches * per_worker)
+
     evals = {
         split: DataLoader(Subset(dataset, range(rank, len(dataset), world)), batches.eval_batch_size,
                           num_workers=workers, pin_memory=pin)
         for split, dataset in (("val", sets.val), ("test", sets.test)) if dataset is not None
     }
-    return Loaders(train, evals, sets.info, steps_per_epoch(len(sets.train), world, per_worker), sampler.set_epoch)
+    return Loaders(train, evals, sets.info, steps_per_epoch(len(sets.train), world, per_worker), set_epoch)
 
 
 def _dali(data: DataSpec, batches: Batches, per_worker: int, rank: int, world: int, device) -> Loaders:
