@@ -36,24 +36,31 @@ def cmd_run(args) -> int:
         return _run(spec, args)
 
 
+STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
+
+
 def _run(spec, args) -> int:
     from ray.train import TrainingFailedError
 
+    from bitfleet.engine.preemption import Stopped
     from bitfleet.scheduler import launch, pipeline
 
-    if spec.stages:
-        try:
-            records = pipeline.run_pipeline(spec, address=args.address)
-        except pipeline.StageFailed as exc:
-            print(f"bitfleet: {exc}", file=sys.stderr)
-            return 1
-        print(json.dumps({name: {k: r[k] for k in ("state", "run_dir")} for name, r in records.items()}, indent=1))
-        return 0
     try:
+        if spec.stages:
+            records = pipeline.run_pipeline(spec, address=args.address)
+            print(json.dumps({name: {k: r[k] for k in ("state", "run_dir")} for name, r in records.items()},
+                             indent=1))
+            return 0
         summary = launch.run_training(spec, address=args.address)
+    except pipeline.StageFailed as exc:
+        print(f"bitfleet: {exc}", file=sys.stderr)
+        return 1
     except TrainingFailedError as exc:
         print(f"bitfleet: run {spec.name} failed: {exc}", file=sys.stderr)
         return 1
+    except Stopped as exc:  # SIGTERM to this driver: the workers checkpointed and stopped
+        print(f"bitfleet: {exc}", file=sys.stderr)
+        return STOPPED
     print(json.dumps({k: summary[k] for k in ("run_dir", "best_checkpoint", "best")}, indent=1, default=str))
     return 0
 

@@ -202,6 +202,10 @@ class ScalingSpec(Strict):
 class FailureSpec(Strict):
     max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run fails; -1: unlimited
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    # mid-epoch checkpoints too: every N global steps, and after N minutes without one (None: off)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(30.0, gt=0, allow_inf_nan=False)
+    preemption_grace_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # a SIGTERMed worker exits by then
     keep: int = Field(2, ge=1)  # checkpoints kept: the best by checkpoint_metric, and always the latest
     checkpoint_metric: str | None = None  # ranks checkpoints; None: the objective's own, on val if held out
     checkpoint_mode: Literal["max", "min"] | None = None  # None: the direction the objective knows

@@ -96,6 +96,18 @@ def exists(path: str) -> bool:
     return filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
 
 
+def remove(path: str) -> None:
+    """Delete a file if it is there."""
+    if not is_uri(path):
+        Path(path).unlink(missing_ok=True)
+        return
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_file(inner)
+
+
 def check_shared(storage_path: str, field: str = "storage_path") -> None:
     """On a cluster of several nodes, a local `storage_path` must be the same folder on every node: a
     marker written here must be visible from a task pinned to each node. Raises SpecError otherwise."""

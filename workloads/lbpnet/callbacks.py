@@ -66,9 +66,10 @@ class Freeze(HoldParameters):
         state.metrics["freeze/frozen_tensors"] = float(len(self.values))
 
     def state_dict(self):
-        return {"alpha_until": self.alpha_until}
+        return {**super().state_dict(), "alpha_until": self.alpha_until}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.alpha_until = state["alpha_until"]
 
 

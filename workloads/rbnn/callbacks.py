@@ -33,10 +33,14 @@ class Rotation(Callback):
 
     def __init__(self, every: int, iterations: int, svd_device: str, bn_only_from: int):
         self.every, self.iterations, self.svd_device, self.bn_only_from = every, iterations, svd_device, bn_only_from
+        self.updated_epoch = -1  # a run resumed mid-epoch does not update that epoch's rotation again
 
     def on_epoch_start(self, state):
         if not self.every or state.epoch % self.every or state.epoch >= self.bn_only_from:
             return
+        if self.updated_epoch == state.epoch:
+            return
+        self.updated_epoch = state.epoch
         start = time.perf_counter()
         errors = [conv.update_rotation(self.iterations, self.svd_device) for conv in binary_convs(state.model)]
         state.metrics.update({
@@ -44,6 +48,12 @@ class Rotation(Callback):
             "rbnn/rotation_error_after": sum(e[1] for e in errors) / len(errors),
             "rbnn/rotation_time_s": time.perf_counter() - start,
         })
+
+    def state_dict(self):
+        return {"updated_epoch": self.updated_epoch}
+
+    def load_state_dict(self, state):
+        self.updated_epoch = state.get("updated_epoch", -1)  # checkpoints of older runs have none
 
 
 class BNOnly(HoldParameters):

@@ -1,8 +1,10 @@
 """The hook protocol workloads plug into: temperature schedules, rotation updates, freezes.
 
 A callback sees the `TrainState` at epoch start, after each optimizer step, before and after evaluation
-and at epoch end. Whatever it writes into `state.metrics` is reported with the epoch's metrics. Its `state_dict` is
-saved in every checkpoint, so a restored run continues its schedules exactly.
+and at epoch end. `on_epoch_start` runs again when a run resumes mid-epoch: what a callback does once an
+epoch (a rotation update) must record in its state that it was done. Whatever it writes into `state.metrics` is reported
+with the epoch's metrics. Its `state_dict` is saved in every checkpoint, so a restored run continues its
+schedules exactly.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class TrainState:
     epoch: int = 0  # the epoch being run, 0-based; equals the number of completed epochs between epochs
     epochs: int = 1
     global_step: int = 0
+    step_in_epoch: int = 0  # steps done in the epoch being run
     steps_per_epoch: int = 1
     rank: int = 0
     world_size: int = 1
@@ -114,11 +117,16 @@ class HoldParameters(Callback):
 
     def __init__(self):
         self.values: dict[str, torch.Tensor] = {}
+        self.epoch = -1  # the epoch `values` were taken at
 
     def held(self, state: TrainState) -> set[str]:
         return set()
 
     def on_epoch_start(self, state):
+        if self.epoch == state.epoch:  # resumed mid-epoch: hold what the epoch's start held, and put it back
+            self.on_step_end(state)  # where the callbacks before this one (a temperature schedule) moved it
+            return
+        self.epoch = state.epoch
         names = self.held(state)
         params = dict(state.model.named_parameters())
         for name in set(self.values) - names:
@@ -132,3 +140,9 @@ class HoldParameters(Callback):
         with torch.no_grad():
             for name, value in self.values.items():
                 params[name].copy_(value)
+
+    def state_dict(self):
+        return {"held_epoch": self.epoch, "held": self.values}
+
+    def load_state_dict(self, state):
+        self.epoch, self.values = state.get("held_epoch", -1), state.get("held", {})  # older runs saved none

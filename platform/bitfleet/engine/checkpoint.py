@@ -7,6 +7,9 @@ state: the loop reseeds every epoch from (seed, epoch, rank), and the samplers d
 (seed, epoch), so a run restored at an epoch boundary draws exactly what the uninterrupted run would
 have drawn.
 
+A mid-epoch checkpoint (a step checkpoint, engine/loop.py) adds one part per rank: its random streams
+and partial sums (`worker.rank<k>.pt`), vouched for by that rank's manifest part.
+
 A checkpoint is complete only when its manifest checks out: every rank that writes into it adds, after
 its own files, a manifest part naming them with their sizes and SHA-256 (`manifest.json` from rank 0,
 which also records the epoch, the step and how many parts there are; `manifest.rank<k>.json` from the
@@ -173,6 +176,17 @@ def weights(directory: str | Path) -> dict[str, torch.Tensor]:
     if ema:
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     return state["model"]
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's tensors (names, dtypes, shapes and bytes, in name order): two runs ended
+    with the same weights exactly when their digests are equal."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(state_dict[name].shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def find(path: str | Path) -> Path:

@@ -1,8 +1,17 @@
 """The per-worker epoch/step loop: strategy (DDP or DeepSpeed), EMA, evaluation, report, checkpoint.
 
 `train_worker` is the `train_loop_per_worker` of every bitfleet TorchTrainer. Every rank calls
-`ray.train.report` exactly once per epoch; rank 0 attaches the checkpoint (with a sharded strategy every
-rank attaches its shard to the same one) and writes `metrics.json`.
+`ray.train.report` once per epoch (rank 0 attaches the epoch's checkpoint; with a sharded strategy every
+rank attaches its shard to the same one) and rank 0 writes `metrics.json`.
+
+Between epochs, a step can end in a checkpoint too (engine/preemption.py says when: every N steps or
+minutes, on a preemption notice, before stopping). Every rank reports it, each adding its own part: its
+RNG states (the training step's draws: dropout, mixup), its partial sums of the epoch's metrics and the
+time it trained; rank 0 adds `state.pt`, which holds the step within the epoch. Restored, the run
+continues at the next batch with the same draws (the loaders start the epoch's order at that batch, and
+augmentation is drawn per sample, data/loaders.py), and ends with the same weights as a run that never
+stopped. Such a report is marked `STEP_CHECKPOINT` and scores worst, so Ray's `num_to_keep` prunes
+step checkpoints before the epochs' best ones, never the latest.
 """
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
 from bitfleet.data import loaders
-from bitfleet.engine import checkpoint, strategy
+from bitfleet.engine import checkpoint, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
@@ -31,12 +41,13 @@ from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec, spec_digest
 
 HANDED = "<the checkpoint Ray handed over>"  # rank 0's choice of it, which each rank opens on its own node
+STEP_CHECKPOINT = "step_checkpoint"  # marks a mid-epoch report: no epoch's metrics, not a Tune iteration
 
 
 def train_worker(config: dict) -> None:
     """Entry point inside each Ray Train worker; `config["spec"]` is the resolved RunSpec, its workload's
-    sections already typed."""
-    Trainer(config["spec"]).fit()
+    sections already typed; `config["checkpoint_score"]` the (metric, mode) Ray ranks checkpoints by."""
+    Trainer(config["spec"], config.get("checkpoint_score")).fit()
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -47,10 +58,33 @@ def seed_everything(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(value)
 
 
+def rng_states() -> dict:
+    """This process's random streams: torch (CPU and each CUDA device), numpy, python."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
+
+
+def worker_part(rank: int) -> str:
+    """A rank's own file in a mid-epoch checkpoint."""
+    return f"worker.rank{rank}.pt"
+
+
 class Trainer:
     """The state of one worker's training and the steps that advance it."""
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec, checkpoint_score: tuple[str, str] | None = None):
         context = ray.train.get_context()
         self.spec, self.train_spec = spec, spec.train
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
@@ -90,44 +124,77 @@ class Trainer:
         self.restores = 0
         self.metrics = WorkerMetrics(run_labels(spec), self.rank)
         self.spec_digest = spec_digest(spec)
+        self.checkpoint_score = checkpoint_score
+        self.control = preemption.Control(spec.failure, self.run_path, self.rank, self.world, self.device)
+        self.resume: dict | None = None  # this rank's part of a mid-epoch checkpoint, until its epoch resumes
 
     # ------------------------------------------------------------------ run
     def fit(self) -> None:
+        preemption.watch_sigterm(self.spec.failure.preemption_grace_s)
         self.restore()
         while self.state.epoch < self.train_spec.epochs:
-            self.report(self.run_epoch())
+            metrics = self.run_epoch()
+            if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
+                return
+            self.report(metrics)
 
-    def run_epoch(self) -> dict[str, float]:
+    def run_epoch(self) -> dict[str, float] | None:
+        """One epoch, or the rest of it after a mid-epoch restore; None when it stopped at a checkpoint."""
         state = self.state
-        state.metrics = {}
-        seed_everything(self.spec.seed, state.epoch, self.rank)
-        self.data.set_epoch(state.epoch)
+        resume, self.resume = self.resume, None
+        if resume is None:  # resumed: the epoch's seeds were drawn, its metrics so far come from the checkpoint
+            state.metrics, state.step_in_epoch = {}, 0
+            seed_everything(self.spec.seed, state.epoch, self.rank)
+        self.data.set_epoch(state.epoch, state.step_in_epoch)
         self.strategy.model.train()  # before the callbacks: they may put some modules (frozen BN) back in eval mode
-        self.callbacks.on_epoch_start(state)
-        metrics = {"epoch": state.epoch + 1, **self.train_epoch(), "lr": self.optimizer.param_groups[0]["lr"]}
+        self.callbacks.on_epoch_start(state)  # safe to repeat: what happens once an epoch records that it did
+        if resume is not None:
+            set_rng_states(resume["rng"])  # the streams as they were after the step that checkpointed
+        trained = self.train_epoch(resume)
+        if trained is None:
+            return None
+        metrics = {"epoch": state.epoch + 1, **trained, "lr": self.optimizer.param_groups[0]["lr"]}
         broadcast_buffers(self.model, self.ema)  # every rank evaluates, and rank 0 saves, the same BN statistics
         self.callbacks.on_eval_start(state)
         for split, loader in self.eval_loaders.items():
             metrics.update(self.evaluate(split, loader))
         self.callbacks.on_eval_end(state, metrics)
-        state.epoch += 1
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.callbacks.on_epoch_end(state, metrics)
         return {**metrics, **state.metrics, "restores": self.restores, "workers": self.world}
 
-    def train_epoch(self) -> dict[str, float]:
+    def train_epoch(self, resume: dict | None = None) -> dict[str, float] | None:
+        """The epoch's training steps from `state.step_in_epoch` on; None when it stopped at a checkpoint."""
+        state = self.state
         sums = torch.zeros(2 + len(self.objective.sums), device=self.device)  # loss sum, seen, the objective's
+        earlier = 0.0  # seconds this epoch trained before a mid-epoch restore
+        if resume is not None:
+            sums, earlier = resume["sums"].to(self.device), resume["elapsed"]
         start = clock = time.perf_counter()
-        for images, labels in itertools.islice(self.train_loader, self.steps_per_epoch):  # no batch past the last
+        steps = self.steps_per_epoch - state.step_in_epoch
+        for images, labels in itertools.islice(self.train_loader, steps):  # no batch past the last
             loaded = time.perf_counter()
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             loss, outputs = self.train_step(images, labels)
             sums += self._batch_sums(loss.detach() * len(labels), outputs, labels, train=True)
-            self.state.global_step += 1
-            self.callbacks.on_step_end(self.state)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            self.callbacks.on_step_end(state)
             now = time.perf_counter()
             self.metrics.step(now - clock, data_wait_s=loaded - clock, samples=len(labels))
-            clock = now
-        elapsed = time.perf_counter() - start
+            action = self.control.after_step(state.global_step)
+            if action == preemption.CHECKPOINT and state.step_in_epoch == self.steps_per_epoch \
+                    and self._checkpoints_at_epoch_end(state.epoch + 1):
+                action = None  # the epoch's own checkpoint follows its evaluation
+            if action is not None:
+                self.save_step_checkpoint(sums, earlier + time.perf_counter() - start)
+                if action == preemption.STOP:
+                    return None
+                if action == preemption.PREEMPTED:
+                    raise preemption.Preempted(f"SIGTERM: checkpointed at epoch {state.epoch + 1}, step "
+                                               f"{state.step_in_epoch} of {self.steps_per_epoch}")
+            clock = time.perf_counter()
+        elapsed = earlier + time.perf_counter() - start
         loss_sum, seen, *rest = self._all_reduce(sums).tolist()
         return {**self.objective.metrics("train", loss_sum, seen, rest, train=True),
                 "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
@@ -175,8 +242,7 @@ class Trainer:
         if self.rank == 0:
             self._write_metrics()
             print(_progress_line(self.spec.name, metrics, epochs), flush=True)
-        due = epoch % self.spec.failure.checkpoint_every == 0 or epoch == epochs
-        if due and (self.rank == 0 or self.strategy.sharded):
+        if self._checkpoints_at_epoch_end(epoch) and (self.rank == 0 or self.strategy.sharded):
             start = time.perf_counter()
             state = self.state_dict() if self.rank == 0 else None
             if state is not None:
@@ -186,8 +252,36 @@ class Trainer:
                                    spec_digest=self.spec_digest) as ckpt:
                 ray.train.report(metrics, checkpoint=ckpt)
             self.metrics.checkpoint("save", time.perf_counter() - start)
+            self.control.saved()
         else:
             ray.train.report(metrics)
+
+    def _checkpoints_at_epoch_end(self, epochs_done: int) -> bool:
+        return epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
+
+    def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float) -> None:
+        """A mid-epoch checkpoint (see the module's docstring); every rank calls it at the same step."""
+        start = time.perf_counter()
+        state = self.state_dict() if self.rank == 0 else None
+        if state is not None:
+            storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
+        mine = {"rng": rng_states(), "sums": sums.cpu(), "elapsed": elapsed}
+
+        def write_part(directory: Path) -> None:
+            torch.save(mine, directory / worker_part(self.rank))
+            if self.strategy.sharded:
+                self.strategy.save_shard(directory)
+
+        marker = {STEP_CHECKPOINT: 1, "epoch": self.state.epoch, "step_in_epoch": self.state.step_in_epoch,
+                  "global_step": self.state.global_step}
+        if self.checkpoint_score:  # the worst finite score (Ray's run snapshot keeps no NaN): pruned first
+            metric, mode = self.checkpoint_score
+            marker[metric] = -sys.float_info.max if mode == "max" else sys.float_info.max
+        with checkpoint.to_ray(state, write_part, rank=self.rank, parts=self.world,
+                               spec_digest=self.spec_digest) as ckpt:
+            ray.train.report(marker, checkpoint=ckpt)
+        self.metrics.checkpoint("save", time.perf_counter() - start)
+        self.control.saved()
 
     def _write_metrics(self) -> None:
         storage.write_text(storage.join(self.run_path, "metrics.json"), json.dumps(self.history, indent=1))
@@ -201,6 +295,8 @@ class Trainer:
             "callbacks": self.callbacks.state_dict(),
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,
+            "step_in_epoch": self.state.step_in_epoch,  # > 0: a mid-epoch checkpoint
+            "epoch_metrics": dict(self.state.metrics),  # the callbacks' telemetry of that epoch so far
             "history": self.history,
             "restores": self.restores,
         }
@@ -224,7 +320,9 @@ class Trainer:
         self.metrics.checkpoint("restore", time.perf_counter() - start)
         self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
         if self.rank == 0:
-            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}", flush=True)
+            step, epoch = self.state.step_in_epoch, self.state.epoch
+            where = f", step {step} of epoch {epoch + 1}" if step else ""
+            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}{where}", flush=True)
 
     def _restore_point(self, handed: str | None) -> str | None:
         """Rank 0's choice: the newest complete checkpoint among Ray's and the run folder's (a local one)."""
@@ -258,6 +356,26 @@ class Trainer:
         self.callbacks.load_state_dict(state["callbacks"])
         self.state.epoch, self.state.global_step = state["epoch"], state["global_step"]
         self.history, self.restores = state["history"], state["restores"] + 1
+        self.state.step_in_epoch = state.get("step_in_epoch", 0)
+        if self.state.step_in_epoch:
+            self.state.metrics = state.get("epoch_metrics", {})
+            self.resume = self._worker_part(Path(directory))
+
+    def _worker_part(self, directory: Path) -> dict:
+        """This rank's part of a mid-epoch checkpoint. Written by another number of workers, there is none:
+        the epoch still continues where it was in its sample order (every rank skips the same prefix of
+        the epoch's permutation whatever the world size), but not bit for bit: its random streams start
+        afresh and its train metrics cover the rest of the epoch only."""
+        path = directory / worker_part(self.rank)
+        parts = checkpoint.manifest(directory).get("parts", 1)
+        if parts == self.world and path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if self.rank == 0:
+            print(f"[{self.spec.name}] warning: {directory.name} was written mid-epoch by {parts} workers, "
+                  f"resumed by {self.world}: the epoch continues in its order, not bit for bit", flush=True)
+        seed_everything(self.spec.seed, self.state.global_step, self.rank)
+        sums = torch.zeros(2 + len(self.objective.sums))
+        return {"rng": rng_states(), "sums": sums, "elapsed": 0.0}
 
 
 def _progress_line(name: str, m: dict, epochs: int) -> str:

@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 
 import bitfleet
 from bitfleet import metrics, registry, storage
-from bitfleet.engine import loop
+from bitfleet.engine import loop, preemption
 from bitfleet.resolve import CONFIG_FILE
 from bitfleet.spec import RunSpec
 
@@ -40,7 +40,7 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     metric, mode = checkpoint_score(spec)
     return TorchTrainer(
         loop.train_worker,
-        train_loop_config={"spec": spec},  # typed: the workload's sections are not parsed again
+        train_loop_config={"spec": spec, "checkpoint_score": (metric, mode)},  # typed: not parsed again
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=scaling.resize_check_s),
@@ -62,10 +62,16 @@ def run_training(spec: RunSpec, address: str | None = None):
         ray.init(address=address)
     storage.check_shared(spec.storage_path)
     record_config(spec)
-    with metrics.run_state(metrics.run_labels(spec)):
+    with metrics.run_state(metrics.run_labels(spec)), \
+            preemption.stop_request_on_sigterm(storage.run_path(spec)) as stop_requested:
         result = build_trainer(spec).fit()
+    at = result.metrics or {}
+    if stop_requested.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it had finished before it heard
+        raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
+                                 f"step {at['step_in_epoch']}; rerun the same command to continue")
     metric, mode = checkpoint_score(spec)
-    scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or [] if metric in values]
+    scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or []
+              if not values.get(loop.STEP_CHECKPOINT) and metric in values]
     best = (max if mode == "max" else min)(scored, key=lambda scored: scored[1][metric], default=None)
     summary = {
         "run_dir": storage.run_path(spec),

@@ -32,6 +32,7 @@ from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
 from bitfleet import metrics, storage, sweeps
+from bitfleet.engine import loop
 from bitfleet.resolve import validate_spec
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec
@@ -117,6 +118,8 @@ def _fit(trainer, outcome: dict) -> None:
 
 
 def _report(item: dict, spec: RunSpec) -> None:
+    if item["metrics"].get(loop.STEP_CHECKPOINT):  # a mid-epoch checkpoint is not a Tune iteration
+        return
     metrics = {**item["metrics"], "run": spec.name}
     if item["checkpoint"] is None:
         tune.report(metrics)
