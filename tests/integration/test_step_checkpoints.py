@@ -1,6 +1,7 @@
 """Mid-epoch checkpoints on a real local cluster, with real signals: a run killed three times at random
 steps, one whose worker gets SIGTERM and one whose driver does, each end with the weights of the run that
-was never interrupted, bit for bit (SHA-256 over the state dict's tensors).
+was never interrupted, bit for bit (SHA-256 over the state dict's tensors), under DDP and, for
+resnet_cifar, DeepSpeed ZeRO-2.
 
 Small runs (2 workers, 3 epochs of 8 steps, a checkpoint every 3 steps) with every schedule acting inside
 them: lbpnet's freeze, temperatures and hard fine-tune, rbnn's rotation updates and its BN-only epoch.
@@ -76,21 +77,26 @@ def specs(tmp_path_factory, mnist_root):
     return found
 
 
-def extra(workload: str) -> list[str]:
-    return QUICKSTARTS.get(workload, (None, []))[1]
+CASES = {  # case -> (workload, its overrides)
+    "resnet_cifar": ("resnet_cifar", []),
+    "lbpnet": ("lbpnet", QUICKSTARTS["lbpnet"][1]),
+    "rbnn": ("rbnn", QUICKSTARTS["rbnn"][1]),
+    "resnet_cifar-zero2": ("resnet_cifar", ["train.strategy=deepspeed", "train.deepspeed={zero_stage: 2}"]),
+}
 
 
-@pytest.mark.parametrize("workload", ["resnet_cifar", "lbpnet", "rbnn"])
-def test_killed_three_times_at_random_steps_ends_with_the_uninterrupted_weights(
-        ray_cluster, specs, tmp_path, workload):
+@pytest.mark.parametrize("case", list(CASES))
+def test_killed_three_times_at_random_steps_ends_with_the_uninterrupted_weights(ray_cluster, specs, tmp_path, case):
+    workload, extra = CASES[case]
+    if "deepspeed" in " ".join(extra):
+        pytest.importorskip("deepspeed")  # the `deepspeed` extra (CI installs it)
     storage = tmp_path / "results"
-    twin = bitfleet(ray_cluster, tmp_path / "twin.log",
-                    *run_args(ray_cluster, specs[workload], "twin", storage, extra(workload)))
+    twin = bitfleet(ray_cluster, tmp_path / "twin.log", *run_args(ray_cluster, specs[workload], "twin", storage, extra))
     finish(twin, 600)
 
     log = tmp_path / "killed.log"
-    driver = bitfleet(ray_cluster, log, *run_args(ray_cluster, specs[workload], "killed", storage, extra(workload)))
-    rng = random.Random(workload)
+    driver = bitfleet(ray_cluster, log, *run_args(ray_cluster, specs[workload], "killed", storage, extra))
+    rng = random.Random(case)
     for kills, target in enumerate(sorted(rng.sample(range(2, 22), 3))):  # of 24 steps; a kill redoes the
         # steps since the last checkpoint. Each kill hits the group that restored from the kill before it.
         wait_until(lambda k=kills: restores(log) >= k, 300, f"restore {kills}")
