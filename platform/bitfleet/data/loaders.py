@@ -73,9 +73,15 @@ class SampleSeeded(Dataset):
 
     def __getitem__(self, index: int):
         value = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        with torch.random.fork_rng(devices=[]):  # the caller's stream is left as it was
-            torch.manual_seed(value)
+        # the CPU generator alone, which transforms draw from: torch.manual_seed (and fork_rng) also visit
+        # every accelerator backend, ~100 us a sample against ~3 us for this
+        generator = torch.default_generator
+        caller = generator.get_state()
+        generator.manual_seed(value)
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(caller)  # the caller's stream is left as it was
 
 
 class ResumableSampler(DistributedSampler):

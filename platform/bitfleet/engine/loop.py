@@ -243,28 +243,27 @@ class Trainer:
             self._write_metrics()
             print(_progress_line(self.spec.name, metrics, epochs), flush=True)
         if self._checkpoints_at_epoch_end(epoch) and (self.rank == 0 or self.strategy.sharded):
-            start = time.perf_counter()
-            state = self.state_dict() if self.rank == 0 else None
-            if state is not None:
-                storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
             parts = self.world if self.strategy.sharded else 1  # every rank adds its shard and manifest part
-            with checkpoint.to_ray(state, self.strategy.save_shard, rank=self.rank, parts=parts,
-                                   spec_digest=self.spec_digest) as ckpt:
-                ray.train.report(metrics, checkpoint=ckpt)
-            self.metrics.checkpoint("save", time.perf_counter() - start)
-            self.control.saved()
+            self._report_with_checkpoint(metrics, self.strategy.save_shard, parts)
         else:
             ray.train.report(metrics)
+
+    def _report_with_checkpoint(self, metrics: dict, write_part, parts: int) -> None:
+        """`ray.train.report` with a checkpoint: rank 0's `state.pt`, what `write_part` adds on this rank."""
+        start = time.perf_counter()
+        state = self.state_dict() if self.rank == 0 else None
+        if state is not None:
+            storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
+        with checkpoint.to_ray(state, write_part, rank=self.rank, parts=parts, spec_digest=self.spec_digest) as ckpt:
+            ray.train.report(metrics, checkpoint=ckpt)
+        self.metrics.checkpoint("save", time.perf_counter() - start)
+        self.control.saved()
 
     def _checkpoints_at_epoch_end(self, epochs_done: int) -> bool:
         return epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
 
     def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float) -> None:
         """A mid-epoch checkpoint (see the module's docstring); every rank calls it at the same step."""
-        start = time.perf_counter()
-        state = self.state_dict() if self.rank == 0 else None
-        if state is not None:
-            storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
         mine = {"rng": rng_states(), "sums": sums.cpu(), "elapsed": elapsed}
 
         def write_part(directory: Path) -> None:
@@ -277,11 +276,7 @@ class Trainer:
         if self.checkpoint_score:  # the worst finite score (Ray's run snapshot keeps no NaN): pruned first
             metric, mode = self.checkpoint_score
             marker[metric] = -sys.float_info.max if mode == "max" else sys.float_info.max
-        with checkpoint.to_ray(state, write_part, rank=self.rank, parts=self.world,
-                               spec_digest=self.spec_digest) as ckpt:
-            ray.train.report(marker, checkpoint=ckpt)
-        self.metrics.checkpoint("save", time.perf_counter() - start)
-        self.control.saved()
+        self._report_with_checkpoint(marker, write_part, self.world)
 
     def _write_metrics(self) -> None:
         storage.write_text(storage.join(self.run_path, "metrics.json"), json.dumps(self.history, indent=1))

@@ -43,7 +43,7 @@ class Stopped(RuntimeError):
     """The run stopped at a checkpoint because its driver was asked to stop (SIGTERM)."""
 
 
-def _install_sigterm_handler(grace_s: float) -> bool:
+def _install_sigterm_handler(grace_s: float) -> None:
     """On the process's main thread (the only one signals reach): the first SIGTERM sets SIGTERMED and
     gives the worker `grace_s` to checkpoint; the second — or the grace running out — is handled as it was
     before (Ray's worker exits)."""
@@ -61,7 +61,6 @@ def _install_sigterm_handler(grace_s: float) -> bool:
             raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
-    return True
 
 
 def watch_sigterm(grace_s: float) -> None:
