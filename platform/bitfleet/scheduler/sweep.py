@@ -145,10 +145,11 @@ def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
         per_trial = {"CPU": spec.scaling.max_workers * spec.scaling.cpus_per_worker,
                      "GPU": spec.scaling.max_workers * spec.scaling.use_gpu}
         max_concurrent = concurrent_trials(sweep, ray.cluster_resources(), per_trial)
+        kept = tune.CheckpointConfig(num_to_keep=kept_checkpoints(sweep, spec.failure.checkpoint_every))
         tuner = tune.Tuner(trainable, param_space=param_space(sweep),
                            tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
                            run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
-                                                     checkpoint_config=_kept_checkpoints(sweep),
+                                                     checkpoint_config=kept,
                                                      callbacks=[TrialCounts(metrics.run_labels(spec))]))
     return summarize(spec, base, tuner.fit(), sweep_dir)
 
@@ -156,12 +157,15 @@ def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
 # --------------------------------------------------------------------------- Tune objects of a sweep spec
 
 
-def _kept_checkpoints(sweep: SweepSpec):
-    """PBT/PB2 copy a donor's checkpoint some time after it was taken: keep them all (the trials' own runs
-    still keep `failure.keep`); other schedulers only resume a trial from its latest."""
-    population_based = isinstance(sweep.scheduler, (Pbt, Pb2))
-    return tune.CheckpointConfig(num_to_keep=None if population_based else 2)
-
+def kept_checkpoints(sweep: SweepSpec, checkpoint_every: int) -> int:
+    """How many of a trial's Tune checkpoints are kept. Other schedulers resume a trial from its latest only.
+    PBT/PB2 clone a donor's checkpoint of the donor's last perturbation epoch, which the donor (reporting
+    one every `checkpoint_every` epochs) may have outgrown by up to interval / every checkpoints before its
+    next perturbation points at a newer one: keep those, the one they point at, and one more for the trial
+    that has just cloned it and loads it while the donor runs on."""
+    if isinstance(sweep.scheduler, (Pbt, Pb2)):
+        return sweep.scheduler.perturbation_interval // checkpoint_every + 2
+    return 2
 
 
 def concurrent_trials(sweep: SweepSpec, available: Mapping[str, float], per_trial: Mapping[str, float]) -> int:
