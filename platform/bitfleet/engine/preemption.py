@@ -33,7 +33,7 @@ STOP_FILE = "stop-requested"  # in the run folder: the driver's request that the
 LOOK_EVERY_S = 2.0  # rank 0 looks for the stop request, and asks Ray about preemption, this often
 SIGTERMED = threading.Event()  # set by this process's SIGTERM handler (module-level: Ray runs it on the main thread)
 
-CHECKPOINT, STOP, PREEMPTED = "checkpoint", "stop", "preempted"
+CHECKPOINT, NOTICED, STOP, PREEMPTED = "checkpoint", "noticed", "stop", "preempted"
 
 
 class Preempted(RuntimeError):
@@ -81,8 +81,9 @@ def watch_sigterm(grace_s: float) -> None:
 
 
 class Control:
-    """Asked after every training step: None, or CHECKPOINT, STOP (checkpoint, then return) or PREEMPTED
-    (checkpoint, then raise)."""
+    """Asked after every training step: None, or CHECKPOINT (a periodic one), NOTICED (a checkpoint on Ray's
+    preemption notice: training goes on), STOP (checkpoint, then return) or PREEMPTED (checkpoint, then
+    raise)."""
 
     def __init__(self, failure, run_path: str, rank: int, world: int, device: torch.device):
         self.every_steps = failure.checkpoint_every_steps
@@ -98,8 +99,9 @@ class Control:
             return PREEMPTED
         if stop:
             return STOP
-        notice = bool(look) and self._preemption_notice()
-        if overdue or notice or (self.every_steps and global_step % self.every_steps == 0):
+        if look and self._preemption_notice():
+            return NOTICED
+        if overdue or (self.every_steps and global_step % self.every_steps == 0):
             return CHECKPOINT
         return None
 
