@@ -107,6 +107,7 @@ class TrainSpec(Strict):
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: EMASpec | None = None
+    print_freq: int = Field(100, ge=1)  # a progress line (loss, lr, images/s, ETA) every N steps of an epoch
     max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
     max_eval_steps: int | None = Field(None, ge=1)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
@@ -214,6 +215,18 @@ class FailureSpec(Strict):
     checkpoint_mode: Literal["max", "min"] | None = None  # None: the direction the objective knows
 
 
+class MLflowSpec(Strict):
+    """Each run (and each trial of a sweep) as an MLflow run: its resolved spec as params, its metrics."""
+
+    uri: str = Field(min_length=1)  # MLflow's tracking URI: http://host:5000, sqlite:///mlflow.db, a folder
+    experiment: str | None = None  # default: the run's name (a sweep's: the sweep's name)
+
+
+class TrackingSpec(Strict):
+    tensorboard: bool = True  # event files in <run>/tensorboard: epoch metrics, progress, histograms
+    mlflow: MLflowSpec | None = None  # `pip install bitfleet[mlflow]`
+
+
 class StageSpec(Strict):
     """One stage of a pipeline: the pipeline's spec with `overrides`, run after the stages it `needs`."""
 
@@ -251,6 +264,7 @@ class RunSpec(Strict):
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
     targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
+    tracking: TrackingSpec = TrackingSpec()
     stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
     trial_of: TrialOf | None = None
@@ -297,8 +311,8 @@ class RunSpec(Strict):
 
 # what a rerun of a run may change without changing its result: where and how it runs, what it is compared
 # with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run)
-NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "stages", "inputs", "trial_of", "sweep",
-           "train.epochs", "train.init_from", "train.resume_from", "data.root")
+NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "tracking", "stages", "inputs", "trial_of",
+           "sweep", "train.epochs", "train.print_freq", "train.init_from", "train.resume_from", "data.root")
 
 
 def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:

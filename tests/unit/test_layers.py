@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
     {"errors"},
     {"spec"},
-    {"registry", "storage", "schedules", "data", "metrics", "sweeps"},
+    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking"},
     {"engine"},
     {"workload"},
-    {"resolve", "report", "export", "status"},
+    {"resolve", "report", "export", "status", "listing"},
     {"scheduler"},
     {"cli", "__main__"},
 ]
