@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, one_line
 from bitfleet.resolve import load_spec, set_aside
 
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.command(args) or 0
     except SpecError as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
@@ -150,7 +150,7 @@ def cmd_data_prepare(args) -> int:
         else:
             moved = prepare.prepare_tinyimagenet(args.root)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     print(f"moved {moved} validation images of {args.root} into class folders")
     return 0
