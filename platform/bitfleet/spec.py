@@ -141,6 +141,7 @@ DEEPSPEED_OWNED = {  # DeepSpeed config key -> the spec field it comes from
     "gradient_accumulation_steps": "train.batch_size", "optimizer": "train.optimizer",
     "scheduler": "train.lr_schedule", "gradient_clipping": "train.grad_clip", "fp16": "train.amp",
     "bf16": "train.amp", "torch_autocast": "train.amp", "zero_optimization.stage": "train.deepspeed.zero_stage",
+    "checkpoint": "bitfleet's checkpoints (engine/checkpoint.py)",
 }
 
 
