@@ -32,8 +32,9 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     elif own:  # our own validators name the field, relative to where they sit
         loc.append(own.group(1))
         msg = own.group(2)
-    elif err["type"] != "missing":
-        msg = f"{msg} (got {err['input']!r})"
+    elif err["type"] != "missing" and err["loc"]:  # a model's own check names what is wrong without the input
+        got = repr(err["input"])
+        msg = f"{msg} (got {got if len(got) <= 100 else got[:97] + '...'})"
     return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 

@@ -236,7 +236,7 @@ class ScalingSpec(Strict):
     def _workers(cls, value):
         low, high = (value, value) if isinstance(value, int) else value
         if not 1 <= low <= high <= MAX_WORKERS:
-            raise ValueError(f"{value}: expected a number of workers from 1 to {MAX_WORKERS}, or [min, max] with "
+            raise ValueError(f"expected a number of workers from 1 to {MAX_WORKERS}, or [min, max] with "
                              f"1 <= min <= max <= {MAX_WORKERS}")
         return value
 

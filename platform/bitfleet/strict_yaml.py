@@ -51,7 +51,7 @@ def load_text(text: str, source: str, field: str = "", lines: bool = True) -> An
     if len(text) > MAX_BYTES:
         raise SpecError(f"{source}: larger than {MAX_BYTES:,} characters")
     try:
-        loader = _Loader(text)  # its reader refuses control characters here
+        loader = _Loader(text, field, lines)  # its reader refuses control characters here
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         raise SpecError(f"{source}: line {line}: invalid YAML: character {chr(exc.character)!r} is not allowed "
@@ -75,23 +75,37 @@ def _where(mark) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
 
 
+def _error(path: str, mark, problem: str, lines: bool) -> SpecError:
+    line = f" (line {mark.line + 1})" if lines and mark else ""
+    return SpecError(f"{path or '<top level>'}: {problem}{line}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that stops composing at MAX_DEPTH, before Python's recursion limit does, and at MAX_VALUES
-    nodes, before a long list has been parsed to its end."""
+    nodes, before a long list has been parsed to its end; either error names the field it is in."""
 
-    depth = nodes = 0
+    def __init__(self, text: str, field: str, lines: bool):
+        super().__init__(text)
+        self.path, self.lines, self.nodes = [field] if field else [], lines, 0
 
     def compose_node(self, parent, index):
-        self.depth += 1
+        if parent is not None:  # `index`: the key node of a mapping's value, a list position, None for a key
+            self.path.append("?" if index is None else str(getattr(index, "value", index)))
         self.nodes += 1
         try:
-            if self.depth > MAX_DEPTH or self.nodes > MAX_VALUES:
-                problem = (f"nested deeper than {MAX_DEPTH} levels" if self.depth > MAX_DEPTH
+            if len(self.path) > MAX_DEPTH or self.nodes > MAX_VALUES:
+                problem = (f"nested deeper than {MAX_DEPTH} levels" if len(self.path) > MAX_DEPTH
                            else f"more than {MAX_VALUES:,} values")
-                raise yaml.composer.ComposerError(None, None, problem, self.peek_event().start_mark)
+                shown = ".".join(self.path[:8]) + (".…" if len(self.path) > 8 else "")
+                raise _error(shown, self.peek_event().start_mark, problem, self.lines)
             return super().compose_node(parent, index)
         finally:
-            self.depth -= 1
+            if parent is not None:
+                self.path.pop()
 
 
 class _Checks:
@@ -103,8 +117,7 @@ class _Checks:
         self.measured: dict[int, tuple[int, int] | None] = {}  # node id -> (values, height); None: being measured
 
     def fail(self, path: str, node, problem: str):
-        line = f" (line {node.start_mark.line + 1})" if self.lines else ""
-        raise SpecError(f"{path or '<top level>'}: {problem}{line}")
+        raise _error(path, node.start_mark, problem, self.lines)
 
     def walk(self, node, path: str, depth: int) -> tuple[int, int]:
         """(values, depth) of the data `node` expands to."""
@@ -127,7 +140,7 @@ class _Checks:
         if node.tag != _COLLECTIONS[type(node)]:
             self.fail(path, node, f"a YAML {node.tag.removeprefix(_TAG)}, which a spec does not hold")
         if isinstance(node, yaml.SequenceNode):
-            children = [(self._join(path, str(i)), child) for i, child in enumerate(node.value)]
+            children = [(_join(path, str(i)), child) for i, child in enumerate(node.value)]
         else:
             children = self._mapping_children(node, path)
         values, height = 1, 0
@@ -139,7 +152,7 @@ class _Checks:
         return values, height
 
     def _mapping_children(self, node, path: str) -> list:
-        seen: dict[str, int] = {}
+        seen: dict[str, yaml.Mark] = {}
         children = []
         for key_node, value_node in node.value:
             if key_node.tag == f"{_TAG}merge":  # `<<: *base`: the merged mapping's keys join this one
@@ -147,17 +160,19 @@ class _Checks:
                 continue
             if not isinstance(key_node, yaml.ScalarNode):
                 self.fail(path, key_node, "a key is a name, not a list or a mapping")
-            name, line = key_node.value, key_node.start_mark.line + 1
+            name = key_node.value
             if key_node.tag != f"{_TAG}str":
-                self.fail(self._join(path, name), key_node, f"this key reads as a YAML "
+                self.fail(_join(path, name), key_node, f"this key reads as a YAML "
                           f"{key_node.tag.removeprefix(_TAG)}, not a name (quote it: {name!r})")
             if name in seen:
-                raise SpecError(f"{self._join(path, name)}: duplicate key {name!r} on lines {seen[name]} and {line} "
-                                "(a key is written once)")
-            seen[name] = line
+                first, again = seen[name], key_node.start_mark
+                where = (f"lines {first.line + 1} and {again.line + 1}" if first.line != again.line else
+                         f"line {first.line + 1}, columns {first.column + 1} and {again.column + 1}")
+                raise SpecError(f"{_join(path, name)}: duplicate key {name!r} on {where} (a key is written once)")
+            seen[name] = key_node.start_mark
             if "\0" in name:
                 self.fail(path, key_node, "a key holds a NUL character")
-            children += [(path, key_node), (self._join(path, name), value_node)]
+            children += [(path, key_node), (_join(path, name), value_node)]
         return children
 
     def _scalar(self, node, path: str) -> None:
@@ -175,10 +190,6 @@ class _Checks:
                                       "in 64 bits")
         elif "\0" in node.value:
             self.fail(path, node, "a NUL character in a string (no path or name holds one)")
-
-    @staticmethod
-    def _join(path: str, key: str) -> str:
-        return f"{path}.{key}" if path else key
 
 
 _CONSTRUCTOR = yaml.SafeLoader("")  # its scalar constructors are pure functions of a node
