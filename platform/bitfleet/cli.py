@@ -30,9 +30,10 @@ def cmd_validate(args) -> int:
 
 def cmd_run(args) -> int:
     spec = _load_for_a_start(args)  # validated before any Ray call
+    from bitfleet.engine import preemption
     from bitfleet.scheduler import lock
 
-    with lock.hold(spec.storage_path, spec.name):  # one driver per run folder
+    with lock.hold(spec.storage_path, spec.name), preemption.driver_stops_on_sigterm():  # one driver per run folder
         return _run(spec, args)
 
 
@@ -69,10 +70,15 @@ def cmd_sweep(args) -> int:
     spec = _load_for_a_start(args)  # the sweep section too: paths, ranges, scheduler options
     if spec.sweep is None:
         raise SpecError(f"sweep: {args.spec} has no sweep section (see the README's Sweeps)")
+    from bitfleet.engine import preemption
     from bitfleet.scheduler import lock, sweep
 
-    with lock.hold(spec.storage_path, spec.name):
-        summary = sweep.run_sweep(spec, address=args.address)
+    try:
+        with lock.hold(spec.storage_path, spec.name), preemption.driver_stops_on_sigterm():
+            summary = sweep.run_sweep(spec, address=args.address)
+    except preemption.Stopped as exc:  # SIGTERM to this driver: the trials checkpointed and stopped
+        print(f"bitfleet: {exc}", file=sys.stderr)
+        return STOPPED
     print(json.dumps(summary, indent=1, default=str))
     return 0
 

@@ -256,6 +256,9 @@ class FailureSpec(Strict):
     checkpoint_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     checkpoint_every_minutes: float | None = Field(30.0, gt=0, le=7 * 24 * 60)
     preemption_grace_s: float = Field(30.0, gt=0, le=3600)  # a SIGTERMed worker exits by then
+    # async: Ray uploads a checkpoint to storage while training goes on (sync for the last one, a stop, a
+    # preemption: the group is about to end); sync: training waits for every upload
+    upload: Literal["async", "sync"] = "async"
     keep: int = Field(2, ge=1, le=1000)  # checkpoints kept: the best by checkpoint_metric, and always the latest
     checkpoint_metric: str | None = None  # ranks checkpoints; None: the objective's own, on val if held out
     checkpoint_mode: Literal["max", "min"] | None = None  # None: the direction the objective knows

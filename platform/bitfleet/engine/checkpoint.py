@@ -24,8 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -162,23 +161,22 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-@contextmanager
-def to_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, parts: int = 1,
-           spec_digest: str | None = None) -> Iterator[ray.train.Checkpoint]:  # noqa: F821
-    """A `ray.train.Checkpoint` in a temporary directory, valid inside the `with`: `state` (rank 0's; None on
-    the other ranks), what `write_shard(directory)` writes, then this rank's manifest part (`parts`: how
-    many ranks write into the checkpoint). Ray merges the ranks' files into one folder."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="bitfleet-ckpt-") as tmp:
-        if state is not None:
-            write_state(tmp, state)
-        if write_shard is not None:
-            write_shard(Path(tmp))
-        files = [str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file()]
-        epoch, step = (state.get("epoch"), state.get("global_step")) if state is not None else (None, None)
-        write_manifest(tmp, files, rank, parts, epoch, step, spec_digest)
-        yield ray.train.Checkpoint.from_directory(tmp)
+def for_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, parts: int = 1,
+            spec_digest: str | None = None) -> Path:
+    """A new temporary folder holding this rank's part of a checkpoint for `ray.train.report`: `state`
+    (rank 0's; None on the other ranks), what `write_shard(directory)` writes, then this rank's manifest
+    part (`parts`: how many ranks write into the checkpoint). Ray merges the ranks' folders into one and
+    removes them once uploaded (`delete_local_checkpoint_after_upload`): an asynchronous upload outlives
+    the report."""
+    folder = Path(tempfile.mkdtemp(prefix="bitfleet-ckpt-"))
+    if state is not None:
+        write_state(folder, state)
+    if write_shard is not None:
+        write_shard(folder)
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    epoch, step = (state.get("epoch"), state.get("global_step")) if state is not None else (None, None)
+    write_manifest(folder, files, rank, parts, epoch, step, spec_digest)
+    return folder
 
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:

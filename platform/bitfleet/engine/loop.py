@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointUploadMode
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
@@ -186,8 +187,9 @@ class Trainer:
             if action == preemption.CHECKPOINT and state.step_in_epoch == self.steps_per_epoch \
                     and self._checkpoints_at_epoch_end(state.epoch + 1):
                 action = None  # the epoch's own checkpoint follows its evaluation
-            if action is not None:
-                self.save_step_checkpoint(sums, earlier + time.perf_counter() - start)
+            if action is not None:  # uploaded while training goes on, unless the group is about to end
+                self.save_step_checkpoint(sums, earlier + time.perf_counter() - start,
+                                          wait=action != preemption.CHECKPOINT)
                 if action == preemption.STOP:
                     return None
                 if action == preemption.PREEMPTED:
@@ -244,25 +246,30 @@ class Trainer:
             print(_progress_line(self.spec.name, metrics, epochs), flush=True)
         if self._checkpoints_at_epoch_end(epoch) and (self.rank == 0 or self.strategy.sharded):
             parts = self.world if self.strategy.sharded else 1  # every rank adds its shard and manifest part
-            self._report_with_checkpoint(metrics, self.strategy.save_shard, parts)
+            self._report_with_checkpoint(metrics, self.strategy.save_shard, parts, wait=epoch == epochs)
         else:
             ray.train.report(metrics)
 
-    def _report_with_checkpoint(self, metrics: dict, write_part, parts: int) -> None:
-        """`ray.train.report` with a checkpoint: rank 0's `state.pt`, what `write_part` adds on this rank."""
+    def _report_with_checkpoint(self, metrics: dict, write_part, parts: int, wait: bool) -> None:
+        """`ray.train.report` with a checkpoint: rank 0's `state.pt`, what `write_part` adds on this rank.
+        Ray uploads it to storage in the background (`failure.upload: async`) while training goes on, unless
+        `wait`: the group is about to end (the run's last epoch, a stop, a preemption)."""
         start = time.perf_counter()
         state = self.state_dict() if self.rank == 0 else None
         if state is not None:
             storage.check_free_space(self.run_path, checkpoint.size_estimate(state))
-        with checkpoint.to_ray(state, write_part, rank=self.rank, parts=parts, spec_digest=self.spec_digest) as ckpt:
-            ray.train.report(metrics, checkpoint=ckpt)
+        folder = checkpoint.for_ray(state, write_part, rank=self.rank, parts=parts, spec_digest=self.spec_digest)
+        background = self.spec.failure.upload == "async" and not wait
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC if background else CheckpointUploadMode.SYNC,
+                         delete_local_checkpoint_after_upload=True)
         self.metrics.checkpoint("save", time.perf_counter() - start)
         self.control.saved()
 
     def _checkpoints_at_epoch_end(self, epochs_done: int) -> bool:
         return epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
 
-    def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float) -> None:
+    def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float, wait: bool) -> None:
         """A mid-epoch checkpoint (see the module's docstring); every rank calls it at the same step."""
         mine = {"rng": rng_states(), "sums": sums.cpu(), "elapsed": elapsed}
 
@@ -276,7 +283,7 @@ class Trainer:
         if self.checkpoint_score:  # the worst finite score (Ray's run snapshot keeps no NaN): pruned first
             metric, mode = self.checkpoint_score
             marker[metric] = -sys.float_info.max if mode == "max" else sys.float_info.max
-        self._report_with_checkpoint(marker, write_part, self.world)
+        self._report_with_checkpoint(marker, write_part, self.world, wait)
 
     def _write_metrics(self) -> None:
         storage.write_text(storage.join(self.run_path, "metrics.json"), json.dumps(self.history, indent=1))

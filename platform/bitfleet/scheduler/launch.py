@@ -56,17 +56,22 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     )
 
 
-def run_training(spec: RunSpec, address: str | None = None):
-    """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or a new local Ray), once per driver process."""
     if not ray.is_initialized():
         ray.init(address=address)
+        preemption.claim_sigterm()  # Ray's core took SIGTERM over
+
+
+def run_training(spec: RunSpec, address: str | None = None):
+    """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
+    connect(address)
     storage.check_shared(spec.storage_path)
     record_config(spec)
-    with metrics.run_state(metrics.run_labels(spec)), \
-            preemption.stop_request_on_sigterm(storage.run_path(spec)) as stop_requested:
+    with metrics.run_state(metrics.run_labels(spec)), preemption.driving(storage.run_path(spec)):
         result = build_trainer(spec).fit()
     at = result.metrics or {}
-    if stop_requested.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it had finished before it heard
+    if preemption.STOP_REQUESTED.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it had finished before it heard
         raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
                                  f"step {at['step_in_epoch']}; rerun the same command to continue")
     metric, mode = checkpoint_score(spec)
