@@ -32,7 +32,6 @@ MAX_EPOCHS = 100_000
 MAX_BATCH = 1 << 20  # samples in one (global) batch
 MAX_WORKERS = 4096  # Ray Train workers of one run
 MAX_STEPS = 10**9  # steps of an epoch, steps between checkpoints
-MAX_STAGES = 100  # stages of a pipeline
 Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
@@ -301,7 +300,7 @@ class RunSpec(Strict):
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
     targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
-    stages: list[StageSpec] = Field([], max_length=MAX_STAGES)  # a pipeline: `bitfleet run` runs them in order
+    stages: list[StageSpec] = Field([], max_length=100)  # a pipeline: `bitfleet run` runs them in order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
     trial_of: TrialOf | None = None
     sweep: dict[str, Any] | Section | None = None  # `bitfleet sweep`; resolved: a bitfleet.sweeps.SweepSpec
