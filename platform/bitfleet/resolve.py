@@ -75,8 +75,9 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
 
 def parse(raw: dict) -> RunSpec:
     """The typed spec of a raw spec dict: each field checked alone, each section parsed by its own model, the
-    whole checked by its workload and its sweep. Reads nothing from disk: cheap enough to check every value a
-    sweep can give."""
+    whole checked by its workload and its sweep. No data set, run folder or `init_from` is looked at (only
+    what a workload's own check reads, such as rbnn's teacher): cheap enough to repeat for every value a sweep
+    can give."""
     if isinstance(raw.get("workload"), str):
         registry.workload_class(raw["workload"])  # an unknown workload is named as such, before its section
     try:

@@ -120,7 +120,7 @@ class _Checks:
         raise _error(path, node.start_mark, problem, self.lines)
 
     def walk(self, node, path: str, depth: int) -> tuple[int, int]:
-        """(values, depth) of the data `node` expands to."""
+        """(values, height) of the data `node` expands to; `depth`: where it sits."""
         key = id(node)
         if key in self.measured:
             if self.measured[key] is None:

@@ -10,6 +10,7 @@ and results folders, and what the folder's .gitignore and .rayignore name, which
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import time
@@ -20,6 +21,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from bitfleet.errors import SpecError
 from bitfleet.resolve import load_spec
+
+log = logging.getLogger(__name__)
 
 # gitignore patterns, relative to the working dir (a leading / anchors one at its top)
 EXCLUDES = [
@@ -129,5 +132,6 @@ def _packed_files(folder: Path, excludes: list[str]) -> tuple[list[Path], list[P
             files.append(path)
 
     _dir_travel(folder, [_get_excludes(folder, ray_constants.get_runtime_env_default_excludes() + excludes)], visit,
-                include_gitignore=os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1")
+                include_gitignore=os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+                logger=log)  # Ray's own upload logs the ignore files it reads; once is enough
     return files, links_out
