@@ -9,7 +9,7 @@ import sys
 
 import bitfleet
 from bitfleet import console
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, one_line
 from bitfleet.resolve import load_spec, set_aside
 
 STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.command(args) or 0
     except SpecError as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bitfleet: interrupted", file=sys.stderr)
@@ -31,19 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with -v
         if console.verbose():
             raise
-        print(f"bitfleet: error: {one_line(exc)}", file=sys.stderr)
+        print(f"bitfleet: error: {failure_line(exc)}", file=sys.stderr)
         return 1
 
 
-def one_line(exc: BaseException) -> str:
+def failure_line(exc: BaseException) -> str:
     """What failed, in one line: a worker's error is the last line of its traceback (`ValueError: ...`)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
     if len(lines) > 1:  # a traceback inside the message (Ray's TrainingFailedError, a RayTaskError)
         cause = [line for line in lines if ":" in line and line.split(":", 1)[0].replace(".", "").isidentifier()]
-        return cause[-1] if cause else lines[-1]
-    return lines[0] if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {lines[0]}"
+        return one_line(cause[-1] if cause else lines[-1])
+    line = lines[0] if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {lines[0]}"
+    return one_line(line)
 
 
 def cmd_validate(args) -> int:
@@ -81,7 +82,7 @@ def _run(spec, args) -> int:
             return 0
         launch.run_training(spec, address=args.address)  # prints its summary
     except pipeline.StageFailed as exc:
-        print(f"bitfleet: {one_line(exc) if not console.verbose() else exc}", file=sys.stderr)
+        print(f"bitfleet: {failure_line(exc) if not console.verbose() else exc}", file=sys.stderr)
         return 1
     except Stopped as exc:  # SIGTERM to this driver: the workers checkpointed and stopped
         print(f"bitfleet: {exc}", file=sys.stderr)
@@ -89,7 +90,7 @@ def _run(spec, args) -> int:
     except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and the like: which run, and why
         if console.verbose():
             raise
-        print(f"bitfleet: run {spec.name} failed: {one_line(exc)}", file=sys.stderr)
+        print(f"bitfleet: run {spec.name} failed: {failure_line(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -191,7 +192,7 @@ def cmd_data_prepare(args) -> int:
         else:
             moved = prepare.prepare_tinyimagenet(args.root)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     print(f"moved {moved} validation images of {args.root} into class folders")
     return 0
