@@ -1,4 +1,5 @@
-"""`bitfleet run | sweep | submit | status | validate | report | export | data`: parse the command line and delegate."""
+"""`bitfleet run | sweep | submit | status | validate | report | export | eval | data`: parse the command line and
+delegate."""
 from __future__ import annotations
 
 import argparse
@@ -119,6 +120,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from bitfleet import export
+
+    result = export.evaluate_engine(args.engine, args.split, args.override, args.out)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_data_download(args) -> int:
     from bitfleet import data
 
@@ -218,6 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output file")
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
+
+    ev = sub.add_parser("eval", help="evaluate an exported engine on a split of its data set (no run folder needed)")
+    ev.add_argument("--engine", required=True, metavar="FILE", help="an engine file written by `bitfleet export`")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test")
+    ev.add_argument("-o", "--override", action="append", default=[], metavar="data.FIELD=VALUE",
+                    help="change the recorded data section, e.g. -o data.root=DIR (repeatable)")
+    ev.add_argument("--out", help="where to write eval.json (default: next to the engine file)")
+    ev.set_defaults(command=cmd_eval)
 
     data = sub.add_parser("data", help="data sets: download, prepare, check, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")

@@ -1,133 +1,342 @@
-"""Integer inference of a MAC-free LBPNet with packed bits in numpy, and its exporter.
+"""Bit-packed inference of LBPNet in numpy — every block kind (`residual`, `macfree`) and fusion (RP, 1x1) —
+and its exporter.
 
-Per block, on integer feature maps (8-bit pixel codes, then counts):
-  comparisons at whole-pixel offsets -> bit planes packed 64 pixels to a word -> routing (whole packed
-  planes gathered) -> popcount by bit-sliced ripple-carry addition of the routed planes (AND/XOR on
-  words) -> count bits unpacked -> shifted ReLU, closed gates zeroed -> concatenation -> 2x2 max pool.
-The float head (global average pool or flatten, Linear, BN, ReLU, Linear) stays float32.
+A batch is held as maps (channels, H, W, batch): batch last, so a shifted map is a slice whose rows are
+contiguous runs of W·batch values. One block:
 
-LBP comparisons depend only on the order of values within a channel, and the input normalisation is
-strictly increasing, so the engine reads raw uint8 pixels where the model reads normalised ones; before
-the head the image channels are normalised as the data loader does. Its predictions equal the model's
-hard-path predictions.
+  LBP comparisons at whole-pixel offsets (edge-replicated) -> the U bits of each pixel packed into one
+  integer code -> the distinct codes of the batch (a few dozen to a few thousand: digits are mostly flat)
+  -> the fusion evaluated once per distinct code: RP is AND with each output's route mask and popcount,
+  then threshold or shifted ReLU and the gates; 1x1 sums the weights of the set bits, then BN and ReLU
+  -> a table (C_out, codes) that each pixel's code indexes.
+
+Outputs are computed per channel and only where they are read (`Stage.values`): the next block reads at
+most U channels; a residual network's global-average-pool head reads per-channel means, which average
+pooling leaves linear: means of table entries weighted by code counts (`np.bincount`) plus the stream's.
+
+Exactness. Counts and pixel codes are integers. Comparisons depend only on order within a channel, and
+the loader's normalisation is strictly increasing, so integer networks compare raw pixel codes. The
+residual stream is float32 and the engine repeats torch's operations in torch's order: BN of a bit is one
+of the two values torch's BN gives for 0 and 1 (read from it at export), the shortcut add is one IEEE
+addition, the 2x2 average adds the four values row by row and divides by 4 as torch's CPU kernel does,
+and pixels are normalised by the loader's own table — so every comparison sees torch's floats. The 1x1
+fusion sums its weights in float64 (oneDNN's summation order is not reproducible) and the float32 head
+uses BLAS: these differ from torch by rounding only, and predictions are compared (tests, bench).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bitfleet import deploy
 from bitfleet.errors import SpecError
-from workloads.lbpnet.layers import RPFusion
+from workloads.lbpnet.layers import Conv1x1Fusion, RPFusion
 from workloads.lbpnet.models import LBPBlock, LBPNet
 
+MAX_BITS = 64  # one 64-bit code per pixel
 
-def export(model: LBPNet, data, path: Path) -> dict:
-    """Write the integer engine's tables (.npz) of a MAC-free RP LBPNet; returns a summary."""
+
+# ----------------------------------------------------------------------------------------------- export
+def export(model: LBPNet, data) -> dict[str, np.ndarray]:
+    """The engine's arrays of an LBPNet (eval mode): per block its comparisons, fusion and BN; the head."""
     blocks = list(model.blocks)
-    if not all(isinstance(b, LBPBlock) and b.kind == "macfree" and isinstance(b.fusion, RPFusion) for b in blocks):
-        raise SpecError("model.blocks: integer export needs the MAC-free network "
-                        "(block: macfree, fusion_type: rp_paper)")
-    arrays: dict[str, np.ndarray] = {"num_blocks": np.array(len(blocks))}
+    if not all(isinstance(b, LBPBlock) for b in blocks):
+        raise SpecError("model.blocks.block: `conv` is the float CNN baseline, which has no binary path to export; "
+                        "export `macfree` or `residual` networks")
+    arrays: dict[str, np.ndarray] = {"num_blocks": np.array(len(blocks)), "in_channels": np.array(data.in_channels)}
     for i, block in enumerate(blocks):
-        lbp, rp = block.lbp, block.fusion
-        channel, row = lbp.bit_sources(rp.needed_bits)
-        arrays.update({
-            f"b{i}.channels": channel.numpy(), f"b{i}.offsets": lbp.integer_positions().reshape(-1, 2)[row].numpy(),
-            f"b{i}.routes": rp.local_routes.numpy(), f"b{i}.threshold": np.array(rp.threshold),
-            f"b{i}.gates": (rp.gate_logits.detach() > 0).numpy(), f"b{i}.downsample": np.array(block.downsample),
-            f"b{i}.radius": np.array(int(np.ceil(lbp.radius))),
-        })
+        arrays.update({f"b{i}.{k}": v for k, v in _block_arrays(block).items()})
     head = model.head
-    bn = head.bn if isinstance(head.bn, torch.nn.BatchNorm1d) else None
-    arrays.update({
-        "input_mean": np.array(data.mean, np.float32), "input_std": np.array(data.std, np.float32),
-        "input_channels": np.array(data.in_channels), "head_pool": np.array(head.pool),
-        "fc1.weight": head.fc1.weight.detach().numpy(), "fc1.bias": head.fc1.bias.detach().numpy(),
-        "fc2.weight": head.fc2.weight.detach().numpy(), "fc2.bias": head.fc2.bias.detach().numpy(),
-    })
-    if bn is not None:
-        arrays.update({
-            "bn.mean": bn.running_mean.numpy(), "bn.var": bn.running_var.numpy(),
-            "bn.eps": np.array(bn.eps, np.float32),
-            "bn.weight": bn.weight.detach().numpy(), "bn.bias": bn.bias.detach().numpy(),
-        })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return {"path": str(path), "blocks": len(blocks), "bytes": path.stat().st_size}
+    arrays.update({"head.pool": np.array(head.pool), **_linear("fc1", head.fc1), **_linear("fc2", head.fc2)})
+    if isinstance(head.bn, torch.nn.BatchNorm1d):
+        scale, shift = _bn_affine(head.bn)
+        arrays.update({"head.bn_scale": scale, "head.bn_shift": shift})
+    return arrays
 
 
+def _block_arrays(block: LBPBlock) -> dict[str, np.ndarray]:
+    lbp, fusion = block.lbp, block.fusion
+    channel, row = lbp.bit_sources(fusion.needed_bits)
+    if len(channel) > MAX_BITS:
+        raise SpecError(f"model.lbp_layer: a block computes {len(channel)} LBP bits per pixel; the engine packs at "
+                        f"most {MAX_BITS} into one code (share_across_channels: true keeps num_patterns x num_points)")
+    out = {
+        "kind": np.array(block.kind), "downsample": np.array(block.downsample),
+        "channels": channel.numpy(), "offsets": lbp.integer_positions().reshape(-1, 2)[row].numpy(),
+    }
+    if isinstance(fusion, RPFusion):
+        out.update({"fusion": np.array("rp"), "routes": fusion.local_routes.numpy(),
+                    "threshold": np.array(fusion.threshold), "activation": np.array(fusion.activation),
+                    "gates": (fusion.gate_logits.detach() > 0).numpy()})
+        if isinstance(block.bn, torch.nn.BatchNorm2d):  # BN of a 0/1 output: the two values torch gives
+            with torch.no_grad():
+                probe = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, fusion.out_channels, 2, 1)
+                out["bn_values"] = block.bn(probe.contiguous())[0, :, :, 0].numpy()  # (C, 2)
+    else:
+        assert isinstance(fusion, Conv1x1Fusion)
+        scale, shift = _bn_affine(block.bn)
+        out.update({"fusion": np.array("conv1x1"), "weight": fusion.conv.weight.detach()[:, :, 0, 0].numpy(),
+                    "bn_scale": scale, "bn_shift": shift})
+    return out
+
+
+def _bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode BN as y = x·scale + shift, in float64."""
+    inv = 1.0 / np.sqrt(bn.running_var.double().numpy() + bn.eps)
+    scale = bn.weight.detach().double().numpy() * inv
+    return scale, bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * scale
+
+
+def _linear(name: str, layer) -> dict[str, np.ndarray]:
+    return {f"head.{name}.weight": layer.weight.detach().numpy(), f"head.{name}.bias": layer.bias.detach().numpy()}
+
+
+# ----------------------------------------------------------------------------------------------- engine
 class IntegerLBPNet:
-    """The exported network, run with integer and bit operations; `predict(uint8 images)` -> labels."""
+    """An exported LBPNet; `logits(uint8 images (N, C, H, W))`, `predict(...)`. `source`: an engine file,
+    or its arrays and the input table (`bitfleet.export.load_engine`)."""
 
-    def __init__(self, path: str | Path):
-        with np.load(path) as f:
-            self.t = {k: f[k] for k in f.files}
-        self.num_blocks = int(self.t["num_blocks"])
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.uint8)  # pixel codes, then counts of at most k: 8 bits hold every value
-        for i in range(self.num_blocks):
-            x = self._block(x, i)
-        return x
+    def __init__(self, source: str | Path | dict, input_lut: np.ndarray | None = None):
+        if not isinstance(source, dict):
+            _, source = deploy.load(source)
+            input_lut = source.pop("input_lut")
+        self.arrays, self.input_lut = source, input_lut.astype(np.float32)
+        t = source
+        self.blocks = [{k.split(".", 1)[1]: v[()] if v.ndim == 0 else v for k, v in t.items() if k.startswith(f"b{i}.")}
+                       for i in range(int(t["num_blocks"]))]
+        self.in_channels = int(t["in_channels"])
+        # integer networks (MAC-free RP) carry pixel codes and counts as uint8; the others float32
+        self.integer = all(b["kind"] == "macfree" and b["fusion"] == "rp" for b in self.blocks)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        t = self.t
-        features = self.features(images).astype(np.float32)
-        # the image channels were carried as pixel codes: normalise them as the loader does
-        k = int(t["input_channels"])
-        mean, std = t["input_mean"][:, None, None], t["input_std"][:, None, None]
-        features[:, :k] = (features[:, :k] / np.float32(255) - mean) / std
-        pooled = features.reshape(len(features), -1) if str(t["head_pool"]) == "flatten" else features.mean((2, 3))
-        h = pooled @ t["fc1.weight"].T + t["fc1.bias"]
-        if "bn.mean" in t:
-            h = (h - t["bn.mean"]) / np.sqrt(t["bn.var"] + t["bn.eps"]) * t["bn.weight"] + t["bn.bias"]
-        return np.maximum(h, 0) @ t["fc2.weight"].T + t["fc2.bias"]
+        maps = np.ascontiguousarray(np.asarray(images, np.uint8).transpose(1, 2, 3, 0))  # (C, H, W, B)
+        stage = Input(maps, self.input_lut, self.integer)
+        for block in self.blocks:
+            stage = _stage(block, stage)
+        return self._head(stage)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.logits(images).argmax(1)
 
-    def _block(self, x: np.ndarray, i: int) -> np.ndarray:
-        t = {k.split(".", 1)[1]: v for k, v in self.t.items() if k.startswith(f"b{i}.")}
-        b, c, h, w = x.shape
-        planes = _compare(x, t["channels"], t["offsets"], int(t["radius"]) + 1)  # (B, U, words) uint64
-        count = _popcount(planes[:, t["routes"]], h * w)  # (B, C_out, H·W)
-        y = (np.maximum(count - (int(t["threshold"]) - 1), 0).astype(np.uint8)
-             * t["gates"][None, :, None].astype(np.uint8))
-        out = np.concatenate([x, y.reshape(b, -1, h, w)], 1)
-        if t["downsample"]:  # 2x2 max pool as three element-wise maxima of strided views
-            even = out[:, :, : h // 2 * 2, : w // 2 * 2]
-            out = np.maximum(np.maximum(even[:, :, ::2, ::2], even[:, :, 1::2, ::2]),
-                             np.maximum(even[:, :, ::2, 1::2], even[:, :, 1::2, 1::2]))
+    def _head(self, stage: Stage) -> np.ndarray:
+        t = self.arrays
+        if str(t["head.pool"]) == "flatten":
+            values = self._as_float(stage.all_values())  # (C, H, W, B)
+            features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
+        elif isinstance(stage, Residual):  # average pools all the way: linear, from code counts
+            features = stage.means(stage.height, stage.width).T.astype(np.float32)
+        else:
+            features = self._as_float(stage.all_values()).mean((1, 2), dtype=np.float64).T.astype(np.float32)
+        h = features @ t["head.fc1.weight"].T + t["head.fc1.bias"]
+        if "head.bn_scale" in t:
+            h = h * t["head.bn_scale"].astype(np.float32) + t["head.bn_shift"].astype(np.float32)
+        return np.maximum(h, 0) @ t["head.fc2.weight"].T + t["head.fc2.bias"]
+
+    def _as_float(self, values: np.ndarray) -> np.ndarray:
+        if values.dtype == np.float32:
+            return values
+        out = values.astype(np.float32)  # counts as they are; pixel codes (the first channels) normalised
+        k = self.in_channels
+        codes = values[:k].reshape(k, -1).astype(np.intp)
+        out[:k] = np.take_along_axis(self.input_lut, codes, 1).reshape(out[:k].shape)
         return out
 
 
-def _compare(x: np.ndarray, channels: np.ndarray, offsets: np.ndarray, pad: int) -> np.ndarray:
-    """Bit planes 1[x_c(p + offset) > x_c(p)] for each (channel, offset), packed 64 pixels per uint64."""
-    b, c, h, w = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="edge").reshape(b, -1)
-    hp, wp = h + 2 * pad, w + 2 * pad
-    centre = (channels[:, None, None] * hp * wp + (np.arange(h)[:, None] + pad) * wp
-              + np.arange(w) + pad).reshape(len(channels), -1)
-    sample = centre + (offsets[:, 0] * wp + offsets[:, 1])[:, None]
-    bits = xp[:, sample] > xp[:, centre]  # (B, U, H·W) bool
-    packed = np.packbits(bits, axis=-1, bitorder="little")
-    words = -(-packed.shape[-1] // 8) * 8
-    packed = np.pad(packed, ((0, 0), (0, 0), (0, words - packed.shape[-1])))
-    return packed.view(np.uint64)
+# ----------------------------------------------------------------------------------------------- stages
+class Stage:
+    """The output map (C, H, W, B) of a block (or the input), computed where it is read: a few channels
+    (`values`, each computed once) for the next block's comparisons, or all of them (`all_values`)."""
+
+    channels: int
+    height: int
+    width: int
+
+    def __init__(self):
+        self._some: dict[int, np.ndarray] = {}
+        self._all: np.ndarray | None = None
+
+    def values(self, channels: np.ndarray) -> np.ndarray:
+        if self._all is not None:
+            return self._all[channels]
+        todo = np.setdiff1d(channels, np.fromiter(self._some, int, len(self._some)))  # sorted
+        if len(todo):
+            self._some.update(zip(todo.tolist(), self._compute(todo)))
+        return np.stack([self._some[c] for c in channels.tolist()])
+
+    def all_values(self) -> np.ndarray:
+        if self._all is None:
+            self._all, self._some = self._compute(np.arange(self.channels)), {}
+        return self._all
+
+    def read(self, channels: np.ndarray) -> np.ndarray:
+        """`values`, or a selection from `all_values` when every channel is read anyway."""
+        return self.all_values()[channels] if len(np.unique(channels)) == self.channels else self.values(channels)
+
+    def _compute(self, channels: np.ndarray) -> np.ndarray:
+        """(len, H, W, B) of the sorted, distinct `channels`."""
+        raise NotImplementedError
 
 
-def _popcount(routed: np.ndarray, pixels: int) -> np.ndarray:
-    """Per-pixel count of set bits over axis 2 of (B, C_out, k, words): bit-sliced ripple-carry adders."""
-    k = routed.shape[2]
-    counter = [np.zeros_like(routed[:, :, 0]) for _ in range(max(1, int(k).bit_length()))]
-    for j in range(k):
-        carry = routed[:, :, j]
-        for i, digit in enumerate(counter):
-            counter[i], carry = digit ^ carry, digit & carry
-    total = np.zeros(routed.shape[:2] + (pixels,), np.int16)
-    for i, digit in enumerate(counter):
-        bits = np.unpackbits(digit.view(np.uint8), axis=-1, bitorder="little")[..., :pixels]
-        total += bits.astype(np.int16) << i
-    return total
+class Input(Stage):
+    def __init__(self, codes: np.ndarray, lut: np.ndarray, integer: bool):
+        super().__init__()
+        self.codes, self.lut, self.integer = codes, lut, integer
+        self.channels, self.height, self.width = codes.shape[:3]
+
+    def _compute(self, channels):
+        codes = self.codes[channels]
+        if self.integer:  # order is all comparisons and max pools need: raw codes
+            return codes
+        flat = codes.reshape(len(channels), -1).astype(np.intp)
+        return np.take_along_axis(self.lut[channels], flat, 1).reshape(codes.shape)
+
+    def means(self, h: int, w: int) -> np.ndarray:
+        return self.values(np.arange(self.channels))[:, :h, :w].mean((1, 2), dtype=np.float64)
+
+
+class Block(Stage):
+    """A block's output: its fusion table indexed by each pixel's code, joined with its input."""
+
+    def __init__(self, table: np.ndarray, inverse: np.ndarray, previous: Stage, downsample: bool):
+        super().__init__()
+        self.table, self.inverse, self.previous, self.downsample = table, inverse, previous, downsample
+        self.height, self.width = (previous.height // 2, previous.width // 2) if downsample else (
+            previous.height, previous.width)
+
+    def _fused(self, channels: np.ndarray) -> np.ndarray:
+        return np.take(self.table[channels], self.inverse, axis=1)  # (len, H, W, B)
+
+
+class Residual(Block):
+    """out = BN(fusion) + tile(x): input channel c % C_in added to output channel c; 2x2 average pool."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.channels = len(self.table)
+
+    def _compute(self, channels):
+        out = self._fused(channels)
+        out += self.previous.read(channels % self.previous.channels)
+        return avg_pool(out) if self.downsample else out
+
+    def means(self, h: int, w: int) -> np.ndarray:
+        """(C, B) float64 means over the top-left h x w of the output map: what global average pooling of a
+        map pooled down from this one averages; average pooling keeps it a sum of the inputs' means."""
+        h, w = (2 * h, 2 * w) if self.downsample else (h, w)  # the region this map's pool averaged
+        inverse = self.inverse[:h, :w]
+        batch = inverse.shape[-1]
+        counts = np.bincount((inverse * batch + np.arange(batch)).ravel(), minlength=len(self.table[0]) * batch)
+        fused = self.table.astype(np.float64) @ counts.reshape(-1, batch) / (h * w)
+        return fused + self.previous.means(h, w)[np.arange(self.channels) % self.previous.channels]
+
+
+class MacFree(Block):
+    """out = concat(x, fusion): the input's channels first; 2x2 max pool."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.channels = self.previous.channels + len(self.table)
+
+    def _compute(self, channels):
+        k = self.previous.channels
+        n = int((channels < k).sum())  # channels are sorted: the input's come first
+        out = np.empty((len(channels), self.height, self.width, self.inverse.shape[-1]), self.table.dtype)
+        if n:
+            _pool_into(self.previous.read(channels[:n]), out[:n], self.downsample)
+        if n < len(channels):
+            _pool_into(self._fused(channels[n:] - k), out[n:], self.downsample)
+        return out
+
+
+def _pool_into(x: np.ndarray, out: np.ndarray, downsample: bool) -> None:
+    if downsample:
+        max_pool(x, out)
+    else:
+        out[...] = x
+
+
+def _stage(block: dict, previous: Stage) -> Block:
+    codes = lbp_codes(previous, block["channels"], block["offsets"])
+    unique, inverse = _unique(codes)
+    table = _fusion_table(block, unique)
+    kind = Residual if block["kind"] == "residual" else MacFree
+    return kind(table, inverse.reshape(codes.shape), previous, bool(block["downsample"]))
+
+
+def lbp_codes(stage: Stage, channels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(H, W, B) codes, bit u set where x_c(u)(p + offset_u) > x_c(u)(p), edges replicated; the narrowest
+    unsigned type that holds the bits."""
+    read, local = np.unique(channels, return_inverse=True)
+    values = stage.read(read)
+    r = int(np.abs(offsets).max(initial=0))
+    h, w, batch = values.shape[1:]
+    padded = np.pad(values, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
+    nbytes = next(n for n in (1, 2, 4, 8) if 8 * n >= len(channels))
+    code_bytes = np.zeros((h, w, batch, nbytes), np.uint8)  # little-endian bytes of each code
+    for u, ((dy, dx), c) in enumerate(zip(offsets.tolist(), local.tolist())):  # one pass per bit of the code
+        bit = np.greater(padded[c, r + dy: r + dy + h, r + dx: r + dx + w], values[c]).view(np.uint8)
+        code_bytes[..., u // 8] |= bit << np.uint8(u % 8)
+    return code_bytes.view(f"<u{nbytes}")[..., 0]
+
+
+def _unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct codes as uint64, index of each pixel's code among them)."""
+    flat = codes.ravel()
+    if codes.dtype.itemsize <= 2:  # a presence table beats sorting a million codes
+        present = np.zeros(1 << 8 * codes.dtype.itemsize, bool)
+        present[flat] = True
+        unique = np.flatnonzero(present)
+        index = np.zeros(len(present), np.intp)
+        index[unique] = np.arange(len(unique))
+        return unique.astype(np.uint64), index[flat]
+    unique, inverse = np.unique(flat, return_inverse=True)
+    return unique.astype(np.uint64), inverse
+
+
+def _fusion_table(block: dict, unique: np.ndarray) -> np.ndarray:
+    """(C_out, distinct codes): the block's fusion of each distinct code."""
+    if block["fusion"] == "conv1x1":
+        bits = (unique[None, :] >> np.arange(len(block["channels"]), dtype=np.uint64)[:, None]) & np.uint64(1)
+        z = block["weight"].astype(np.float64) @ bits  # exact: a few float32 weights summed in float64
+        return np.maximum(z * block["bn_scale"][:, None] + block["bn_shift"][:, None], 0).astype(np.float32)
+    routes = block["routes"]
+    masks = np.bitwise_or.reduce(np.uint64(1) << routes.astype(np.uint64), axis=1)  # (C_out,) route masks
+    count = np.bitwise_count(unique[None, :] & masks[:, None]).astype(np.int16)  # the RP popcount
+    gates = block["gates"][:, None]
+    if block["activation"] == "shifted_relu":
+        return (np.maximum(count - int(block["threshold"]) + 1, 0) * gates).astype(np.uint8)
+    fired = (count >= int(block["threshold"])) & gates  # residual blocks: then BN, one of two values
+    return np.where(fired, block["bn_values"][:, 1:], block["bn_values"][:, :1]).astype(np.float32)
+
+
+def avg_pool(x: np.ndarray) -> np.ndarray:
+    """2x2 average pool of (C, H, W, B) as torch's CPU kernel sums: row by row, then / 4 (odd edges dropped)."""
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    x = x[:, :h, :w]
+    return (((x[:, 0::2, 0::2] + x[:, 0::2, 1::2]) + x[:, 1::2, 0::2]) + x[:, 1::2, 1::2]) / x.dtype.type(4)
+
+
+def max_pool(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    x = x[:, :h, :w]
+    top = np.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
+    return np.maximum(top, np.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2], out=out), out=out)
+
+
+def packed_size_bits(arrays: dict[str, np.ndarray]) -> int:
+    """Bits the comparisons and the fusion need, stored tightly (the paper's count: no head): per point its
+    window position and channel; per RP route its bit, per gate one bit; 1x1 weights as float32."""
+    bits = 0
+    for i in range(int(arrays["num_blocks"])):
+        offsets, channels = arrays[f"b{i}.offsets"], arrays[f"b{i}.channels"]
+        side = 2 * int(np.abs(offsets).max(initial=0)) + 1
+        bits += len(offsets) * (math.ceil(math.log2(side * side)) + math.ceil(math.log2(max(2, channels.max() + 1))))
+        if str(arrays[f"b{i}.fusion"]) == "rp":
+            routes = arrays[f"b{i}.routes"]
+            bits += routes.size * math.ceil(math.log2(max(2, len(offsets)))) + len(routes)
+        else:
+            bits += arrays[f"b{i}.weight"].size * 32
+    return bits
