@@ -43,3 +43,36 @@ def load(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     if header.get("format") != FORMAT:
         raise SpecError(f"--engine: {path} has format {header.get('format')}; this bitfleet reads format {FORMAT}")
     return header, arrays
+
+
+# ---- exact float parts: an exporter verifies that its engine repeats torch's rounding
+def batchnorm_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) float32 of an eval-mode BatchNorm2d as torch's CPU kernel holds them (y = x·scale +
+    shift), read from the layer itself: shift = BN(0); scale = BN(2^40) / 2^40 (the shift is lost in rounding)."""
+    channels = np.full((bn.num_features, 2), 2.0**40, np.float32)
+    channels[:, 0] = 0
+    out = _batchnorm(bn, channels)
+    return (out[:, 1] / np.float32(2.0**40)).astype(np.float32), out[:, 0].astype(np.float32)
+
+
+def _batchnorm(bn, x: np.ndarray) -> np.ndarray:
+    """torch's eval-mode BatchNorm2d of x (channels, n), laid out as a map (1, C, n, 1) as in a network."""
+    import torch
+
+    with torch.no_grad():
+        return bn(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, :, :, None])[0, :, :, 0].numpy()
+
+
+def affine(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, rounding: str) -> np.ndarray:
+    """x·scale + shift in float32 (per channel along axis 0), rounded as `rounding` says torch does: once
+    ("fma": float64 holds the product exactly) or after the product and again after the sum ("mul_add")."""
+    scale, shift = scale.reshape(-1, *[1] * (x.ndim - 1)), shift.reshape(-1, *[1] * (x.ndim - 1))
+    if rounding == "fma":
+        return (x.astype(np.float64) * scale + shift).astype(np.float32)
+    return x.astype(np.float32) * scale + shift
+
+
+def batchnorm_rounding(bn, x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> str | None:
+    """Which rounding of `affine` gives torch's BN on every input in `x` (channels, n); None if neither."""
+    expected = _batchnorm(bn, x)
+    return next((r for r in ("fma", "mul_add") if np.array_equal(affine(x, scale, shift, r), expected)), None)

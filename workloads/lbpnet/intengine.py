@@ -52,8 +52,10 @@ def export(model: LBPNet, data) -> dict[str, np.ndarray]:
     head = model.head
     arrays.update({"head.pool": np.array(head.pool), **_linear("fc1", head.fc1), **_linear("fc2", head.fc2)})
     if isinstance(head.bn, torch.nn.BatchNorm1d):
-        scale, shift = _bn_affine(head.bn)
-        arrays.update({"head.bn_scale": scale, "head.bn_shift": shift})
+        bn = head.bn  # the float head: BLAS rounds it its own way anyway
+        scale = bn.weight.detach().double().numpy() / np.sqrt(bn.running_var.double().numpy() + bn.eps)
+        shift = bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * scale
+        arrays.update({"head.bn_scale": scale.astype(np.float32), "head.bn_shift": shift.astype(np.float32)})
     return arrays
 
 
@@ -77,17 +79,40 @@ def _block_arrays(block: LBPBlock) -> dict[str, np.ndarray]:
                 out["bn_values"] = block.bn(probe.contiguous())[0, :, :, 0].numpy()  # (C, 2)
     else:
         assert isinstance(fusion, Conv1x1Fusion)
-        scale, shift = _bn_affine(block.bn)
-        out.update({"fusion": np.array("conv1x1"), "weight": fusion.conv.weight.detach()[:, :, 0, 0].numpy(),
-                    "bn_scale": scale, "bn_shift": shift})
+        out.update({"fusion": np.array("conv1x1"), **_conv1x1_arrays(block)})
     return out
 
 
-def _bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
-    """Eval-mode BN as y = x·scale + shift, in float64."""
-    inv = 1.0 / np.sqrt(bn.running_var.double().numpy() + bn.eps)
-    scale = bn.weight.detach().double().numpy() * inv
-    return scale, bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * scale
+def _conv1x1_arrays(block: LBPBlock) -> dict[str, np.ndarray]:
+    """The 1x1 fusion's weights and BN, with the rounding that repeats torch's, checked on every code (or a
+    sample of 4,096 past 16 bits): oneDNN sums the bits' weights in index order, BN is one fused
+    multiply-add. `exact` records whether the check passed on this machine."""
+    weight = block.fusion.conv.weight.detach()[:, :, 0, 0].numpy()
+    scale, shift = deploy.batchnorm_affine(block.bn)
+    u = weight.shape[1]
+    codes = np.arange(1 << u, dtype=np.uint64) if u <= 16 else np.random.default_rng(0).integers(
+        0, 1 << min(u, 63), 4096, dtype=np.uint64)
+    bits = _bits(codes, u)
+    with torch.no_grad():  # codes as the pixels of one map, as in a network
+        conv = block.fusion.conv(torch.from_numpy(bits.astype(np.float32))[None, :, :, None])[0, :, :, 0].numpy()
+    ours = _weight_sums(weight, bits)
+    rounding = deploy.batchnorm_rounding(block.bn, ours, scale, shift)
+    exact = np.array_equal(ours, conv) and rounding is not None
+    return {"weight": weight, "bn_scale": scale, "bn_shift": shift, "bn_rounding": np.array(rounding or "fma"),
+            "exact": np.array(exact)}
+
+
+def _bits(codes: np.ndarray, u: int) -> np.ndarray:
+    """(u, len(codes)) uint8: bit i of each code."""
+    return ((codes[None, :] >> np.arange(u, dtype=np.uint64)[:, None]) & np.uint64(1)).astype(np.uint8)
+
+
+def _weight_sums(weight: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """(C_out, codes) float32: Σ_i weight[:, i]·bit_i, added in index order (oneDNN's order for a 1x1 conv)."""
+    total = np.zeros((len(weight), bits.shape[1]), np.float32)
+    for i in range(bits.shape[0]):  # one pass per input bit, over all channels and codes
+        total += weight[:, i:i + 1] * bits[i]
+    return total
 
 
 def _linear(name: str, layer) -> dict[str, np.ndarray]:
@@ -132,7 +157,7 @@ class IntegerLBPNet:
             features = self._as_float(stage.all_values()).mean((1, 2), dtype=np.float64).T.astype(np.float32)
         h = features @ t["head.fc1.weight"].T + t["head.fc1.bias"]
         if "head.bn_scale" in t:
-            h = h * t["head.bn_scale"].astype(np.float32) + t["head.bn_shift"].astype(np.float32)
+            h = h * t["head.bn_scale"] + t["head.bn_shift"]
         return np.maximum(h, 0) @ t["head.fc2.weight"].T + t["head.fc2.bias"]
 
     def _as_float(self, values: np.ndarray) -> np.ndarray:
@@ -299,9 +324,8 @@ def _unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _fusion_table(block: dict, unique: np.ndarray) -> np.ndarray:
     """(C_out, distinct codes): the block's fusion of each distinct code."""
     if block["fusion"] == "conv1x1":
-        bits = (unique[None, :] >> np.arange(len(block["channels"]), dtype=np.uint64)[:, None]) & np.uint64(1)
-        z = block["weight"].astype(np.float64) @ bits  # exact: a few float32 weights summed in float64
-        return np.maximum(z * block["bn_scale"][:, None] + block["bn_shift"][:, None], 0).astype(np.float32)
+        z = _weight_sums(block["weight"], _bits(unique, len(block["channels"])))
+        return np.maximum(deploy.affine(z, block["bn_scale"], block["bn_shift"], str(block["bn_rounding"])), 0)
     routes = block["routes"]
     masks = np.bitwise_or.reduce(np.uint64(1) << routes.astype(np.uint64), axis=1)  # (C_out,) route masks
     count = np.bitwise_count(unique[None, :] & masks[:, None]).astype(np.int16)  # the RP popcount
