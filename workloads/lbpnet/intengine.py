@@ -25,81 +25,13 @@ uses BLAS: these differ from torch by rounding only, and predictions are compare
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bitfleet import deploy
-from bitfleet.errors import SpecError
-from workloads.lbpnet.layers import Conv1x1Fusion, RPFusion
-from workloads.lbpnet.models import LBPBlock, LBPNet
 
 MAX_BITS = 64  # one 64-bit code per pixel
-
-
-# ----------------------------------------------------------------------------------------------- export
-def export(model: LBPNet, data) -> dict[str, np.ndarray]:
-    """The engine's arrays of an LBPNet (eval mode): per block its comparisons, fusion and BN; the head."""
-    blocks = list(model.blocks)
-    if not all(isinstance(b, LBPBlock) for b in blocks):
-        raise SpecError("model.blocks.block: `conv` is the float CNN baseline, which has no binary path to export; "
-                        "export `macfree` or `residual` networks")
-    arrays: dict[str, np.ndarray] = {"num_blocks": np.array(len(blocks)), "in_channels": np.array(data.in_channels)}
-    for i, block in enumerate(blocks):
-        arrays.update({f"b{i}.{k}": v for k, v in _block_arrays(block).items()})
-    head = model.head
-    arrays.update({"head.pool": np.array(head.pool), **_linear("fc1", head.fc1), **_linear("fc2", head.fc2)})
-    if isinstance(head.bn, torch.nn.BatchNorm1d):
-        bn = head.bn  # the float head: BLAS rounds it its own way anyway
-        scale = bn.weight.detach().double().numpy() / np.sqrt(bn.running_var.double().numpy() + bn.eps)
-        shift = bn.bias.detach().double().numpy() - bn.running_mean.double().numpy() * scale
-        arrays.update({"head.bn_scale": scale.astype(np.float32), "head.bn_shift": shift.astype(np.float32)})
-    return arrays
-
-
-def _block_arrays(block: LBPBlock) -> dict[str, np.ndarray]:
-    lbp, fusion = block.lbp, block.fusion
-    channel, row = lbp.bit_sources(fusion.needed_bits)
-    if len(channel) > MAX_BITS:
-        raise SpecError(f"model.lbp_layer: a block computes {len(channel)} LBP bits per pixel; the engine packs at "
-                        f"most {MAX_BITS} into one code (share_across_channels: true keeps num_patterns x num_points)")
-    out = {
-        "kind": np.array(block.kind), "downsample": np.array(block.downsample),
-        "channels": channel.numpy(), "offsets": lbp.integer_positions().reshape(-1, 2)[row].numpy(),
-    }
-    if isinstance(fusion, RPFusion):
-        out.update({"fusion": np.array("rp"), "routes": fusion.local_routes.numpy(),
-                    "threshold": np.array(fusion.threshold), "activation": np.array(fusion.activation),
-                    "gates": (fusion.gate_logits.detach() > 0).numpy()})
-        if isinstance(block.bn, torch.nn.BatchNorm2d):  # BN of a 0/1 output: the two values torch gives
-            with torch.no_grad():
-                probe = torch.tensor([0.0, 1.0]).view(1, 1, 2, 1).expand(1, fusion.out_channels, 2, 1)
-                out["bn_values"] = block.bn(probe.contiguous())[0, :, :, 0].numpy()  # (C, 2)
-    else:
-        assert isinstance(fusion, Conv1x1Fusion)
-        out.update({"fusion": np.array("conv1x1"), **_conv1x1_arrays(block)})
-    return out
-
-
-def _conv1x1_arrays(block: LBPBlock) -> dict[str, np.ndarray]:
-    """The 1x1 fusion's weights and BN, with the rounding that repeats torch's, checked on every code (or a
-    sample of 4,096 past 16 bits): oneDNN sums the bits' weights in index order, BN is one fused
-    multiply-add. `exact` records whether the check passed on this machine."""
-    weight = block.fusion.conv.weight.detach()[:, :, 0, 0].numpy()
-    scale, shift = deploy.batchnorm_affine(block.bn)
-    u = weight.shape[1]
-    codes = np.arange(1 << u, dtype=np.uint64) if u <= 16 else np.random.default_rng(0).integers(
-        0, 1 << min(u, 63), 4096, dtype=np.uint64)
-    bits = _bits(codes, u)
-    with torch.no_grad():  # codes as the pixels of one map, as in a network
-        conv = block.fusion.conv(torch.from_numpy(bits.astype(np.float32))[None, :, :, None])[0, :, :, 0].numpy()
-    ours = _weight_sums(weight, bits)
-    rounding = deploy.batchnorm_rounding(block.bn, ours, scale, shift)
-    exact = np.array_equal(ours, conv) and rounding is not None
-    return {"weight": weight, "bn_scale": scale, "bn_shift": shift, "bn_rounding": np.array(rounding or "fma"),
-            "exact": np.array(exact)}
 
 
 def _bits(codes: np.ndarray, u: int) -> np.ndarray:
@@ -115,10 +47,6 @@ def _weight_sums(weight: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return total
 
 
-def _linear(name: str, layer) -> dict[str, np.ndarray]:
-    return {f"head.{name}.weight": layer.weight.detach().numpy(), f"head.{name}.bias": layer.bias.detach().numpy()}
-
-
 # ----------------------------------------------------------------------------------------------- engine
 class IntegerLBPNet:
     """An exported LBPNet; `logits(uint8 images (N, C, H, W))`, `predict(...)`. `source`: an engine file,
@@ -132,13 +60,16 @@ class IntegerLBPNet:
         t = source
         self.blocks = [{k.split(".", 1)[1]: v[()] if v.ndim == 0 else v for k, v in t.items() if k.startswith(f"b{i}.")}
                        for i in range(int(t["num_blocks"]))]
-        self.in_channels = int(t["in_channels"])
-        # integer networks (MAC-free RP) carry pixel codes and counts as uint8; the others float32
-        self.integer = all(b["kind"] == "macfree" and b["fusion"] == "rp" for b in self.blocks)
+        # MAC-free networks carry integers — pixel codes, and each channel's values as their ranks (counts
+        # for RP) — since comparisons and max pools only look at order; residual networks carry float32
+        if all(b["kind"] == "macfree" for b in self.blocks):
+            self.dtype = np.dtype(np.uint8 if all(b["fusion"] == "rp" for b in self.blocks) else np.uint16)
+        else:
+            self.dtype = np.dtype(np.float32)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         maps = np.ascontiguousarray(np.asarray(images, np.uint8).transpose(1, 2, 3, 0))  # (C, H, W, B)
-        stage = Input(maps, self.input_lut, self.integer)
+        stage = Input(maps, self.input_lut, self.dtype)
         for block in self.blocks:
             stage = _stage(block, stage)
         return self._head(stage)
@@ -148,26 +79,21 @@ class IntegerLBPNet:
 
     def _head(self, stage: Stage) -> np.ndarray:
         t = self.arrays
-        if str(t["head.pool"]) == "flatten":
-            values = self._as_float(stage.all_values())  # (C, H, W, B)
-            features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
-        elif isinstance(stage, Residual):  # average pools all the way: linear, from code counts
+        if isinstance(stage, Residual) and str(t["head.pool"]) == "gap":  # linear all the way: from code counts
             features = stage.means(stage.height, stage.width).T.astype(np.float32)
         else:
-            features = self._as_float(stage.all_values()).mean((1, 2), dtype=np.float64).T.astype(np.float32)
+            values = stage.all_values()
+            if values.dtype != np.float32:  # ranks and pixel codes back to the values they stand for
+                flat = values.reshape(len(values), -1).astype(np.intp)
+                values = np.take_along_axis(stage.decoders(), flat, 1).reshape(values.shape)
+            if str(t["head.pool"]) == "flatten":
+                features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
+            else:
+                features = values.mean((1, 2), dtype=np.float64).T.astype(np.float32)
         h = features @ t["head.fc1.weight"].T + t["head.fc1.bias"]
         if "head.bn_scale" in t:
             h = h * t["head.bn_scale"] + t["head.bn_shift"]
         return np.maximum(h, 0) @ t["head.fc2.weight"].T + t["head.fc2.bias"]
-
-    def _as_float(self, values: np.ndarray) -> np.ndarray:
-        if values.dtype == np.float32:
-            return values
-        out = values.astype(np.float32)  # counts as they are; pixel codes (the first channels) normalised
-        k = self.in_channels
-        codes = values[:k].reshape(k, -1).astype(np.intp)
-        out[:k] = np.take_along_axis(self.input_lut, codes, 1).reshape(out[:k].shape)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -197,8 +123,14 @@ class Stage:
         return self._all
 
     def read(self, channels: np.ndarray) -> np.ndarray:
-        """`values`, or a selection from `all_values` when every channel is read anyway."""
+        """`values`, or `all_values` (a selection of it) when every channel is read anyway."""
+        if np.array_equal(channels, np.arange(self.channels)):
+            return self.all_values()
         return self.all_values()[channels] if len(np.unique(channels)) == self.channels else self.values(channels)
+
+    def parts(self) -> list[np.ndarray]:
+        """Arrays whose concatenation is `all_values` (a MAC-free block need not copy its input)."""
+        return [self.all_values()]
 
     def _compute(self, channels: np.ndarray) -> np.ndarray:
         """(len, H, W, B) of the sorted, distinct `channels`."""
@@ -206,20 +138,23 @@ class Stage:
 
 
 class Input(Stage):
-    def __init__(self, codes: np.ndarray, lut: np.ndarray, integer: bool):
+    def __init__(self, codes: np.ndarray, lut: np.ndarray, dtype: np.dtype):
         super().__init__()
-        self.codes, self.lut, self.integer = codes, lut, integer
+        self.codes, self.lut, self.dtype = codes, lut, dtype
         self.channels, self.height, self.width = codes.shape[:3]
 
     def _compute(self, channels):
         codes = self.codes[channels]
-        if self.integer:  # order is all comparisons and max pools need: raw codes
-            return codes
+        if self.dtype != np.float32:  # order is all comparisons and max pools need: raw codes
+            return codes.astype(self.dtype, copy=False)
         flat = codes.reshape(len(channels), -1).astype(np.intp)
         return np.take_along_axis(self.lut[channels], flat, 1).reshape(codes.shape)
 
+    def decoders(self) -> np.ndarray:
+        return self.lut
+
     def means(self, h: int, w: int) -> np.ndarray:
-        return self.values(np.arange(self.channels))[:, :h, :w].mean((1, 2), dtype=np.float64)
+        return self.all_values()[:, :h, :w].mean((1, 2), dtype=np.float64)
 
 
 class Block(Stage):
@@ -259,36 +194,66 @@ class Residual(Block):
 
 
 class MacFree(Block):
-    """out = concat(x, fusion): the input's channels first; 2x2 max pool."""
+    """out = concat(x, fusion): the input's channels first; 2x2 max pool. The table holds each channel's
+    values as their ranks (`decode` turns them back)."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, table: np.ndarray, *args, dtype: np.dtype):
+        ranks, self.decode = _ranks(table)
+        super().__init__(ranks.astype(dtype), *args)
         self.channels = self.previous.channels + len(self.table)
 
     def _compute(self, channels):
         k = self.previous.channels
-        n = int((channels < k).sum())  # channels are sorted: the input's come first
+        if len(channels) == self.channels:
+            parts = self.previous.parts() + [self._fused(channels[k:] - k)]
+        else:
+            n = int((channels < k).sum())  # sorted: the input's channels come first
+            parts = [p for p in (self.previous.read(channels[:n]), self._fused(channels[n:] - k)) if len(p)]
+        if not self.downsample:
+            return np.concatenate(parts) if len(parts) > 1 else parts[0]
         out = np.empty((len(channels), self.height, self.width, self.inverse.shape[-1]), self.table.dtype)
-        if n:
-            _pool_into(self.previous.read(channels[:n]), out[:n], self.downsample)
-        if n < len(channels):
-            _pool_into(self._fused(channels[n:] - k), out[n:], self.downsample)
+        bounds = np.cumsum([0] + [len(p) for p in parts])
+        for part, i, j in zip(parts, bounds, bounds[1:]):  # pooled straight into place
+            max_pool(part, out[i:j])
         return out
 
+    def parts(self):
+        if self.downsample or self._all is not None:
+            return [self.all_values()]
+        return self.previous.parts() + [self._fused(np.arange(len(self.table)))]
 
-def _pool_into(x: np.ndarray, out: np.ndarray, downsample: bool) -> None:
-    if downsample:
-        max_pool(x, out)
-    else:
-        out[...] = x
+    def decoders(self) -> np.ndarray:
+        """(C, n) float32: row c maps channel c's ranks (pixel codes for the input's) to values."""
+        before, own = self.previous.decoders(), self.decode
+        width = max(before.shape[1], own.shape[1])
+        return np.concatenate([np.pad(before, ((0, 0), (0, width - before.shape[1]))),
+                               np.pad(own, ((0, 0), (0, width - own.shape[1])))])
+
+
+def _ranks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dense rank of each entry within its row, (C, n) values by rank): order-preserving integer codes."""
+    order = np.argsort(table, axis=1, kind="stable")
+    ordered = np.take_along_axis(table, order, 1)
+    new = np.ones(ordered.shape, bool)
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    dense = np.cumsum(new, axis=1) - 1
+    ranks = np.empty_like(dense)
+    np.put_along_axis(ranks, order, dense, 1)
+    decode = np.zeros(table.shape, np.float32)
+    np.put_along_axis(decode, dense, ordered.astype(np.float32), 1)
+    return ranks, decode
 
 
 def _stage(block: dict, previous: Stage) -> Block:
     codes = lbp_codes(previous, block["channels"], block["offsets"])
     unique, inverse = _unique(codes)
     table = _fusion_table(block, unique)
-    kind = Residual if block["kind"] == "residual" else MacFree
-    return kind(table, inverse.reshape(codes.shape), previous, bool(block["downsample"]))
+    args = (table, inverse.reshape(codes.shape), previous, bool(block["downsample"]))
+    return Residual(*args) if block["kind"] == "residual" else MacFree(*args, dtype=_integer_type(previous))
+
+
+def _integer_type(stage: Stage) -> np.dtype:
+    return stage.dtype if isinstance(stage, Input) else _integer_type(stage.previous)
 
 
 def lbp_codes(stage: Stage, channels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -348,19 +313,3 @@ def max_pool(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     x = x[:, :h, :w]
     top = np.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
     return np.maximum(top, np.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2], out=out), out=out)
-
-
-def packed_size_bits(arrays: dict[str, np.ndarray]) -> int:
-    """Bits the comparisons and the fusion need, stored tightly (the paper's count: no head): per point its
-    window position and channel; per RP route its bit, per gate one bit; 1x1 weights as float32."""
-    bits = 0
-    for i in range(int(arrays["num_blocks"])):
-        offsets, channels = arrays[f"b{i}.offsets"], arrays[f"b{i}.channels"]
-        side = 2 * int(np.abs(offsets).max(initial=0)) + 1
-        bits += len(offsets) * (math.ceil(math.log2(side * side)) + math.ceil(math.log2(max(2, channels.max() + 1))))
-        if str(arrays[f"b{i}.fusion"]) == "rp":
-            routes = arrays[f"b{i}.routes"]
-            bits += routes.size * math.ceil(math.log2(max(2, len(offsets)))) + len(routes)
-        else:
-            bits += arrays[f"b{i}.weight"].size * 32
-    return bits

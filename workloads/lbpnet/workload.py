@@ -63,9 +63,9 @@ class LBPNetWorkload(Workload):
         return loss(logits, labels) + regularisation(getattr(model, "module", model), self.options), logits
 
     def export(self, model, config: ModelConfig, data):
-        from workloads.lbpnet import intengine
+        from workloads.lbpnet import intexport
 
-        return intengine.export(model, data)
+        return intexport.export(model, data)
 
     def load_engine(self, arrays, input_lut):
         from workloads.lbpnet.intengine import IntegerLBPNet
