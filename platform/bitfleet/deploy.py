@@ -51,11 +51,11 @@ def batchnorm_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     shift), read from the layer itself: shift = BN(0); scale = BN(2^40) / 2^40 (the shift is lost in rounding)."""
     channels = np.full((bn.num_features, 2), 2.0**40, np.float32)
     channels[:, 0] = 0
-    out = _batchnorm(bn, channels)
+    out = batchnorm(bn, channels)
     return (out[:, 1] / np.float32(2.0**40)).astype(np.float32), out[:, 0].astype(np.float32)
 
 
-def _batchnorm(bn, x: np.ndarray) -> np.ndarray:
+def batchnorm(bn, x: np.ndarray) -> np.ndarray:
     """torch's eval-mode BatchNorm2d of x (channels, n), laid out as a map (1, C, n, 1) as in a network."""
     import torch
 
@@ -64,9 +64,8 @@ def _batchnorm(bn, x: np.ndarray) -> np.ndarray:
 
 
 def affine(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, rounding: str) -> np.ndarray:
-    """x·scale + shift in float32 (per channel along axis 0), rounded as `rounding` says torch does: once
+    """x·scale + shift in float32, channels on the last axis, rounded as `rounding` says torch does: once
     ("fma": float64 holds the product exactly) or after the product and again after the sum ("mul_add")."""
-    scale, shift = scale.reshape(-1, *[1] * (x.ndim - 1)), shift.reshape(-1, *[1] * (x.ndim - 1))
     if rounding == "fma":
         return (x.astype(np.float64) * scale + shift).astype(np.float32)
     return x.astype(np.float32) * scale + shift
@@ -74,5 +73,5 @@ def affine(x: np.ndarray, scale: np.ndarray, shift: np.ndarray, rounding: str) -
 
 def batchnorm_rounding(bn, x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> str | None:
     """Which rounding of `affine` gives torch's BN on every input in `x` (channels, n); None if neither."""
-    expected = _batchnorm(bn, x)
-    return next((r for r in ("fma", "mul_add") if np.array_equal(affine(x, scale, shift, r), expected)), None)
+    expected = batchnorm(bn, x)
+    return next((r for r in ("fma", "mul_add") if np.array_equal(affine(x.T, scale, shift, r).T, expected)), None)

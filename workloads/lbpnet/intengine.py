@@ -290,7 +290,8 @@ def _fusion_table(block: dict, unique: np.ndarray) -> np.ndarray:
     """(C_out, distinct codes): the block's fusion of each distinct code."""
     if block["fusion"] == "conv1x1":
         z = _weight_sums(block["weight"], _bits(unique, len(block["channels"])))
-        return np.maximum(deploy.affine(z, block["bn_scale"], block["bn_shift"], str(block["bn_rounding"])), 0)
+        y = deploy.affine(z.T, block["bn_scale"], block["bn_shift"], str(block["bn_rounding"])).T
+        return np.maximum(y, 0)
     routes = block["routes"]
     masks = np.bitwise_or.reduce(np.uint64(1) << routes.astype(np.uint64), axis=1)  # (C_out,) route masks
     count = np.bitwise_count(unique[None, :] & masks[:, None]).astype(np.int16)  # the RP popcount

@@ -1,0 +1,206 @@
+"""XNOR-popcount convolution on packed sign bits, and the exact float convolution of the first layer.
+
+Signs are packed along channels, 8 to a byte (bit set = negative), a pixel's channels in ceil(C/8) bytes.
+A k x k patch is its k·k pixels' bytes side by side, zero-padded to whole 64-bit words, so for ±1 values
+
+    Σ_i a_i·w_i = K − 2·popcount(a XOR w)        (K = C_in·k·k; pad bits are 0 in both, XOR to 0)
+
+The sum is exact, an integer. Positions outside the map read as +1 (bit 0) and are taken back out:
+`conv_signs` subtracts Σ w over them per output position (a border map computed once per shape), and
+over any input exactly 0 (sign 0 in torch: rare, but exact in both) from a small float pass.
+
+Kernels are numba-compiled loops (`bench/binary_conv_kernels.py` measured numpy's vectorised
+`np.bitwise_count`, numba and a C extension on one 3x3 64->64 convolution): numba compiles to the CPU's
+popcount (AVX-512 VPOPCNTDQ where there is one) from a wheel, with no compiler on the user's machine.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+from numba.core import types
+from numba.extending import intrinsic
+
+PARALLEL_WORK = 1 << 22  # word operations below which one thread beats waking the pool
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+    return types.uint64(types.uint64), codegen
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once, as the CPU's fused multiply-add (oneDNN's convolutions use it)."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+def _xnor_counts(patches, weights_t, out):
+    """out[n, o] = Σ_k popcount(patches[n, k] XOR weights_t[k, o])."""
+    n, words = patches.shape
+    outputs = weights_t.shape[1]
+    for i in prange(n):
+        acc = np.zeros(outputs, np.uint64)
+        for k in range(words):
+            a = patches[i, k]
+            for j in range(outputs):  # vectorised over output channels
+                acc[j] += _popcount(a ^ weights_t[k, j])
+        for j in range(outputs):
+            out[i, j] = np.int32(acc[j])
+
+
+def _im2col(padded, k, stride, out):
+    """out[b, y, x] = the bytes of the k x k window at (y·s, x·s) of padded (B, Hp, Wp, nbytes), tap by tap."""
+    batch, height, width = out.shape[:3]
+    nbytes = padded.shape[3]
+    for b in prange(batch):
+        for y in range(height):
+            for x in range(width):
+                row = out[b, y, x]
+                for t in range(k * k):
+                    for c in range(nbytes):
+                        row[t * nbytes + c] = padded[b, y * stride + t // k, x * stride + t % k, c]
+                for c in range(k * k * nbytes, len(row)):
+                    row[c] = 0
+
+
+def _affine(x, scale, shift, out):
+    """out = fma(x, a, b) per channel (the last axis): eval-mode BN as torch's CPU kernel rounds it."""
+    n, channels = x.shape
+    for i in prange(n):
+        for c in range(channels):
+            out[i, c] = _fma(x[i, c], scale[c], shift[c])
+
+
+def _scale_bn(dots, scale, bn_scale, bn_shift, out):
+    """out = fma(fl(d·s), a, b) per channel (the last axis): the conv's scale, then BN as torch rounds it."""
+    n, channels = dots.shape
+    for i in prange(n):
+        for c in range(channels):
+            out[i, c] = _fma(np.float32(dots[i, c]) * scale[c], bn_scale[c], bn_shift[c])
+
+
+def _conv_fma(x, w, stride, out):
+    """out[b, y, x, o] = Σ over (ky, kx, c) in that order of fma(w[ky, kx, c, o], x[b, y·s+ky, x·s+kx, c], ·)."""
+    batch, height, width, outputs = out.shape
+    kh, kw, channels = w.shape[:3]
+    for b in prange(batch):
+        for y in range(height):
+            for xx in range(width):
+                acc = out[b, y, xx]
+                acc[:] = 0
+                for ky in range(kh):
+                    for kx in range(kw):
+                        for c in range(channels):
+                            v = x[b, y * stride + ky, xx * stride + kx, c]
+                            for o in range(outputs):
+                                acc[o] = _fma(w[ky, kx, c, o], v, acc[o])
+
+
+_KERNELS = {f.__name__[1:]: (numba.njit(cache=True)(f), numba.njit(cache=True, parallel=True)(f))
+            for f in (_xnor_counts, _conv_fma, _im2col, _affine, _scale_bn)}
+
+
+def _run(name: str, work: int, *args):
+    serial, parallel = _KERNELS[name]
+    return (parallel if work >= PARALLEL_WORK else serial)(*args)
+
+
+def scale_bn(dots: np.ndarray, scale: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray) -> np.ndarray:
+    """BN(fl(d·s)) of integer sums (…, C) as torch computes it: a float32 product, then one fused multiply-add."""
+    return _per_channel("scale_bn", dots, scale, bn_scale, bn_shift)
+
+
+def affine(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """x·scale + shift (…, C) rounded once, as torch's eval-mode BN."""
+    return _per_channel("affine", np.ascontiguousarray(x, np.float32), scale, shift)
+
+
+def _per_channel(kernel: str, x: np.ndarray, *params) -> np.ndarray:
+    flat = x.reshape(-1, x.shape[-1])
+    out = np.empty(flat.shape, np.float32)
+    _run(kernel, out.size, flat, *params, out)
+    return out.reshape(x.shape)
+
+
+def pack_signs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(bytes (B, H, W, ceil(C/8)) of the sign bits of x (B, H, W, C), where x == 0 or None)."""
+    zeros = x == 0
+    return np.packbits(x < 0, axis=-1, bitorder="little"), (zeros if zeros.any() else None)
+
+
+def pack_weights(signs: np.ndarray) -> np.ndarray:
+    """(O, kh, kw, C) of ±1 -> (O, words) uint64 laid out as `_patches` lays out a patch."""
+    packed = np.packbits(signs < 0, axis=-1, bitorder="little")
+    return _words(packed.reshape(len(signs), -1))
+
+
+def _words(rows: np.ndarray) -> np.ndarray:
+    """(n, bytes) uint8 -> (n, words) uint64, zero-padded."""
+    pad = -rows.shape[1] % 8
+    return np.ascontiguousarray(np.pad(rows, ((0, 0), (0, pad))) if pad else rows).view(np.uint64)
+
+
+def _patches(packed: np.ndarray, k: int, stride: int, pad: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(B·H'·W', words) patches of a packed map, positions outside it as +1 (bit 0); and (H', W')."""
+    b, h, w, nbytes = packed.shape
+    padded = np.pad(packed, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else packed
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    out = np.empty((b, oh, ow, -(-k * k * nbytes // 8) * 8), np.uint8)
+    _run("im2col", out.size, np.ascontiguousarray(padded), k, stride, out)
+    return out.reshape(b * oh * ow, -1).view(np.uint64), (oh, ow)
+
+
+class BinaryConv:
+    """A convolution of ±1 (or 0) activations with ±1 weights, (B, H, W, C_in) -> (B, H', W', O) int32."""
+
+    def __init__(self, weight_bits: np.ndarray, weight_sums: np.ndarray, k: int, stride: int, pad: int):
+        # weight_sums: (O, k, k, C) of ±1 summed over nothing yet: kept as ±1 for the border and zero terms
+        self.weights_t = np.ascontiguousarray(weight_bits.T)
+        self.signs = weight_sums.astype(np.float32)
+        self.k, self.stride, self.pad = k, stride, pad
+        self.fan_in = weight_sums[0].size
+        self._border: dict[tuple[int, int], np.ndarray] = {}
+
+    def __call__(self, packed: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
+        patches, (oh, ow) = _patches(packed, self.k, self.stride, self.pad)
+        counts = np.empty((len(patches), len(self.signs)), np.int32)
+        _run("xnor_counts", counts.size * patches.shape[1], patches, self.weights_t, counts)
+        dots = (self.fan_in - 2 * counts).reshape(len(packed), oh, ow, -1)
+        dots -= self.border(packed.shape[1:3])  # outside the map: read as +1, taken back out
+        if zeros is not None:  # only the images that have an exact zero
+            images = np.flatnonzero(zeros.any((1, 2, 3)))
+            dots[images] -= self._over(zeros[images].astype(np.float32)).astype(np.int32)
+        return dots
+
+    def border(self, size: tuple[int, int]) -> np.ndarray:
+        """(H', W', O): Σ w over the window's positions outside the map, for each output position."""
+        if size not in self._border:
+            outside = np.pad(np.zeros((1, *size, self.signs.shape[-1]), np.float32),
+                             ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=1)
+            self._border[size] = self._over(outside, padded=True)[0].astype(np.int32)
+        return self._border[size]
+
+    def _over(self, indicator: np.ndarray, padded: bool = False) -> np.ndarray:
+        """Σ w over the positions where `indicator` (B, H, W, C) is 1: a small float convolution (exact)."""
+        if not padded and self.pad:
+            indicator = np.pad(indicator, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+        windows = np.lib.stride_tricks.sliding_window_view(indicator, (self.k, self.k), axis=(1, 2))
+        windows = windows[:, :: self.stride, :: self.stride]  # (B, H', W', C, k, k)
+        return np.einsum("bhwcyx,oyxc->bhwo", windows, self.signs, optimize=True)
+
+
+def conv_fma(x: np.ndarray, weight: np.ndarray, stride: int, pad: int) -> np.ndarray:
+    """Float convolution of (B, H, W, C) by weight (kh, kw, C, O), summed as oneDNN sums a small direct
+    convolution: fused multiply-adds over (ky, kx, c) in that order — torch's float32 result, bit for bit."""
+    x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+    k = weight.shape[0]
+    oh, ow = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
+    out = np.empty((len(x), oh, ow, weight.shape[-1]), np.float32)
+    _run("conv_fma", out.size * weight[..., 0].size, np.ascontiguousarray(x, np.float32),
+         np.ascontiguousarray(weight, np.float32), stride, out)
+    return out
