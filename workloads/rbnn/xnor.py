@@ -39,18 +39,24 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
-def _xnor_counts(patches, weights_t, out):
-    """out[n, o] = Σ_k popcount(patches[n, k] XOR weights_t[k, o])."""
-    n, words = patches.shape
-    outputs = weights_t.shape[1]
-    for i in prange(n):
-        acc = np.zeros(outputs, np.uint64)
-        for k in range(words):
-            a = patches[i, k]
-            for j in range(outputs):  # vectorised over output channels
-                acc[j] += _popcount(a ^ weights_t[k, j])
-        for j in range(outputs):
-            out[i, j] = np.int32(acc[j])
+def _xnor_conv(src, weights_t, k, stride, fan_in, border, out):
+    """out[b, y, x, o] = fan_in − 2·Σ popcount(window word XOR weight word) − border[y, x, o], the window
+    being the k x k pixels of src (B, Hs, Ws, words) at (y·s, x·s), each pixel's words in turn."""
+    batch, height, width, outputs = out.shape
+    words = src.shape[3]
+    for row in prange(batch * height):
+        b, y = row // height, row % height
+        acc = np.empty(outputs, np.uint64)
+        for x in range(width):
+            acc[:] = 0
+            for t in range(k * k):
+                for w in range(words):
+                    a = src[b, y * stride + t // k, x * stride + t % k, w]
+                    wrow = weights_t[t * words + w]
+                    for j in range(outputs):  # vectorised over output channels
+                        acc[j] += _popcount(a ^ wrow[j])
+            for j in range(outputs):
+                out[b, y, x, j] = fan_in - 2 * np.int32(acc[j]) - border[y, x, j]
 
 
 def _im2col(padded, k, stride, out):
@@ -102,7 +108,7 @@ def _conv_fma(x, w, stride, out):
 
 
 _KERNELS = {f.__name__[1:]: (numba.njit(cache=True)(f), numba.njit(cache=True, parallel=True)(f))
-            for f in (_xnor_counts, _conv_fma, _im2col, _affine, _scale_bn)}
+            for f in (_xnor_conv, _conv_fma, _im2col, _affine, _scale_bn)}
 
 
 def _run(name: str, work: int, *args):
@@ -145,44 +151,53 @@ def _words(rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.pad(rows, ((0, 0), (0, pad))) if pad else rows).view(np.uint64)
 
 
-def _patches(packed: np.ndarray, k: int, stride: int, pad: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(B·H'·W', words) patches of a packed map, positions outside it as +1 (bit 0); and (H', W')."""
+def _patches(packed: np.ndarray, k: int, stride: int, pad: int) -> np.ndarray:
+    """(B, H', W', words): each output position's window of a packed map as one row of words (the window's
+    pixels' bytes side by side), positions outside the map as +1 (bit 0)."""
     b, h, w, nbytes = packed.shape
     padded = np.pad(packed, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else packed
     oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     out = np.empty((b, oh, ow, -(-k * k * nbytes // 8) * 8), np.uint8)
     _run("im2col", out.size, np.ascontiguousarray(padded), k, stride, out)
-    return out.reshape(b * oh * ow, -1).view(np.uint64), (oh, ow)
+    return out.view(np.uint64)
 
 
 class BinaryConv:
-    """A convolution of ±1 (or 0) activations with ±1 weights, (B, H, W, C_in) -> (B, H', W', O) int32."""
+    """A convolution of ±1 (or 0) activations with ±1 weights, packed (B, H, W, ceil(C/8)) bytes in,
+    (B, H', W', O) int32 sums out. With C a multiple of 64 the kernel reads each window's words in place;
+    otherwise the windows are first copied into rows of whole words (`_patches`), which packs small
+    channel counts without padding every pixel to a word."""
 
-    def __init__(self, weight_bits: np.ndarray, weight_sums: np.ndarray, k: int, stride: int, pad: int):
-        # weight_sums: (O, k, k, C) of ±1 summed over nothing yet: kept as ±1 for the border and zero terms
-        self.weights_t = np.ascontiguousarray(weight_bits.T)
-        self.signs = weight_sums.astype(np.float32)
+    def __init__(self, weight_bits: np.ndarray, signs: np.ndarray, k: int, stride: int, pad: int):
+        self.weights_t = np.ascontiguousarray(weight_bits.T)  # (words, O)
+        self.signs = signs.astype(np.float32)  # (O, k, k, C) ±1: the border and zero terms
         self.k, self.stride, self.pad = k, stride, pad
-        self.fan_in = weight_sums[0].size
+        self.fan_in = signs[0].size
+        self.in_place = signs.shape[-1] % 64 == 0
         self._border: dict[tuple[int, int], np.ndarray] = {}
 
     def __call__(self, packed: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-        patches, (oh, ow) = _patches(packed, self.k, self.stride, self.pad)
-        counts = np.empty((len(patches), len(self.signs)), np.int32)
-        _run("xnor_counts", counts.size * patches.shape[1], patches, self.weights_t, counts)
-        dots = (self.fan_in - 2 * counts).reshape(len(packed), oh, ow, -1)
-        dots -= self.border(packed.shape[1:3])  # outside the map: read as +1, taken back out
+        b, h, w, _ = packed.shape
+        k, stride, pad = self.k, self.stride, self.pad
+        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+        if self.in_place:
+            src = np.pad(packed, ((0, 0), (pad, pad), (pad, pad), (0, 0))).view(np.uint64)
+        else:
+            src, k, stride = _patches(packed, k, stride, pad), 1, 1
+        out = np.empty((b, oh, ow, self.weights_t.shape[1]), np.int32)
+        _run("xnor_conv", out.size * self.weights_t.shape[0], src, self.weights_t, k, stride, self.fan_in,
+             self.border((h, w)), out)
         if zeros is not None:  # only the images that have an exact zero
             images = np.flatnonzero(zeros.any((1, 2, 3)))
-            dots[images] -= self._over(zeros[images].astype(np.float32)).astype(np.int32)
-        return dots
+            out[images] -= self._over(zeros[images].astype(np.float32)).astype(np.int32)
+        return out
 
     def border(self, size: tuple[int, int]) -> np.ndarray:
         """(H', W', O): Σ w over the window's positions outside the map, for each output position."""
         if size not in self._border:
             outside = np.pad(np.zeros((1, *size, self.signs.shape[-1]), np.float32),
                              ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)), constant_values=1)
-            self._border[size] = self._over(outside, padded=True)[0].astype(np.int32)
+            self._border[size] = np.ascontiguousarray(self._over(outside, padded=True)[0].astype(np.int32))
         return self._border[size]
 
     def _over(self, indicator: np.ndarray, padded: bool = False) -> np.ndarray:
