@@ -115,11 +115,9 @@ def _binary(p: Program, conv: BinaryConv2d, bn: nn.BatchNorm2d, inputs: str, out
     assert conv.groups == 1 and conv.dilation == (1, 1) and conv.kernel_size[0] == conv.kernel_size[1]
     with torch.no_grad():
         signs = torch.sign(conv.binary_weight()).permute(0, 2, 3, 1).numpy()  # (O, k, k, C)
-    if (signs == 0).any():
-        raise SpecError("model: a rotated weight is exactly 0, whose sign (0) has no 1-bit code; "
-                        "train a little further or perturb it")
     scale = conv.scale.detach().view(-1).numpy()
-    p.add("binary_conv", inputs, "dots", {"bits": xnor.pack_weights(signs), "channels": signs.shape[-1]},
+    p.add("binary_conv", inputs, "dots", {"bits": xnor.pack_weights(signs), "channels": signs.shape[-1],
+                                          "zero_weights": np.argwhere(signs == 0).astype(np.int32)},
           k=conv.kernel_size[0], stride=conv.stride[0], pad=conv.padding[0])
     if pool:
         p.add("max_pool_sums", "dots", "dots", {"descending": scale < 0})

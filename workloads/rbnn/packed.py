@@ -69,7 +69,7 @@ def _binary_conv(op: dict, params: dict) -> xnor.BinaryConv:
     nbytes = -(-channels // 8)
     planes = np.unpackbits(bits.view(np.uint8)[:, : k * k * nbytes].reshape(len(bits), k, k, nbytes), axis=-1,
                            bitorder="little")[..., :channels]
-    return xnor.BinaryConv(bits, 1 - 2 * planes.astype(np.int8), k, op["stride"], op["pad"])
+    return xnor.BinaryConv(bits, 1 - 2 * planes.astype(np.int8), k, op["stride"], op["pad"], params["zero_weights"])
 
 
 def _max_pool(x: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:

@@ -168,9 +168,12 @@ class BinaryConv:
     otherwise the windows are first copied into rows of whole words (`_patches`), which packs small
     channel counts without padding every pixel to a word."""
 
-    def __init__(self, weight_bits: np.ndarray, signs: np.ndarray, k: int, stride: int, pad: int):
+    def __init__(self, weight_bits: np.ndarray, signs: np.ndarray, k: int, stride: int, pad: int,
+                 zero_weights: np.ndarray | None = None):
         self.weights_t = np.ascontiguousarray(weight_bits.T)  # (words, O)
-        self.signs = signs.astype(np.float32)  # (O, k, k, C) ±1: the border and zero terms
+        self.signs = signs.astype(np.float32)  # (O, k, k, C) ±1 as packed (a 0 weight as +1): border, zeros
+        # weights exactly 0 (sign 0: rare, but one in millions happens) as (o, ky, kx, c) rows
+        self.zero_weights = np.zeros((0, 4), np.intp) if zero_weights is None else zero_weights.astype(np.intp)
         self.k, self.stride, self.pad = k, stride, pad
         self.fan_in = signs[0].size
         self.in_place = signs.shape[-1] % 64 == 0
@@ -190,7 +193,22 @@ class BinaryConv:
         if zeros is not None:  # only the images that have an exact zero
             images = np.flatnonzero(zeros.any((1, 2, 3)))
             out[images] -= self._over(zeros[images].astype(np.float32)).astype(np.int32)
+        if len(self.zero_weights):
+            out -= self._zero_weight_terms(packed, zeros, out.shape)
         return out
+
+    def _zero_weight_terms(self, packed, zeros, shape) -> np.ndarray:
+        """Σ a over each 0 weight's input (packed as +1, it added a; torch adds 0): a in {-1, 0, +1}, 0 outside."""
+        o, ky, kx, c = self.zero_weights.T
+        a = 1 - 2 * ((packed[..., c // 8] >> (c % 8).astype(np.uint8)) & 1).astype(np.int32)  # (B, H, W, n)
+        if zeros is not None:
+            a[zeros[..., c]] = 0
+        a = np.pad(a, ((0, 0), (self.pad, self.pad), (self.pad, self.pad), (0, 0)))
+        b, oh, ow, outputs = shape
+        rows = ky[None, :] + self.stride * np.arange(oh)[:, None]  # (H', n)
+        cols = kx[None, :] + self.stride * np.arange(ow)[:, None]  # (W', n)
+        taken = a[:, rows[:, None, :], cols[None, :, :], np.arange(len(c))]  # (B, H', W', n)
+        return taken @ (o[:, None] == np.arange(outputs)).astype(np.int32)
 
     def border(self, size: tuple[int, int]) -> np.ndarray:
         """(H', W', O): Σ w over the window's positions outside the map, for each output position."""
