@@ -117,38 +117,30 @@ def compare(workload: str, model, data: DataSpec, images: np.ndarray, batch: int
             "exact_checks_passed": f"{sum(exact)}/{len(exact)}", "arrays": arrays}
 
 
-def lbpnet_rows(names, rounds: int, run: str | None) -> dict:
+def lbpnet_row(name: str, rounds: int, run: str | None) -> dict:
     _, (codes, _) = mnist.embedded_sample()
-    rows = {}
-    for name in names:
-        row = compare("lbpnet", lbpnet_model(name, run), DataSpec(dataset="mnist_sample"), codes.numpy(), 1000, rounds)
-        arrays = row.pop("arrays")
-        row["size_bytes"] = intexport.packed_size_bits(arrays) / 8
-        rows[name] = row
-    return rows
+    row = compare("lbpnet", lbpnet_model(name, run), DataSpec(dataset="mnist_sample"), codes.numpy(), 1000, rounds)
+    row["size_bytes"] = intexport.packed_size_bits(row.pop("arrays")) / 8
+    return row
 
 
-def rbnn_rows(names, rounds: int) -> dict:
+def rbnn_row(name: str, rounds: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         synthetic.write("cifar10", tmp, n_train=10, n_test=512)
         cifar = DataSpec(dataset="cifar10", root=tmp)
         images = raw_split(cifar, "test")[0].numpy()
-    _, (digits, _) = mnist.embedded_sample()
-    rows = {}
-    for name in names:
+    torch.manual_seed(0)
+    row = compare("rbnn", randomised(rbnn_models.build(name, 10, 3, 32)), cifar, images, 64, rounds)
+    del row["arrays"]
+    row["size_bytes"] = row["weights_bytes"]
+    if name == "resnet20_1w1a":  # the embedded digits too: a 1-channel 28x28 network
+        _, (digits, _) = mnist.embedded_sample()
         torch.manual_seed(0)
-        model = randomised(rbnn_models.build(name, 10, 3, 32))
-        row = compare("rbnn", model, cifar, images, 64, rounds)
-        del row["arrays"]
-        row["size_bytes"] = row["weights_bytes"]
-        if name == "resnet20_1w1a":  # the embedded digits too: a 1-channel 28x28 network
-            torch.manual_seed(0)
-            digits_model = randomised(rbnn_models.build(name, 10, 1, 28))
-            check = compare("rbnn", digits_model, DataSpec(dataset="mnist_sample"), digits.numpy(), 250, 1)
-            row["equal_on_embedded_digits"] = check["equal"]
-            row["equal"] = row["equal"] and check["equal"]
-        rows[name] = row
-    return rows
+        digits_model = randomised(rbnn_models.build(name, 10, 1, 28))
+        check = compare("rbnn", digits_model, DataSpec(dataset="mnist_sample"), digits.numpy(), 250, 1)
+        row["equal_on_embedded_digits"] = check["equal"]
+        row["equal"] = row["equal"] and check["equal"]
+    return row
 
 
 def main() -> None:
@@ -161,12 +153,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    rows = {**lbpnet_rows([m for m in args.models if m in LBPNET], args.rounds, args.run),
-            **rbnn_rows([m for m in args.models if m in RBNN], args.rounds)}
-    for name, row in rows.items():
-        row["paper_size"] = PAPER_SIZES.get(name, "not reported")
+    rows = {}
+    for name in args.models:  # a line as each model finishes
+        row = lbpnet_row(name, args.rounds, args.run) if name in LBPNET else rbnn_row(name, args.rounds)
+        rows[name] = {**row, "paper_size": PAPER_SIZES.get(name, "not reported")}
         print(f"{name} engine_vs_torch={row['engine_vs_torch']:.1f} equal={str(row['equal']).lower()} "
-              f"latency_b1_ms={row['latency_b1_ms']:.2f} size_bytes={row['size_bytes']:.0f}")
+              f"latency_b1_ms={row['latency_b1_ms']:.2f} size_bytes={row['size_bytes']:.0f}", flush=True)
     result = {"cpu": cpu(), "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
               "numpy": np.__version__, "numba": numba.__version__, "models": rows}
     out = Path(args.out)

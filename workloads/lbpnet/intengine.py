@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bitfleet import deploy
+from workloads.lbpnet import kernels
 
 MAX_BITS = 64  # one 64-bit code per pixel
 
@@ -84,8 +85,9 @@ class IntegerLBPNet:
         else:
             values = stage.all_values()
             if values.dtype != np.float32:  # ranks and pixel codes back to the values they stand for
-                flat = values.reshape(len(values), -1).astype(np.intp)
-                values = np.take_along_axis(stage.decoders(), flat, 1).reshape(values.shape)
+                decoded = np.empty(values.shape, np.float32)
+                kernels.lookup(stage.decoders(), values.reshape(len(values), -1), decoded.reshape(len(values), -1))
+                values = decoded
             if str(t["head.pool"]) == "flatten":
                 features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
             else:
@@ -147,8 +149,10 @@ class Input(Stage):
         codes = self.codes[channels]
         if self.dtype != np.float32:  # order is all comparisons and max pools need: raw codes
             return codes.astype(self.dtype, copy=False)
-        flat = codes.reshape(len(channels), -1).astype(np.intp)
-        return np.take_along_axis(self.lut[channels], flat, 1).reshape(codes.shape)
+        out = np.empty(codes.shape, np.float32)
+        flat = codes.reshape(len(codes), -1)
+        kernels.lookup(np.ascontiguousarray(self.lut[channels]), flat, out.reshape(len(out), -1))
+        return out
 
     def decoders(self) -> np.ndarray:
         return self.lut
@@ -167,7 +171,10 @@ class Block(Stage):
             previous.height, previous.width)
 
     def _fused(self, channels: np.ndarray) -> np.ndarray:
-        return np.take(self.table[channels], self.inverse, axis=1)  # (len, H, W, B)
+        """(len, H, W, B): each pixel's fusion value from its code's column of the table."""
+        out = np.empty((len(channels), *self.inverse.shape), self.table.dtype)
+        kernels.gather(np.ascontiguousarray(self.table[channels]), self.inverse.ravel(), out.reshape(len(out), -1))
+        return out
 
 
 class Residual(Block):
@@ -188,7 +195,8 @@ class Residual(Block):
         h, w = (2 * h, 2 * w) if self.downsample else (h, w)  # the region this map's pool averaged
         inverse = self.inverse[:h, :w]
         batch = inverse.shape[-1]
-        counts = np.bincount((inverse * batch + np.arange(batch)).ravel(), minlength=len(self.table[0]) * batch)
+        keys = inverse.astype(np.intp) * batch + np.arange(batch)
+        counts = np.bincount(keys.ravel(), minlength=len(self.table[0]) * batch)
         fused = self.table.astype(np.float64) @ counts.reshape(-1, batch) / (h * w)
         return fused + self.previous.means(h, w)[np.arange(self.channels) % self.previous.channels]
 
@@ -204,17 +212,19 @@ class MacFree(Block):
 
     def _compute(self, channels):
         k = self.previous.channels
-        if len(channels) == self.channels:
-            parts = self.previous.parts() + [self._fused(channels[k:] - k)]
-        else:
-            n = int((channels < k).sum())  # sorted: the input's channels come first
-            parts = [p for p in (self.previous.read(channels[:n]), self._fused(channels[n:] - k)) if len(p)]
+        n = int((channels < k).sum())  # sorted: the input's channels come first
+        passed = self.previous.parts() if n == k else [self.previous.read(channels[:n])] if n else []
         if not self.downsample:
+            parts = passed + ([self._fused(channels[n:] - k)] if n < len(channels) else [])
             return np.concatenate(parts) if len(parts) > 1 else parts[0]
         out = np.empty((len(channels), self.height, self.width, self.inverse.shape[-1]), self.table.dtype)
-        bounds = np.cumsum([0] + [len(p) for p in parts])
-        for part, i, j in zip(parts, bounds, bounds[1:]):  # pooled straight into place
+        bounds = np.cumsum([0] + [len(p) for p in passed])
+        for part, i, j in zip(passed, bounds, bounds[1:]):  # pooled straight into place
             max_pool(part, out[i:j])
+        if n < len(channels):  # gathered and pooled in one pass
+            index = self.inverse[: 2 * self.height, : 2 * self.width]
+            kernels.gather_max_pool(np.ascontiguousarray(self.table[channels[n:] - k]), np.ascontiguousarray(index),
+                                    out[n:])
         return out
 
     def parts(self):
@@ -246,7 +256,7 @@ def _ranks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _stage(block: dict, previous: Stage) -> Block:
     codes = lbp_codes(previous, block["channels"], block["offsets"])
-    unique, inverse = _unique(codes)
+    unique, inverse = _unique(codes, len(block["channels"]))
     table = _fusion_table(block, unique)
     args = (table, inverse.reshape(codes.shape), previous, bool(block["downsample"]))
     return Residual(*args) if block["kind"] == "residual" else MacFree(*args, dtype=_integer_type(previous))
@@ -257,33 +267,27 @@ def _integer_type(stage: Stage) -> np.dtype:
 
 
 def lbp_codes(stage: Stage, channels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(H, W, B) codes, bit u set where x_c(u)(p + offset_u) > x_c(u)(p), edges replicated; the narrowest
-    unsigned type that holds the bits."""
+    """(H, W, B) uint64 codes, bit u set where x_c(u)(p + offset_u) > x_c(u)(p), edges replicated."""
     read, local = np.unique(channels, return_inverse=True)
-    values = stage.read(read)
-    r = int(np.abs(offsets).max(initial=0))
-    h, w, batch = values.shape[1:]
-    padded = np.pad(values, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
-    nbytes = next(n for n in (1, 2, 4, 8) if 8 * n >= len(channels))
-    code_bytes = np.zeros((h, w, batch, nbytes), np.uint8)  # little-endian bytes of each code
-    for u, ((dy, dx), c) in enumerate(zip(offsets.tolist(), local.tolist())):  # one pass per bit of the code
-        bit = np.greater(padded[c, r + dy: r + dy + h, r + dx: r + dx + w], values[c]).view(np.uint8)
-        code_bytes[..., u // 8] |= bit << np.uint8(u % 8)
-    return code_bytes.view(f"<u{nbytes}")[..., 0]
+    values = np.ascontiguousarray(stage.read(read))
+    codes = np.zeros(values.shape[1:], np.uint64)
+    kernels.lbp_codes(values, local.astype(np.intp), offsets[:, 0].astype(np.intp), offsets[:, 1].astype(np.intp),
+                      codes)
+    return codes
 
 
-def _unique(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct codes as uint64, index of each pixel's code among them)."""
+def _unique(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct codes, index (int32) of each pixel's code among them)."""
     flat = codes.ravel()
-    if codes.dtype.itemsize <= 2:  # a presence table beats sorting a million codes
-        present = np.zeros(1 << 8 * codes.dtype.itemsize, bool)
+    if bits <= 16:  # a presence table beats sorting a million codes
+        present = np.zeros(1 << bits, bool)
         present[flat] = True
         unique = np.flatnonzero(present)
-        index = np.zeros(len(present), np.intp)
-        index[unique] = np.arange(len(unique))
+        index = np.zeros(len(present), np.int32)
+        index[unique] = np.arange(len(unique), dtype=np.int32)
         return unique.astype(np.uint64), index[flat]
     unique, inverse = np.unique(flat, return_inverse=True)
-    return unique.astype(np.uint64), inverse
+    return unique, inverse.astype(np.int32)
 
 
 def _fusion_table(block: dict, unique: np.ndarray) -> np.ndarray:
