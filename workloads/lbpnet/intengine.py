@@ -1,10 +1,9 @@
-"""Bit-packed inference of LBPNet in numpy — every block kind (`residual`, `macfree`) and fusion (RP, 1x1) —
-and its exporter.
+"""Bit-packed inference of LBPNet — every block kind (`residual`, `macfree`) and fusion (RP, 1x1); the
+exporter is `intexport.py`, the loops over pixels are numba kernels (`kernels.py`).
 
-A batch is held as maps (channels, H, W, batch): batch last, so a shifted map is a slice whose rows are
-contiguous runs of W·batch values. One block:
+A batch is held as maps (channels, H, W, batch), batch last. One block:
 
-  LBP comparisons at whole-pixel offsets (edge-replicated) -> the U bits of each pixel packed into one
+  LBP comparisons at whole-pixel offsets (edges replicated) -> the U bits of each pixel packed into one
   integer code -> the distinct codes of the batch (a few dozen to a few thousand: digits are mostly flat)
   -> the fusion evaluated once per distinct code: RP is AND with each output's route mask and popcount,
   then threshold or shifted ReLU and the gates; 1x1 sums the weights of the set bits, then BN and ReLU
@@ -15,13 +14,12 @@ most U channels; a residual network's global-average-pool head reads per-channel
 pooling leaves linear: means of table entries weighted by code counts (`np.bincount`) plus the stream's.
 
 Exactness. Counts and pixel codes are integers. Comparisons depend only on order within a channel, and
-the loader's normalisation is strictly increasing, so integer networks compare raw pixel codes. The
-residual stream is float32 and the engine repeats torch's operations in torch's order: BN of a bit is one
-of the two values torch's BN gives for 0 and 1 (read from it at export), the shortcut add is one IEEE
-addition, the 2x2 average adds the four values row by row and divides by 4 as torch's CPU kernel does,
-and pixels are normalised by the loader's own table — so every comparison sees torch's floats. The 1x1
-fusion sums its weights in float64 (oneDNN's summation order is not reproducible) and the float32 head
-uses BLAS: these differ from torch by rounding only, and predictions are compared (tests, bench).
+the loader's normalisation is strictly increasing, so MAC-free networks compare raw pixel codes and each
+channel's ranks. Floats are computed as torch computes them: BN of a bit is one of the two values torch's
+BN gives for 0 and 1 (read from it at export); a 1x1 fusion adds its weights in index order and applies BN
+as one fused multiply-add, as oneDNN and torch do (checked at export on every code: `exact`); the shortcut
+add is one IEEE addition; the 2x2 average adds row by row and divides by 4 as torch's CPU kernel; pixels
+are normalised by the loader's own table. Only the float32 head (BLAS) rounds its own way.
 """
 from __future__ import annotations
 
@@ -86,7 +84,8 @@ class IntegerLBPNet:
             values = stage.all_values()
             if values.dtype != np.float32:  # ranks and pixel codes back to the values they stand for
                 decoded = np.empty(values.shape, np.float32)
-                kernels.lookup(stage.decoders(), values.reshape(len(values), -1), decoded.reshape(len(values), -1))
+                flat = values.reshape(len(values), -1)
+                kernels.lookup(values.size, stage.decoders(), flat, decoded.reshape(len(values), -1))
                 values = decoded
             if str(t["head.pool"]) == "flatten":
                 features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
@@ -151,7 +150,7 @@ class Input(Stage):
             return codes.astype(self.dtype, copy=False)
         out = np.empty(codes.shape, np.float32)
         flat = codes.reshape(len(codes), -1)
-        kernels.lookup(np.ascontiguousarray(self.lut[channels]), flat, out.reshape(len(out), -1))
+        kernels.lookup(flat.size, np.ascontiguousarray(self.lut[channels]), flat, out.reshape(len(out), -1))
         return out
 
     def decoders(self) -> np.ndarray:
@@ -173,7 +172,8 @@ class Block(Stage):
     def _fused(self, channels: np.ndarray) -> np.ndarray:
         """(len, H, W, B): each pixel's fusion value from its code's column of the table."""
         out = np.empty((len(channels), *self.inverse.shape), self.table.dtype)
-        kernels.gather(np.ascontiguousarray(self.table[channels]), self.inverse.ravel(), out.reshape(len(out), -1))
+        table = np.ascontiguousarray(self.table[channels])
+        kernels.gather(out.size, table, self.inverse.ravel(), out.reshape(len(out), -1))
         return out
 
 
@@ -223,8 +223,8 @@ class MacFree(Block):
             max_pool(part, out[i:j])
         if n < len(channels):  # gathered and pooled in one pass
             index = self.inverse[: 2 * self.height, : 2 * self.width]
-            kernels.gather_max_pool(np.ascontiguousarray(self.table[channels[n:] - k]), np.ascontiguousarray(index),
-                                    out[n:])
+            table = np.ascontiguousarray(self.table[channels[n:] - k])
+            kernels.gather_max_pool(out[n:].size * 4, table, np.ascontiguousarray(index), out[n:])
         return out
 
     def parts(self):
@@ -271,8 +271,8 @@ def lbp_codes(stage: Stage, channels: np.ndarray, offsets: np.ndarray) -> np.nda
     read, local = np.unique(channels, return_inverse=True)
     values = np.ascontiguousarray(stage.read(read))
     codes = np.zeros(values.shape[1:], np.uint64)
-    kernels.lbp_codes(values, local.astype(np.intp), offsets[:, 0].astype(np.intp), offsets[:, 1].astype(np.intp),
-                      codes)
+    dy, dx = offsets[:, 0].astype(np.intp), offsets[:, 1].astype(np.intp)
+    kernels.lbp_codes(codes.size * len(channels), values, local.astype(np.intp), dy, dx, codes)
     return codes
 
 

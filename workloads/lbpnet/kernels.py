@@ -7,10 +7,16 @@ import numba
 import numpy as np
 from numba import prange
 
-jit = numba.njit(parallel=True, cache=True)
+PARALLEL_WORK = 1 << 20  # elements below which one thread beats waking the pool (batch-1 latency)
 
 
-@jit
+def _both(f):
+    """The loop compiled twice — one thread and numba's pool — called as `kernel(work, *args)`."""
+    serial, parallel = numba.njit(cache=True)(f), numba.njit(cache=True, parallel=True)(f)
+    return lambda work, *args: (parallel if work >= PARALLEL_WORK else serial)(*args)
+
+
+@_both
 def lbp_codes(values, channel, dy, dx, out):
     """out[y, x, b] |= 2^u where values[c_u, y + dy_u, x + dx_u, b] > values[c_u, y, x, b] (edges replicated)."""
     _, height, width, batch = values.shape
@@ -25,7 +31,7 @@ def lbp_codes(values, channel, dy, dx, out):
                         out[y, x, b] |= bit
 
 
-@jit
+@_both
 def gather(table, index, out):
     """out[c, i] = table[c, index[i]]: each pixel's fusion value from its code's column."""
     for c in prange(table.shape[0]):
@@ -34,7 +40,7 @@ def gather(table, index, out):
             dst[i] = row[index[i]]
 
 
-@jit
+@_both
 def gather_max_pool(table, index, out):
     """out[c, y, x, b] = max over the 2x2 window at (2y, 2x) of table[c, index[., ., b]]: gathered and pooled."""
     _, height, width, batch = out.shape
@@ -48,7 +54,7 @@ def gather_max_pool(table, index, out):
                     out[c, y, x, b] = max(top, bottom)
 
 
-@jit
+@_both
 def lookup(tables, values, out):
     """out[c, i] = tables[c, values[c, i]]: each channel through its own table (ranks, pixel codes -> floats)."""
     for c in prange(tables.shape[0]):
