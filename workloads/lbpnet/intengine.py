@@ -115,7 +115,10 @@ class Stage:
             return self._all[channels]
         todo = np.setdiff1d(channels, np.fromiter(self._some, int, len(self._some)))  # sorted
         if len(todo):
-            self._some.update(zip(todo.tolist(), self._compute(todo)))
+            computed = self._compute(todo)
+            self._some.update(zip(todo.tolist(), computed))
+            if np.array_equal(todo, channels):  # all new, in order: no copy
+                return computed
         return np.stack([self._some[c] for c in channels.tolist()])
 
     def all_values(self) -> np.ndarray:
