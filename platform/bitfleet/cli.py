@@ -161,6 +161,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from bitfleet import export
+
+    result = export.evaluate_engine(args.engine, args.split, args.override, args.out)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_data_download(args) -> int:
     from bitfleet import data
 
@@ -274,6 +282,14 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output file")
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
+
+    ev = command(sub, "eval", help="evaluate an exported engine on a split of its data set (no run folder needed)")
+    ev.add_argument("--engine", required=True, metavar="FILE", help="an engine file written by `bitfleet export`")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test")
+    ev.add_argument("-o", "--override", action="append", default=[], metavar="data.FIELD=VALUE",
+                    help="change the recorded data section, e.g. -o data.root=DIR (repeatable)")
+    ev.add_argument("--out", help="where to write eval.json (default: next to the engine file)")
+    ev.set_defaults(command=cmd_eval)
 
     data = command(sub, "data", help="data sets: download, prepare, check, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
