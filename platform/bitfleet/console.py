@@ -17,6 +17,7 @@ import threading
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -41,17 +42,31 @@ def setup(verbosity: int = NORMAL) -> None:
     level = {QUIET: logging.WARNING, NORMAL: logging.INFO}.get(verbosity, logging.DEBUG)
     handlers: list[logging.Handler]
     if _state["live"]:
-        handlers = [RichHandler(console=_console, show_time=False, show_path=False, markup=False)]
+        live = RichHandler(console=_console, show_time=False, show_path=False, show_level=False, markup=False)
+        live.setFormatter(_Labelled())
+        handlers = [live]
     else:
         out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
         out.addFilter(lambda record: record.levelno < logging.WARNING)
         err.setLevel(logging.WARNING)
-        err.setFormatter(logging.Formatter("bitfleet: %(levelname)s: %(message)s"))
+        err.setFormatter(_Labelled("bitfleet: "))
         handlers = [out, err]
     for name in ("bitfleet", "workloads"):
         logger = logging.getLogger(name)
         logger.handlers[:] = handlers
         logger.setLevel(level)
+
+
+class _Labelled(logging.Formatter):
+    """Info lines as they are; a warning or an error says so (`bitfleet: warning: ...` in a log)."""
+
+    def __init__(self, prefix: str = ""):
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{self.prefix}{record.levelname.lower()}: {message}"
 
 
 def verbose() -> bool:
@@ -66,7 +81,7 @@ def show_progress(event: dict) -> None:
     stats = (f"loss {event['loss']:.4g}  lr {event['lr']:.3g}  {event['images_per_s']:.0f} img/s  "
              f"data {100 * event['data_wait']:.0f}%  ETA {progress.duration(event['eta_epoch_s'])} "
              f"/ run {progress.duration(event['eta_run_s'])}")
-    description = f"[{event['run']}] epoch {event['epoch']}/{event['epochs']}"
+    description = escape(f"[{event['run']}] epoch {event['epoch']}/{event['epochs']}")
     with _lock:
         if not _tasks:
             _bars.start()
@@ -99,7 +114,7 @@ def print_table(table: Table) -> None:
 def summary_table(run: str, rows: list[tuple[str, str]]) -> Table:
     table = Table(title=f"{run}: summary", show_header=False, title_justify="left")
     table.add_column("what", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     for what, value in rows:
         table.add_row(what, value)
     return table

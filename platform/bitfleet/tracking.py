@@ -15,6 +15,8 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from bitfleet import storage
 from bitfleet.spec import TrackingSpec, leaves
 
@@ -42,7 +44,7 @@ class Tracker:
         self._scalars(scalars, metrics["epoch"])
         if self.tensorboard is not None:
             for tag, values in event.get("histograms", {}).items():
-                self.tensorboard.writer.add_histogram(tag, values, metrics["epoch"])
+                self.tensorboard.writer.add_histogram(tag, np.asarray(values), metrics["epoch"])
             self.tensorboard.flush()
 
     def close(self, status: str = "FINISHED") -> None:

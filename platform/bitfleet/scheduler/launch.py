@@ -66,7 +66,7 @@ def connect(address: str | None) -> None:
         # the workers' output reaches the console through their events (scheduler/watch.py); Ray's own
         # forwarding of every process's output, and its info lines, only with -v
         verbose = console.verbose()
-        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         preemption.claim_sigterm()  # Ray's core took SIGTERM over
 
 
