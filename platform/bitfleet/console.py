@@ -16,6 +16,7 @@ import sys
 import threading
 
 from rich.console import Console
+from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -42,7 +43,8 @@ def setup(verbosity: int = NORMAL) -> None:
     level = {QUIET: logging.WARNING, NORMAL: logging.INFO}.get(verbosity, logging.DEBUG)
     handlers: list[logging.Handler]
     if _state["live"]:
-        live = RichHandler(console=_console, show_time=False, show_path=False, show_level=False, markup=False)
+        live = RichHandler(console=_console, show_time=False, show_path=False, show_level=False, markup=False,
+                           highlighter=NullHighlighter())
         live.setFormatter(_Labelled())
         handlers = [live]
     else:
@@ -89,6 +91,7 @@ def show_progress(event: dict) -> None:
             _tasks[event["run"]] = _bars.add_task(description, total=event["steps"], stats=stats)
         _bars.update(_tasks[event["run"]], description=description, completed=event["step"],
                      total=event["steps"], stats=stats)
+        _bars.refresh()  # drawn now, not at the next tick: an epoch can end before it
 
 
 def end_progress(run: str) -> None:
