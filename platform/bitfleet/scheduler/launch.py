@@ -85,7 +85,8 @@ def run_training(spec: RunSpec, address: str | None = None):
                                      f"step {at['step_in_epoch']}; rerun the same command to continue")
     scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or []
               if not values.get(loop.STEP_CHECKPOINT) and metric in values]
-    best = (max if mode == "max" else min)(scored, key=lambda scored: scored[1][metric], default=None)
+    sign = 1 if mode == "max" else -1  # a tie goes to the later checkpoint: trained longer for the same score
+    best = max(scored, key=lambda pair: (sign * pair[1][metric], pair[1].get("epoch", 0)), default=None)
     summary = {
         "run_dir": storage.run_path(spec),
         "final": result.metrics,
