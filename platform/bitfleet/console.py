@@ -71,6 +71,10 @@ class _Labelled(logging.Formatter):
         return message if record.levelno < logging.WARNING else f"{self.prefix}{record.levelname.lower()}: {message}"
 
 
+def verbosity() -> int:
+    return _state["verbosity"]
+
+
 def verbose() -> bool:
     return _state["verbosity"] >= VERBOSE
 
