@@ -160,12 +160,14 @@ def _check_checkpoint_metric(spec: RunSpec, workload) -> None:
     metric, mode = spec.failure.checkpoint_metric, spec.failure.checkpoint_mode
     if metric is None:
         return
-    split, _, leaf = metric.partition("/")
+    ema = spec.train.ema is not None and metric.startswith("ema/")
+    split, _, leaf = metric.removeprefix("ema/" if ema else "").partition("/")
     splits = ("train", "test", "val") if spec.data.val_size else ("train", "test")
-    if split not in splits or not leaf:
+    if split not in splits or not leaf or (ema and split == "train"):
         raise SpecError(f"failure.checkpoint_metric: {metric!r} is not a metric of this run: expected "
                         f"<split>/<name> with split {' or '.join(splits)}" +
-                        ("" if spec.data.val_size else " (val needs data.val_size > 0)"))
+                        ("" if spec.data.val_size else " (val needs data.val_size > 0)") +
+                        (", or ema/<split>/<name> (val or test) of the EMA" if spec.train.ema else ""))
     if mode is None and leaf not in workload.Objective.modes:
         raise SpecError(f"failure.checkpoint_mode: set max or min: {workload.name}'s objective does not know "
                         f"whether a higher {leaf!r} is better (it knows {', '.join(workload.Objective.modes)})")

@@ -66,8 +66,14 @@ class LRScheduleSpec(Strict):
 
 
 class EMASpec(Strict):
+    """An exponential moving average of the parameters (engine/ema.py), evaluated beside the trained weights
+    as `ema/<split>/*`."""
+
     decay: float = Field(0.999, gt=0, lt=1)
-    evaluate: bool = True  # evaluate (and save as best) the averaged weights
+    warmup: bool = False  # decay ramped as min(decay, (1 + t) / (10 + t)) at the t-th update (TensorFlow's)
+    # the EMA is the run's result: its metrics rank the checkpoints, its weights are exported and start later
+    # stages (init_from); false: the trained weights are, and the EMA is only reported
+    evaluate: bool = True
 
 
 class DeepSpeedSpec(Strict):
@@ -103,7 +109,7 @@ class TrainSpec(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     lr_schedule: LRScheduleSpec = LRScheduleSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    amp: bool = False
+    amp: bool | Literal["gpu"] = False  # gpu: on GPU workers only, as the seeds' torch.cuda.amp
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: EMASpec | None = None

@@ -142,7 +142,8 @@ def recalibrate_bn(model: nn.Module, loader, batches: int) -> int:
 
 
 class CollapseGuard(Callback):
-    """After each evaluation: if accuracy fell more than `acc_drop_thr` below the best of the last `window`
+    """After each evaluation: if the accuracy of the model the run is judged by (the EMA when it is the
+    result; on val when held out) fell more than `acc_drop_thr` below the best of the last `window`
     epochs while the hard alive ratio is above `alive_upper`, restore the best weights, soften alpha and
     hold it frozen for `soften_epochs`."""
 
@@ -152,7 +153,7 @@ class CollapseGuard(Callback):
         self.best_acc, self.best_state, self.events = -1.0, None, 0
 
     def on_eval_end(self, state, metrics):
-        acc = metrics.get("val/acc", metrics.get("test/acc"))
+        acc = state.result(metrics)  # of the model the run is judged by: the EMA's when it is the result
         peak = max(self.recent[-self.spec.window:], default=acc)
         alive = alive_ratios(state.model)[1]
         if peak - acc > 100 * self.spec.acc_drop_thr and alive > self.spec.alive_upper and self.best_state is not None:
