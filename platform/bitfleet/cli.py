@@ -8,6 +8,7 @@ import sys
 
 from bitfleet.errors import SpecError
 from bitfleet.resolve import load_spec, set_aside
+from bitfleet.spec import data_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,20 +224,21 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
     dl = data_sub.add_parser("download", help="download with torchvision (needs internet)")
     dl.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
-    dl.add_argument("--root", required=True)
+    root_help = "a data set folder; a bare relative one (cifar10) is under $BITFLEET_DATA, else ~/data"
+    dl.add_argument("--root", required=True, type=data_path, help=root_help)
     dl.set_defaults(command=cmd_data_download)
     prep = data_sub.add_parser("prepare", help="sort an official validation folder into class folders")
     prep.add_argument("name", choices=["imagenet", "tinyimagenet"])
-    prep.add_argument("root", help="the data set folder (holding train/ and val/)")
+    prep.add_argument("root", type=data_path, help=f"{root_help}, holding train/ and val/")
     prep.add_argument("--val-labels", help="imagenet: LOC_val_solution.csv, or lines of `<file> <wnid>`")
     prep.set_defaults(command=cmd_data_prepare)
     chk = data_sub.add_parser("check", help="count classes/images of a JPEG folder data set, find unreadable files")
-    chk.add_argument("root")
+    chk.add_argument("root", type=data_path, help=root_help)
     chk.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     chk.set_defaults(command=cmd_data_check)
     syn = data_sub.add_parser("synth", help="write a small synthetic data set in the real on-disk format")
     syn.add_argument("name", choices=["mnist", "cifar10", "cifar100", "image_folder", "imagenet", "tinyimagenet"])
-    syn.add_argument("root")
+    syn.add_argument("root", type=data_path, help=root_help)
     syn.add_argument("--train", type=int, default=512)
     syn.add_argument("--test", type=int, default=128)
     syn.add_argument("--seed", type=int, default=0)

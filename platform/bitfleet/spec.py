@@ -25,6 +25,19 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+DATA_ROOT_ENV, DATA_ROOT_DEFAULT = "BITFLEET_DATA", "~/data"
+
+
+def data_path(path: str | None) -> str | None:
+    """A data set's folder, absolute: a bare relative path (`cifar10`) is under the data root — $BITFLEET_DATA,
+    else ~/data — for every workload alike; `./x` and `../x` are relative to the working directory, `~/x`
+    to the home folder, and absolute paths and URIs stay as written. Resolved on the driver."""
+    as_written = path is None or "://" in path or os.path.isabs(path) or path in (".", "..")
+    if as_written or path.startswith(("~", "./", "../")):
+        return absolute_path(path)
+    return absolute_path(os.path.join(os.environ.get(DATA_ROOT_ENV) or DATA_ROOT_DEFAULT, path))
+
+
 Section = SerializeAsAny[BaseModel]  # a typed section of another module's model, dumped with all its fields
 
 
@@ -136,9 +149,10 @@ FOLDER_DATASETS = FolderDataset.__args__
 
 class DataSpec(Strict):
     dataset: Literal["mnist_sample", "mnist", "cifar10", "cifar100"] | FolderDataset = "cifar10"
-    root: str | None = None  # required for every dataset but the embedded mnist_sample
+    root: str | None = None  # required for every dataset but the embedded mnist_sample; see `data_path`
     loader: Literal["torchvision", "dali"] = "torchvision"  # dali: JPEG folders only, `pip install bitfleet[dali]`
     augment: bool = True
+    random_rotation: float = Field(0.0, ge=0, le=180)  # train augmentation (mnist, cifar): +- degrees; 0: none
     loader_workers: int = Field(0, ge=0)  # DataLoader processes (or DALI threads) per training worker
     crop_size: int | None = Field(None, ge=8)  # folder data sets: train and eval crop (224; tinyimagenet 64)
     resize_size: int | None = Field(None, ge=8)  # eval: shorter side before the centre crop (crop / 0.875)
@@ -147,7 +161,7 @@ class DataSpec(Strict):
     split_seed: int = 42
     stratified: bool = True  # the held-out images in proportion to each class
 
-    _root_absolute = field_validator("root")(absolute_path)
+    _root_absolute = field_validator("root")(data_path)
 
     @model_validator(mode="after")
     def _check(self):
@@ -160,6 +174,9 @@ class DataSpec(Strict):
         for field in ("crop_size", "resize_size"):
             if getattr(self, field) is not None and not folders:
                 raise ValueError(f"{field}: applies to {', '.join(FOLDER_DATASETS)}; {self.dataset!r} has a fixed size")
+        if self.random_rotation and folders:
+            raise ValueError(f"random_rotation: applies to mnist and cifar; {self.dataset!r} is augmented by its "
+                             "random-resized crop")
         if folders and self.eval_resize < self.crop:
             raise ValueError(f"resize_size: {self.eval_resize} is smaller than crop_size {self.crop}")
         low, high = self.crop_area

@@ -37,7 +37,7 @@ _LOADERS = {name: _checked_by_presence(cls) for name, cls in _CLASSES.items()}
 def load(spec, *, augment: bool):
     name, root = spec.dataset, spec.root
     mean, std = STATS[name]
-    train_tf = image_transform(32, mean, std, augment=augment, pad=4, flip=True)
+    train_tf = image_transform(32, mean, std, augment=augment, pad=4, flip=True, rotation=spec.random_rotation)
     test_tf = image_transform(32, mean, std, augment=False, pad=0, flip=False)
     cls = _LOADERS[name]
     return cls(str(root), train=True, transform=train_tf), cls(str(root), train=False, transform=test_tf)
