@@ -7,6 +7,7 @@ scheduler and to every worker; nothing downstream parses a section again.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from datetime import datetime, timezone
@@ -67,7 +68,7 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
     `fresh`: the run will start anew (`--fresh`), so an existing run of that name is not compared with it.
     """
     try:
-        spec = RunSpec.model_validate(raw)
+        spec = RunSpec.model_validate(with_workload_defaults(raw))
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, RunSpec)) from None
     spec = registry.workload_class(spec.workload).resolve_sections(spec)
@@ -94,6 +95,22 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
     if not fresh:
         check_existing_run(spec)
     return spec
+
+
+def with_workload_defaults(raw: dict) -> dict:
+    """The raw spec over its workload's `defaults` for platform sections: mappings merge key by key, and any
+    value the spec gives (a number, a list, null) wins. An unknown workload is left to validation."""
+    name = raw.get("workload")
+    if not isinstance(name, str) or name not in registry.names():
+        return raw
+    return _merged(registry.workload_class(name).defaults, raw)
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check_existing_run(spec: RunSpec) -> None:

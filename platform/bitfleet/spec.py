@@ -270,7 +270,8 @@ class RunSpec(Strict):
     failure: FailureSpec = FailureSpec()
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
-    targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
+    # the paper's numbers (or an expected [low, high]) by metric, for reports; null: no published figure exists
+    targets: dict[str, float | tuple[float, float] | None] = {}
     stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
     trial_of: TrialOf | None = None

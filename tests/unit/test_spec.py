@@ -353,3 +353,36 @@ def test_every_workload_and_the_data_commands_resolve_data_roots_alike(tmp_path,
         assert validate_spec(raw).data.root == str(tmp_path / dataset)
     assert cli.main(["data", "synth", "cifar100", "c100", "--train", "4", "--test", "4"]) == 0
     assert (tmp_path / "c100" / "cifar-100-python" / "train").is_file()
+
+
+# --------------------------------------------------------------------------- workloads' defaults
+
+
+def test_each_workloads_defaults_are_spec_fields_that_resolve_to_themselves(tmp_path):
+    from bitfleet import registry
+    from bitfleet.spec import leaves
+
+    for name in registry.names():
+        defaults = registry.workload_class(name).defaults
+        raw = {"name": "d", "workload": name, "data": {"dataset": "cifar10", "root": str(tmp_path), "val_size": 16},
+               "storage_path": str(tmp_path / "runs")}
+        synthetic.write("cifar10", tmp_path, n_train=20, n_test=4)
+        dumped = validate_spec(raw).model_dump(mode="json")
+        for path, value in leaves(defaults):
+            section, *rest = path.split(".")
+            node = dumped[section]
+            for key in rest:
+                node = node[key]
+            assert node == (list(value) if isinstance(value, tuple) else value), (name, path)
+
+
+def test_a_value_the_spec_gives_wins_over_the_workloads_default_even_null(tmp_path):
+    from bitfleet.resolve import with_workload_defaults
+
+    raw = {"workload": "lbpnet", "train": {"ema": None, "optimizer": {"lr": 0.5}}, "data": {"dataset": "mnist_sample"}}
+    merged = with_workload_defaults(raw)
+    optimizer = merged["train"]["optimizer"]
+    assert merged["train"]["ema"] is None and (optimizer["type"], optimizer["lr"]) == ("adamw", 0.5)
+    assert raw == {"workload": "lbpnet", "train": {"ema": None, "optimizer": {"lr": 0.5}},
+                   "data": {"dataset": "mnist_sample"}}  # the spec as written is left alone
+    assert with_workload_defaults({"workload": "no_such"}) == {"workload": "no_such"}  # refused later, by name

@@ -32,11 +32,24 @@ METRICS = (  # what the callbacks report each epoch
 )
 
 
+SEED_PARAM_GROUPS = [  # seed 001's optimizer groups: lr and weight-decay multipliers
+    {"name": "lbp_offsets", "match": ["*lbp.offsets"], "lr_mult": 5.0, "weight_decay_mult": 0.0},
+    {"name": "lbp_alpha", "match": ["*lbp.alpha"], "lr_mult": 1.0, "weight_decay_mult": 0.0},
+    {"name": "rp_gates", "match": ["*gate_logits"], "lr_mult": 3.0, "weight_decay_mult": 0.0},
+    {"name": "classification_head", "match": ["head.*"], "lr_mult": 0.7, "weight_decay_mult": 1.0},
+]
+
+
 class LBPNetWorkload(Workload):
     name = "lbpnet"
     ModelConfig = ModelConfig
     Options = Options
     metrics = METRICS
+    defaults = {  # seed 001's preset `paper_mnist_rp_full60k`, as the model and lbpnet sections' defaults are
+        "train": {"epochs": 300, "batch_size": 256, "label_smoothing": 0.1, "grad_clip": 1.0, "amp": "gpu",
+                  "optimizer": {"type": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "param_groups": SEED_PARAM_GROUPS},
+                  "lr_schedule": {"type": "cosine", "warmup_epochs": 5}, "ema": {"decay": 0.999}},
+    }
 
     def validate(self, spec):
         super().validate(spec)
