@@ -5,13 +5,31 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, SpecWarning
 from bitfleet.resolve import load_spec, set_aside
 from bitfleet.spec import data_path
 
 
+def _spec_warnings_on_one_line() -> None:
+    """`bitfleet: warning: <field>: ...` for a SpecWarning, as errors are shown; other warnings as Python shows them."""
+    show = warnings.showwarning
+    if getattr(show, "bitfleet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpecWarning):
+            print(f"bitfleet: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.bitfleet = True
+    warnings.showwarning = showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    _spec_warnings_on_one_line()
     args = _parser().parse_args(argv)
     try:
         return args.command(args) or 0

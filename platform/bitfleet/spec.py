@@ -89,6 +89,16 @@ class EMASpec(Strict):
     evaluate: bool = True
 
 
+class EarlyStoppingSpec(Strict):
+    """End the run once `metric` has not improved by more than `min_delta` (its own units: accuracy points,
+    loss) for `patience` epochs in a row (engine/early_stopping.py)."""
+
+    patience: int = Field(ge=1)
+    min_delta: float = Field(0.0, ge=0)
+    metric: str | None = None  # None: the metric that ranks the checkpoints (failure.checkpoint_metric, ...)
+    mode: Literal["max", "min"] | None = None  # None: the direction the objective knows
+
+
 class DeepSpeedSpec(Strict):
     """`train.strategy: deepspeed`: ZeRO partitions the optimizer state (stage 1), and the gradients too (2),
     over the workers. `config` holds further DeepSpeed config keys (zero_optimization.overlap_comm,
@@ -126,6 +136,7 @@ class TrainSpec(Strict):
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: EMASpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
     max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
     max_eval_steps: int | None = Field(None, ge=1)
     strategy: Literal["ddp", "deepspeed"] = "ddp"

@@ -18,7 +18,8 @@ from workloads.lbpnet.models import lbp_layers, rp_layers
 
 class Temperatures(Callback):
     """alpha (LBP comparisons) and tau (gates) follow their schedules at step resolution; the collapse
-    guard may multiply alpha by a softening factor until a given epoch."""
+    guard may multiply alpha by a softening factor until a given epoch. The schedule sets each layer's
+    `alpha_base`: a layer that learns alpha (`learn_alpha`) keeps its learned factor on top of it."""
 
     def __init__(self, spec):
         self.spec = spec  # TempSchedule
@@ -30,7 +31,7 @@ class Temperatures(Callback):
             if self.spec.alpha is not None:
                 alpha = schedules.value(self.spec.alpha, state.progress) * soften
                 for layer in lbp_layers(state.model):
-                    layer.alpha.fill_(alpha)
+                    layer.alpha_base.fill_(alpha)
             if self.spec.tau is not None:
                 tau = schedules.value(self.spec.tau, state.progress)
                 for layer in rp_layers(state.model):
@@ -57,8 +58,8 @@ class Freeze(HoldParameters):
 
     def held(self, state: TrainState) -> set[str]:
         epoch, spec = state.epoch, self.spec
-        until = {"offsets": spec.freeze_offsets_epochs, "alpha": max(spec.freeze_offsets_epochs, self.alpha_until),
-                 "gate_logits": spec.gate_epochs}
+        until = {"offsets": spec.freeze_offsets_epochs, "gate_logits": spec.gate_epochs,
+                 "alpha_scale": max(spec.freeze_offsets_epochs, self.alpha_until)}
         return {name for name, _ in state.model.named_parameters() if epoch < until.get(name.rsplit(".", 1)[-1], -1)}
 
     def on_epoch_start(self, state):

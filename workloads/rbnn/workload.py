@@ -11,7 +11,7 @@ from bitfleet.data import DataInfo
 from bitfleet.data import info as data_info
 from bitfleet.engine import checkpoint, objective
 from bitfleet.engine.batchnorm import BNRecalibration
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, spec_warning
 from bitfleet.metrics import Metric
 from bitfleet.resolve import existing_checkpoint
 from bitfleet.workload import Workload, parse_section
@@ -62,6 +62,9 @@ class RBNN(Workload):
 
     def validate(self, spec):
         super().validate(spec)
+        if spec.options.bn_only_epochs > spec.train.epochs:
+            spec_warning(f"rbnn.bn_only_epochs: {spec.options.bn_only_epochs} is more than train.epochs="
+                         f"{spec.train.epochs}: every epoch trains BatchNorm only")
         teacher = spec.options.teacher
         if teacher is None:
             return

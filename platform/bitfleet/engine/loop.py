@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from bitfleet import registry, storage
 from bitfleet.data import loaders
-from bitfleet.engine import checkpoint, ema, preemption, strategy
+from bitfleet.engine import checkpoint, early_stopping, ema, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
@@ -124,6 +124,8 @@ class Trainer:
         self.metrics = WorkerMetrics(run_labels(spec), self.rank)
         self.spec_digest = spec_digest(spec)
         self.checkpoint_score = checkpoint_score
+        self.early_stopping = early_stopping.build(self.train_spec.early_stopping, checkpoint_score,
+                                                   self.objective.modes)
         self.control = preemption.Control(spec.failure, self.run_path, self.rank, self.world, self.device)
         self.resume: dict | None = None  # this rank's part of a mid-epoch checkpoint, until its epoch resumes
 
@@ -132,6 +134,8 @@ class Trainer:
         preemption.watch_sigterm(self.spec.failure.preemption_grace_s)
         self.restore()
         while self.state.epoch < self.train_spec.epochs:
+            if self._stopped_early():
+                return
             metrics = self.run_epoch()
             if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
                 return
@@ -262,7 +266,18 @@ class Trainer:
         self.control.saved()
 
     def _checkpoints_at_epoch_end(self, epochs_done: int) -> bool:
-        return epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
+        return (epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
+                or self._early_stop_reason() is not None)  # the run's last epoch either way
+
+    def _early_stop_reason(self) -> str | None:
+        return self.early_stopping.reason(self.history) if self.early_stopping else None
+
+    def _stopped_early(self) -> bool:
+        reason = self._early_stop_reason()
+        if reason and self.rank == 0:
+            print(f"[{self.spec.name}] {reason}: stopped after epoch {self.state.epoch} of {self.train_spec.epochs}",
+                  flush=True)
+        return reason is not None
 
     def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float) -> None:
         """A mid-epoch checkpoint (see the module's docstring); every rank calls it at the same step."""
