@@ -150,7 +150,7 @@ def test_override_parses_yaml_values(spec_file):
     assert spec.train.amp is True and spec.train.optimizer.nesterov is True
     assert spec.train.lr_schedule.milestones == [1, 3]
     assert spec.train.epochs == 7
-    assert spec.targets == {"top1": 91.25}
+    assert spec.targets["top1"] == 91.25 and spec.targets["test/acc"] == (94.0, 98.5)  # added beside the spec's
 
 
 def test_override_creates_nested_sections(spec_file):
