@@ -10,7 +10,8 @@ Faults: worker_sigkill_x3 (SIGKILL of a random worker at three random steps), wo
 reclaim), driver_sigterm (`ray job stop`, an eviction; then the same command again), driver_sigkill
 (then the same command again), corrupt_newest (the newest checkpoint's state.pt truncated after the run
 stopped; the rerun falls back), partial_newest (the newest checkpoint's manifest removed: a write cut
-short).
+short), node_loss (the run's two workers on two worker nodes, one per node; one node's raylet and workers
+SIGKILLed at once, and a replacement node joins).
 
 lost_steps: the global step a fault interrupted, read off the cluster's metrics endpoint just before it
 (the restored step of the group plus the steps it reported since, `ray_bitfleet_steps_total`), minus the
@@ -43,21 +44,22 @@ from bitfleet.engine import checkpoint  # noqa: E402
 
 REPO = Path(__file__).parents[1]
 FAULTS = ["worker_sigkill_x3", "worker_sigterm", "driver_sigterm", "driver_sigkill", "corrupt_newest",
-          "partial_newest"]
+          "partial_newest", "node_loss"]
+NODE_RESOURCE = "bench_node"  # node_loss: each of the run's workers takes one, offered by the worker nodes only
 QUICKSTARTS = {
     "resnet_cifar": ("workloads/resnet_cifar/specs/quickstart.yaml", []),
     "lbpnet": ("workloads/lbpnet/specs/quickstart.yaml", ["lbpnet.hard_finetune.start_epoch=2",
                                                          "lbpnet.hard_finetune.bn_recal_batches=2"]),
     "rbnn": ("workloads/rbnn/specs/quickstart.yaml", ["rbnn.bn_recalibration_batches=2"]),
 }
-RESTORED = re.compile(r"pid=(\d+)\)[^\n]*restored from checkpoint at epoch (\d+)(?:, step (\d+))?")
+RESTORED = re.compile(r"restored from checkpoint at epoch (\d+)(?:, step (\d+))?[^\n]*\(pid (\d+)\)")
 
 
 class Run:
     """One `bitfleet run` of a workload's spec under a name, and what its log and endpoint say."""
 
-    def __init__(self, bench, name: str):
-        self.bench, self.name = bench, name
+    def __init__(self, bench, name: str, extra: tuple[str, ...] = ()):
+        self.bench, self.name, self.extra = bench, name, list(extra)
         self.run_dir = bench.storage / name
         self.logs: list[Path] = []
 
@@ -65,9 +67,9 @@ class Run:
         log = self.bench.tmp / f"{self.name}-{len(self.logs)}.log"
         self.logs.append(log)
         spec, extra = QUICKSTARTS[self.bench.workload]
-        overrides = [f"name={self.name}", f"storage_path={self.bench.storage}", *self.bench.common, *extra]
+        overrides = [f"name={self.name}", f"storage_path={self.bench.storage}", *self.bench.common, *extra, *self.extra]
         args = [sys.executable, "-m", "bitfleet.cli", "run", str(REPO / spec), "--address",
-                f"127.0.0.1:{overhead.GCS_PORT}", *[x for o in overrides for x in ("-o", o)]]
+                f"127.0.0.1:{overhead.GCS_PORT}", "-v", *[x for o in overrides for x in ("-o", o)]]
         with open(log, "w") as out:
             self.process = subprocess.Popen(args, env=self.bench.env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -79,7 +81,7 @@ class Run:
     def restores(self) -> list[tuple[int, int]]:
         """(pid, global step) of each group that restored, in order."""
         seen, out = set(), []
-        for pid, epoch, step in RESTORED.findall(self.text()):
+        for epoch, step, pid in RESTORED.findall(self.text()):
             if pid not in seen:
                 seen.add(pid)
                 out.append((int(pid), int(epoch) * self.bench.steps + int(step or 0)))
@@ -149,12 +151,61 @@ def kill_worker(run: Run, sig: int, rng: random.Random) -> tuple[int, float]:
     return at, when
 
 
+def start_node(bench: Bench) -> subprocess.Popen:
+    """A worker node of the bench's cluster: its own `ray start --block` (raylet, agents), in its own group."""
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
+               f"--address=127.0.0.1:{overhead.GCS_PORT}", "--num-cpus=1",
+               f"--resources={json.dumps({NODE_RESOURCE: 1})}", "--disable-usage-stats"]
+    with open(bench.tmp / f"node-{time.monotonic_ns()}.log", "w") as out:
+        return subprocess.Popen(command, env=bench.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def raylet_group(worker_pid: int) -> int:
+    """The process group of the node whose raylet started a worker."""
+    parent = int(Path(f"/proc/{worker_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return os.getpgid(parent)
+
+
+def lose_a_node(run: Run, nodes: list[subprocess.Popen]) -> float:
+    """SIGKILL the node of one of the run's workers (raylet and workers at once); a replacement joins."""
+    hosts = {raylet_group(pid) for pid in run.pids() if _alive(pid)}
+    doomed = next(node for node in nodes if node.pid in hosts)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    when = time.time()
+    doomed.wait()
+    run.forget_workers()
+    nodes.append(start_node(run.bench))
+    return when
+
+
 def fault_row(bench: Bench, fault: str, rng: random.Random) -> dict:
-    run = Run(bench, fault)
+    nodes = [start_node(bench), start_node(bench)] if fault == "node_loss" else []
+    extra = [f"scaling.resources_per_worker={{{NODE_RESOURCE}: 1}}"] if nodes else []
+    run = Run(bench, fault, extra)
     run.forget_workers()
     run.start()
     lost, recovery, kills = [], [], 0
     total = 3 * bench.steps
+    try:
+        if fault == "node_loss":
+            overhead.wait_until(lambda: run.newest_step() >= total // 2 and len(run.pids()) == 2, 600, "half the run")
+            at, when = run.step_now(), lose_a_node(run, nodes)
+            kills = 1
+            recovery.append(run.wait_restore(1) - when)
+            lost.append(max(0, at - run.restores()[-1][1]))
+            run.finish()
+        else:
+            kills = _fault(run, bench, fault, rng, lost, recovery, total)
+    finally:
+        for node in nodes:
+            overhead.stop_cluster(node)  # `ray start --block` of a worker node stops alike
+    return {"fault": fault, "kills": kills, "lost_steps": sum(lost), "recovery_s": round(max(recovery), 2),
+            "restored_at": [step for _, step in run.restores()], "sha": run.final_sha()}
+
+
+def _fault(run: Run, bench: Bench, fault: str, rng: random.Random, lost: list, recovery: list, total: int) -> int:
+    """The faults of one node: workers signalled, the driver's end, damaged checkpoints; returns the kills."""
+    kills = 0
     if fault in ("worker_sigkill_x3", "worker_sigterm"):
         targets = sorted(rng.sample(range(2, total - 2), 3)) if fault == "worker_sigkill_x3" else [total // 2]
         for target in targets:
@@ -191,8 +242,7 @@ def fault_row(bench: Bench, fault: str, rng: random.Random) -> dict:
         recovery.append(restored_at - run.started)
         lost.append(max(0, at - run.restores()[-1][1]))
         run.finish()
-    return {"fault": fault, "kills": kills, "lost_steps": sum(lost), "recovery_s": round(max(recovery), 2),
-            "restored_at": [step for _, step in run.restores()], "sha": run.final_sha()}
+    return kills
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,8 @@
    REPORT_MS + POLL_S (the "resolution" in the JSON). The moment the driver log says "restored from
    checkpoint" (rank 0 prints it after loading; same polling) splits the restart from the restore.
 
-    python bench/overhead.py [--steps 20] [--batch 128] [--threads 2] [--out bench/results/overhead.json]
+    python bench/overhead.py [--steps 20] [--batch 128] [--threads 2] [--parts step recovery]
+                             [--out bench/results/overhead.json]
 """
 from __future__ import annotations
 
@@ -195,11 +196,41 @@ def bitfleet_run(raw: dict, tmp: Path, log: Path, env: dict) -> subprocess.Popen
     spec_path.write_text(yaml.safe_dump(raw))
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "bitfleet.cli", "run", str(spec_path), "--address",
-                                 f"127.0.0.1:{GCS_PORT}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 f"127.0.0.1:{GCS_PORT}", "-v"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
-def recovery(tmp: Path, args, env: dict) -> dict:
+PHASES = {  # Ray Train's controller log line -> the phase of a worker group's (re)start it times
+    "failure_detected": re.compile(r"\[FailurePolicy\] RETRY"),
+    "placement_group_s": re.compile(r"Placement group ready in ([\d.]+)s"),
+    "worker_actors_created_s": re.compile(r"worker actors created in ([\d.]+)s"),  # spawn, import ray
+    "train_context_initialized_s": re.compile(r"Train context initialized on workers in ([\d.]+)s"),  # unpickling
+    #   the train function and its config: the imports of torch, torchvision, bitfleet and the workload
+    "train_function_launched_s": re.compile(r"Train function launched on workers in ([\d.]+)s"),
+    "worker_group_startup_s": re.compile(r"Worker group startup completed in ([\d.]+)s total"),
+}
+
+
+def restart_phases(ray_tmp: str, killed_at: float) -> dict:
+    """Where the seconds of the restart after `killed_at` went, from Ray Train's controller log (JSON lines
+    with their time): the failure detected (seconds after the kill) and each phase of the new group's start."""
+    found: dict = {}
+    for path in Path(ray_tmp).glob("session_*/logs/train/ray-train-sys-controller-*.log"):
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            at = time.mktime(time.strptime(entry["asctime"].split(",")[0], "%Y-%m-%d %H:%M:%S")) + \
+                int(entry["asctime"].split(",")[1]) / 1000
+            for phase, pattern in PHASES.items():
+                match = pattern.search(entry.get("message", ""))
+                if at >= killed_at - 1 and match and phase not in found:
+                    found[phase] = round(at - killed_at, 2) if phase == "failure_detected" else float(match.group(1))
+    return found
+
+
+def recovery(tmp: Path, args, env: dict, ray_tmp: str) -> dict:
     raw = spec_dict("overhead-recovery", tmp / "cifar10", tmp / "results", args, epochs=3)
     name, log, run_dir = raw["name"], tmp / "recovery.log", tmp / "results" / raw["name"]
     driver = bitfleet_run(raw, tmp, log, env)
@@ -222,6 +253,7 @@ def recovery(tmp: Path, args, env: dict) -> dict:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     return {"kill_to_first_step_s": stepped - killed_at, "kill_to_restore_logged_s": restored - killed_at,
+            "phases": restart_phases(ray_tmp, killed_at),
             "resolution_s": REPORT_MS / 1000 + POLL_S, "metrics_report_interval_ms": REPORT_MS, "poll_s": POLL_S,
             "epochs": [m["epoch"] for m in history], "restores": history[-1]["restores"]}
 
@@ -233,6 +265,7 @@ def main() -> None:
                         help="epochs of the step-time comparison (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=["step", "recovery"], default=["step", "recovery"])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
     args = parser.parse_args()
     os.environ.pop("RAY_ADDRESS", None)
@@ -241,21 +274,25 @@ def main() -> None:
         synthetic.write("cifar10", tmp / "cifar10", n_train=args.steps * args.batch, n_test=args.batch, seed=0)
         ray_tmp = tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
         cluster, env = start_cluster(ray_tmp)
+        steps = rec = None
         try:
-            steps = step_overhead(tmp, args, env)
-            print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, "
-                  f"epochs 2-{args.epochs} of {args.steps} steps: "
-                  f"bitfleet {steps['bitfleet_step_s']:.3f} s, plain PyTorch {steps['plain_step_s']:.3f} s "
-                  f"(before {steps['plain_step_s_before_after'][0]:.3f}, "
-                  f"after {steps['plain_step_s_before_after'][1]:.3f}) "
-                  f"-> bitfleet/plain {steps['ratio']:.3f}x", flush=True)
-            rec = recovery(tmp, args, env)
+            if "step" in args.parts:
+                steps = step_overhead(tmp, args, env)
+                print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, "
+                      f"epochs 2-{args.epochs} of {args.steps} steps: "
+                      f"bitfleet {steps['bitfleet_step_s']:.3f} s, plain PyTorch {steps['plain_step_s']:.3f} s "
+                      f"(before {steps['plain_step_s_before_after'][0]:.3f}, "
+                      f"after {steps['plain_step_s_before_after'][1]:.3f}) "
+                      f"-> bitfleet/plain {steps['ratio']:.3f}x", flush=True)
+            if "recovery" in args.parts:
+                rec = recovery(tmp, args, env, ray_tmp)
+                print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
+                      f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s "
+                      f"(upper bound, resolution {rec['resolution_s']:.2f} s); Ray's restart: "
+                      + ", ".join(f"{phase} {seconds}" for phase, seconds in rec["phases"].items()), flush=True)
         finally:
             stop_cluster(cluster)
             shutil.rmtree(ray_tmp, ignore_errors=True)
-    print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
-          f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s "
-          f"(upper bound, resolution {rec['resolution_s']:.2f} s)")
     result = {"threads": args.threads, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
               "step_time": steps, "recovery": rec}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,12 @@ class Workload:
 
     # ---- configuration (driver side, before Ray)
     @classmethod
+    def models(cls) -> tuple[str, ...]:
+        """The networks `model.arch` names (`bitfleet list`); a workload built from parts lists none."""
+        arch = cls.ModelConfig.model_fields.get("arch")
+        return tuple(getattr(arch.annotation, "__args__", ())) if arch is not None else ()
+
+    @classmethod
     def resolve_sections(cls, spec: RunSpec) -> RunSpec:
         """The spec with `model:` and this workload's section parsed into `ModelConfig` and `Options`."""
         model = parse_section(cls.ModelConfig, spec.model, "model")

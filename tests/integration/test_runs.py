@@ -22,11 +22,13 @@ from tests.integration.conftest import read_metrics, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def bitfleet(cluster, log: Path, *args) -> subprocess.Popen:
-    """`bitfleet ARGS` in its own process group, its output in `log` (readable while it runs)."""
+def bitfleet(cluster, log: Path, *args, verbose: bool = True) -> subprocess.Popen:
+    """`bitfleet ARGS` in its own process group, its output in `log` (readable while it runs). `verbose`
+    (-v): Ray forwards its processes' output too, where the tests find the workers' pids."""
+    command = [sys.executable, "-m", "bitfleet.cli", *args, *(["-v"] if verbose else [])]
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bitfleet.cli", *args], env=cluster.env, stdout=out,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(command, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
     process.log = log
     return process
 

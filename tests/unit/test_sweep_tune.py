@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitfleet.scheduler.sweep import concurrent_trials, param_space, scheduler, search_alg, tune_config
+from bitfleet.scheduler.sweep import (
+    concurrent_trials,
+    kept_checkpoints,
+    param_space,
+    scheduler,
+    search_alg,
+    tune_config,
+)
 from bitfleet.sweeps import SweepSpec
 from tests.unit.test_sweeps import PB2, PBT, TMIN
 
@@ -199,3 +206,12 @@ def test_concurrent_trials():
     assert concurrent_trials(capped, {"CPU": 1}, {"CPU": 4}) == 5
 
 
+
+
+def test_kept_checkpoints_cover_a_donor_up_to_one_perturbation_interval_old():
+    assert kept_checkpoints(SweepSpec.model_validate({"space": TMIN}), checkpoint_every=1) == 2  # latest only
+    pbt = SweepSpec.model_validate({"space": TMIN, "scheduler": {**PBT, "perturbation_interval": 6}})
+    assert kept_checkpoints(pbt, checkpoint_every=1) == 8
+    assert kept_checkpoints(pbt, checkpoint_every=3) == 4  # 2 checkpoints an interval, the donor's, one spare
+    pb2 = SweepSpec.model_validate({"space": TMIN, "scheduler": PB2})
+    assert kept_checkpoints(pb2, checkpoint_every=2) == 3

@@ -5,7 +5,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from bitfleet.spec import Strict, absolute_path
+from bitfleet.paths import absolute_path
+from bitfleet.spec import Strict
 from workloads.rbnn.models import ARCHS
 
 Arch = Literal[tuple(ARCHS)]  # type: ignore[valid-type]

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bitfleet.spec import Strict, absolute_path
+from bitfleet.paths import absolute_path
+from bitfleet.spec import Strict
 
 
 class ModelConfig(Strict):

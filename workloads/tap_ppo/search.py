@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bitfleet import storage
+from bitfleet.engine import preemption
 from bitfleet.spec import RunSpec
 from workloads.tap_ppo import int8, quant
 from workloads.tap_ppo.tap import STEPS, TapCodes, levels, saved_fraction
@@ -156,8 +157,11 @@ def run_search(spec: RunSpec) -> dict:
                              "return_mean": result.get("env_runners", {}).get("episode_return_mean")})
             print(f"[{spec.name}] PPO iteration {len(progress)}: {progress[-1]['episodes']} episodes, "
                   f"return {progress[-1]['return_mean']}, {progress[-1]['seconds']:.1f} s", flush=True)
-            if len(progress) % options.checkpoint_every == 0:
+            stopping = preemption.STOP_REQUESTED.is_set()  # SIGTERM to the pipeline's driver
+            if stopping or len(progress) % options.checkpoint_every == 0:
                 _checkpoint(algo, spec.run_dir, progress)
+            if stopping:
+                raise preemption.Stopped(f"stage {spec.name} stopped after PPO iteration {len(progress)}")
     finally:
         algo.stop()
     storage.write_text(str(spec.run_dir / PROGRESS_FILE), json.dumps(progress, indent=1))

@@ -46,6 +46,7 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # extra telemetry for this epoch
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # values to histogram this epoch (rank 0)
     eval_model: nn.Module | None = None  # the model the run is judged by: the EMA's module or `model`
     train_loader: Any = None  # this rank's training batches (BN recalibration reads a few)
     # every model evaluated, by the prefix of its metrics: "" the trained weights, "ema/" their average

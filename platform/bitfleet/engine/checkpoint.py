@@ -22,14 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bitfleet import storage
 from bitfleet.engine.ema import IS_RESULT
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,10 @@ def problem(directory: str | Path) -> str | None:
         if isinstance(part, str):
             return part
         for name, expected in part["files"].items():
-            path = directory / name
+            try:
+                path = storage.inside(directory, name, _part(rank))
+            except ValueError:
+                return f"{_part(rank)} names {name!r}, a file outside the checkpoint"
             if not path.is_file():
                 return f"{name} is missing"
             if path.stat().st_size != expected["size"] or _fingerprint(path)["sha256"] != expected["sha256"]:
@@ -139,9 +143,15 @@ def _read_part(directory: Path, rank: int) -> dict | str:
     if not path.is_file():
         return f"no {path.name} (its write did not finish)"
     try:
-        return json.loads(path.read_text())
+        part = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{path.name} is unreadable (truncated)"
+    files = part.get("files") if isinstance(part, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("size"), int)
+                                            and isinstance(f.get("sha256"), str) for f in files.values())
+            and isinstance(part.get("parts", 1), int)):
+        return f"{path.name} is not a manifest (files with their size and sha256)"
+    return part
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -152,23 +162,22 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-@contextmanager
-def to_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, parts: int = 1,
-           spec_digest: str | None = None) -> Iterator[ray.train.Checkpoint]:  # noqa: F821
-    """A `ray.train.Checkpoint` in a temporary directory, valid inside the `with`: `state` (rank 0's; None on
-    the other ranks), what `write_shard(directory)` writes, then this rank's manifest part (`parts`: how
-    many ranks write into the checkpoint). Ray merges the ranks' files into one folder."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="bitfleet-ckpt-") as tmp:
-        if state is not None:
-            write_state(tmp, state)
-        if write_shard is not None:
-            write_shard(Path(tmp))
-        files = [str(p.relative_to(tmp)) for p in Path(tmp).rglob("*") if p.is_file()]
-        epoch, step = (state.get("epoch"), state.get("global_step")) if state is not None else (None, None)
-        write_manifest(tmp, files, rank, parts, epoch, step, spec_digest)
-        yield ray.train.Checkpoint.from_directory(tmp)
+def for_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, parts: int = 1,
+            spec_digest: str | None = None) -> Path:
+    """A new temporary folder holding this rank's part of a checkpoint for `ray.train.report`: `state`
+    (rank 0's; None on the other ranks), what `write_shard(directory)` writes, then this rank's manifest
+    part (`parts`: how many ranks write into the checkpoint). Ray merges the ranks' folders into one and
+    removes them once uploaded (`delete_local_checkpoint_after_upload`): an asynchronous upload outlives
+    the report."""
+    folder = Path(tempfile.mkdtemp(prefix="bitfleet-ckpt-"))
+    if state is not None:
+        write_state(folder, state)
+    if write_shard is not None:
+        write_shard(folder)
+    files = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    epoch, step = (state.get("epoch"), state.get("global_step")) if state is not None else (None, None)
+    write_manifest(folder, files, rank, parts, epoch, step, spec_digest)
+    return folder
 
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -201,16 +210,30 @@ def find(path: str | Path) -> Path:
         if why is not None:
             raise FileNotFoundError(f"{path}: an incomplete or corrupt checkpoint: {why}")
         return path
-    result = path / "result.json"
-    best = None
-    if result.is_file():
-        try:
-            best = json.loads(result.read_text()).get("best_checkpoint")
-        except json.JSONDecodeError:
-            log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
-    if best and Path(best).is_dir() and problem(best) is None:
-        return Path(best)
+    best = _recorded_best(path)
+    if best is not None and best.is_dir() and problem(best) is None:
+        return best
     found = newest(path.glob("checkpoint_*"))
     if found is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
     return found
+
+
+def _recorded_best(run_folder: Path) -> Path | None:
+    """The best checkpoint a run folder's `result.json` names, if it is a folder of that run."""
+    result = run_folder / "result.json"
+    if not result.is_file():
+        return None
+    try:
+        best = json.loads(result.read_text()).get("best_checkpoint")
+    except (ValueError, AttributeError):
+        log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
+        return None
+    if not isinstance(best, str):
+        return None
+    try:
+        return storage.inside(run_folder, os.path.relpath(best, run_folder), str(result))
+    except ValueError:
+        log.warning("bitfleet: %s names %s, outside the run folder; taking its newest complete checkpoint",
+                    result, best)
+        return None

@@ -9,8 +9,9 @@ checkpoint when the node goes), and before each of the two ways a run is asked t
   `Preempted`, and Ray's controller restarts it from that checkpoint (a restart counts toward
   `failure.max_failures`). A worker that has not got there within `failure.preemption_grace_s` is
   ended as Ray would have ended it.
-- **SIGTERM to the driver** (`bitfleet run`, or `ray job stop`): the driver writes a stop request into
-  the run folder; the workers checkpoint, and the run returns. Rerunning the same command continues it.
+- **SIGTERM to the driver** (`bitfleet run` or `sweep`, or `ray job stop`): the driver writes a stop request
+  into the folder of each run it drives (a pipeline's running stages; a sweep's folder, which each trial
+  passes on to its run); the workers checkpoint, and the runs return. Rerunning the same command continues.
 
 Ranks agree by one small all-reduce per step (max of each rank's flags), so a signal seen by one rank
 stops all of them at the same step; with one worker there is nothing to agree on.
@@ -32,7 +33,7 @@ STOP_FILE = "stop-requested"  # in the run folder: the driver's request that the
 LOOK_EVERY_S = 2.0  # rank 0 looks for the stop request, and asks Ray about preemption, this often
 SIGTERMED = threading.Event()  # set by this process's SIGTERM handler (module-level: Ray runs it on the main thread)
 
-CHECKPOINT, STOP, PREEMPTED = "checkpoint", "stop", "preempted"
+CHECKPOINT, NOTICED, STOP, PREEMPTED = "checkpoint", "noticed", "stop", "preempted"
 
 
 class Preempted(RuntimeError):
@@ -80,8 +81,9 @@ def watch_sigterm(grace_s: float) -> None:
 
 
 class Control:
-    """Asked after every training step: None, or CHECKPOINT, STOP (checkpoint, then return) or PREEMPTED
-    (checkpoint, then raise)."""
+    """Asked after every training step: None, or CHECKPOINT (a periodic one), NOTICED (a checkpoint on Ray's
+    preemption notice: training goes on), STOP (checkpoint, then return) or PREEMPTED (checkpoint, then
+    raise)."""
 
     def __init__(self, failure, run_path: str, rank: int, world: int, device: torch.device):
         self.every_steps = failure.checkpoint_every_steps
@@ -97,8 +99,9 @@ class Control:
             return PREEMPTED
         if stop:
             return STOP
-        notice = bool(look) and self._preemption_notice()
-        if overdue or notice or (self.every_steps and global_step % self.every_steps == 0):
+        if look and self._preemption_notice():
+            return NOTICED
+        if overdue or (self.every_steps and global_step % self.every_steps == 0):
             return CHECKPOINT
         return None
 
@@ -136,26 +139,65 @@ class Control:
         return self.noticed
 
 
+STOP_REQUESTED = threading.Event()  # this driver process was sent SIGTERM: what it drives stops at a checkpoint
+_driving: set[str] = set()  # folders of the runs (and sweeps) this driver drives now, whichever thread drives them
+_driving_lock = threading.RLock()  # re-entered by the handler when the signal lands inside `driving`
+
+
+def _request_stop(folder: str) -> None:
+    storage.write_text(storage.join(folder, STOP_FILE), "SIGTERM to the driver\n")
+
+
+def _on_driver_sigterm(signum, frame):
+    if STOP_REQUESTED.is_set():
+        raise SystemExit(128 + signum)
+    STOP_REQUESTED.set()
+    with _driving_lock:
+        for folder in _driving:
+            _request_stop(folder)
+
+
+_claimed = threading.Event()  # inside driver_stops_on_sigterm
+
+
 @contextmanager
-def stop_request_on_sigterm(run_path: str):
-    """The driver's side: while the run goes on, a SIGTERM writes the stop request the workers look for
-    (a second SIGTERM ends the driver at once). The request is cleared before and after."""
-    stop_file = storage.join(run_path, STOP_FILE)
-    storage.remove(stop_file)  # a request a stopped run left behind is not this run's
-    requested = threading.Event()
-
-    def handler(signum, frame):
-        if requested.is_set():
-            raise SystemExit(128 + signum)
-        requested.set()
-        storage.write_text(stop_file, "SIGTERM to the driver\n")
-
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield requested
+def driver_stops_on_sigterm():
+    """Around everything a driver does, on its main thread (the only one signals reach): the first SIGTERM
+    writes the stop request into the folder of every run it drives — a single run, a pipeline's running
+    stages, a sweep — and of any it starts later; each checkpoints at its next step and returns. A second
+    SIGTERM ends the driver at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, _on_driver_sigterm)
+    _claimed.set()
     try:
-        yield requested
+        yield
     finally:
+        _claimed.clear()
         signal.signal(signal.SIGTERM, previous)
-        storage.remove(stop_file)
+        STOP_REQUESTED.clear()
+
+
+def claim_sigterm() -> None:
+    """Put the driver's handler back after `ray.init`, which installs Ray's own (it ends the process)."""
+    if _claimed.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_driver_sigterm)
+
+
+@contextmanager
+def driving(folder: str):
+    """A run (or sweep) folder this driver drives, from any thread: it gets the stop request when the driver
+    is asked to stop (at once if it already was). A request left behind by a stopped run is not this run's:
+    it is cleared before, and after."""
+    storage.remove(storage.join(folder, STOP_FILE))
+    with _driving_lock:
+        _driving.add(folder)
+        if STOP_REQUESTED.is_set():
+            _request_stop(folder)
+    try:
+        yield
+    finally:
+        with _driving_lock:
+            _driving.discard(folder)
+        storage.remove(storage.join(folder, STOP_FILE))

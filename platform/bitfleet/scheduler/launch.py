@@ -6,9 +6,11 @@ the same spec finds the run there and resumes it from its latest checkpoint (Ray
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import bitfleet
-from bitfleet import metrics, registry, storage
+from bitfleet import console, metrics, registry, storage
 from bitfleet.engine import loop, preemption
 from bitfleet.resolve import CONFIG_FILE
+from bitfleet.scheduler.watch import Watch, show_summary
 from bitfleet.spec import RunSpec
 
 
@@ -33,8 +36,9 @@ def checkpoint_score(spec: RunSpec) -> tuple[str, str]:
     return metric, spec.failure.checkpoint_mode or objective.modes[metric.rsplit("/", 1)[1]]
 
 
-def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
-    """The TorchTrainer of a run; `callbacks`: Ray Train user callbacks (a sweep's bridge to Tune)."""
+def build_trainer(spec: RunSpec, callbacks: tuple = (), events=None) -> TorchTrainer:
+    """The TorchTrainer of a run; `callbacks`: Ray Train user callbacks (a sweep's bridge to Tune);
+    `events`: the driver's queue for what the workers tell it (scheduler/watch.py)."""
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
@@ -42,7 +46,7 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     metric, mode = checkpoint_score(spec)
     return TorchTrainer(
         loop.train_worker,
-        train_loop_config={"spec": spec, "checkpoint_score": (metric, mode)},  # typed: not parsed again
+        train_loop_config={"spec": spec, "checkpoint_score": (metric, mode), "events": events},  # typed
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=scaling.resize_check_s),
@@ -58,20 +62,29 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     )
 
 
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS, or a new local Ray), once per driver process."""
+    if not ray.is_initialized():
+        # the workers' output reaches the console through their events (scheduler/watch.py); Ray's own
+        # forwarding of every process's output, and its info lines, only with -v
+        verbose = console.verbose()
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+        preemption.claim_sigterm()  # Ray's core took SIGTERM over
+
+
 def run_training(spec: RunSpec, address: str | None = None):
     """Run `spec` to completion on the cluster at `address` (or RAY_ADDRESS, or a new local Ray)."""
-    if not ray.is_initialized():
-        ray.init(address=address)
+    connect(address)
     storage.check_shared(spec.storage_path)
     record_config(spec)
-    with metrics.run_state(metrics.run_labels(spec)), \
-            preemption.stop_request_on_sigterm(storage.run_path(spec)) as stop_requested:
-        result = build_trainer(spec).fit()
-    at = result.metrics or {}
-    if stop_requested.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it had finished before it heard
-        raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
-                                 f"step {at['step_in_epoch']}; rerun the same command to continue")
     metric, mode = checkpoint_score(spec)
+    with metrics.run_state(metrics.run_labels(spec)), preemption.driving(storage.run_path(spec)), \
+            Watch(spec.tracking) as watch:
+        result = build_trainer(spec, events=watch.queue).fit()
+        at = result.metrics or {}
+        if preemption.STOP_REQUESTED.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it finished before it heard
+            raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
+                                     f"step {at['step_in_epoch']}; rerun the same command to continue")
     scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or []
               if not values.get(loop.STEP_CHECKPOINT) and metric in values]
     best = (max if mode == "max" else min)(scored, key=lambda scored: scored[1][metric], default=None)
@@ -81,8 +94,10 @@ def run_training(spec: RunSpec, address: str | None = None):
         "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best[0].path if best else None,
         "best": best[1] if best else None,
+        "wall_s": time.monotonic() - watch.started,
     }
     storage.write_text(storage.join(storage.run_path(spec), "result.json"), json.dumps(summary, indent=1, default=str))
+    show_summary(spec, summary, summary["wall_s"], metric)
     return summary
 
 

@@ -5,7 +5,9 @@ A stage is the pipeline's spec with the stage's `overrides`, named after the sta
 with `init_from`, a needed stage's best checkpoint as its initial weights). A stage is a Ray Train run,
 or a task: `report`, or one the workload offers (`Workload.tasks`). Stages whose needs are met start
 together while the cluster has CPUs for them. A finished stage leaves `stage.json`; a rerun of the
-pipeline skips those and resumes the rest (a training stage from its own latest checkpoint).
+pipeline skips those and resumes the rest (a training stage from its own latest checkpoint). SIGTERM to
+the driver stops the running stages at a checkpoint (engine/preemption.py) and starts no other; the same
+command continues.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from bitfleet import registry, report, storage
+from bitfleet.engine import preemption
 from bitfleet.resolve import resolve_stage
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec, ScalingSpec, StageSpec
@@ -40,16 +43,16 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
     """Run the pipeline's stages; returns {stage: record}. Raises StageFailed naming the first failure."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    launch.connect(address)
     records = {s.name: {**completed(spec, s), "state": "skipped"} for s in spec.stages if completed(spec, s)}
     pending = [s for s in spec.stages if s.name not in records]
     capacity = ray.cluster_resources().get("CPU", 1.0)
     running: dict[Future, StageSpec] = {}
-    failure = None
+    failure, stopped = None, []
     with ThreadPoolExecutor(max(1, len(pending))) as pool:
-        while (pending and failure is None) or running:
-            for stage in _ready(pending, records):
+        while True:
+            starting = failure is None and not preemption.STOP_REQUESTED.is_set()
+            for stage in _ready(pending, records) if starting else ():
                 if running and _cpus(spec, running.values()) + _cpus(spec, [stage]) > capacity:
                     break  # wait for room; the first stage always starts, whatever it asks for
                 pending.remove(stage)
@@ -60,7 +63,10 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 stage = running.pop(future)
-                if future.exception() is not None:
+                if isinstance(future.exception(), preemption.Stopped):
+                    stopped.append(stage.name)
+                    print(f"[{spec.name}] stage {stage.name} stopped at a checkpoint", flush=True)
+                elif future.exception() is not None:
                     failure = failure or (stage.name, future.exception())
                     print(f"[{spec.name}] stage {stage.name} failed: {future.exception()}", flush=True)
                 else:
@@ -69,6 +75,9 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
     if failure is not None:
         name, exc = failure
         raise StageFailed(f"pipeline {spec.name}: stage {name!r} failed: {exc}") from exc
+    if preemption.STOP_REQUESTED.is_set() and (stopped or pending):
+        raise preemption.Stopped(f"pipeline {spec.name} stopped: stage(s) {', '.join(stopped) or 'none'} at a "
+                                 f"checkpoint, {len(pending)} not started; rerun the same command to continue")
     if pending:
         raise StageFailed(f"pipeline {spec.name}: stages {[s.name for s in pending]} could not start")
     return {s.name: records[s.name] for s in spec.stages}

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -32,7 +34,7 @@ from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
 from bitfleet import metrics, storage, sweeps
-from bitfleet.engine import loop
+from bitfleet.engine import checkpoint, loop, preemption
 from bitfleet.resolve import validate_spec
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec
@@ -67,6 +69,20 @@ class TrialCounts(tune.Callback):
             metrics.record(f"bitfleet_trials_{state}", count, self.labels)
 
 
+class EndWhenStopped(tune.Callback):
+    """Runs in the sweep's driver: once it was asked to stop (SIGTERM) and no trial runs any more — each has
+    checkpointed and ended — the experiment ends as on Ctrl+C (Tune's SIGINT), its state saved for the rerun.
+    Tune's own stop (`Stopper.stop_all`) would instead mark the trials not yet run as finished."""
+
+    def __init__(self):
+        self.ended = False
+
+    def on_step(self, iteration, trials, **info):
+        if preemption.STOP_REQUESTED.is_set() and not self.ended and all(t.status != "RUNNING" for t in trials):
+            self.ended = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 class ForwardToTrial(UserCallback):
     """Runs in the Train controller: hands each report (rank 0's metrics, checkpoint path) to the trial."""
 
@@ -89,30 +105,53 @@ def trial_spec(base: dict, config: dict, sweep_dir: Path, trial_id: str, resume_
 
 def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
     """Tune's function trainable: one bitfleet run per start of the trial, its epochs reported to Tune."""
-    start = tune.get_checkpoint()  # a donor's (PBT) or the trial's own last epoch (a resumed sweep)
-    resume_from = start.path if start is not None else None
+    sweep_stop = storage.join(sweep_dir, preemption.STOP_FILE)
+    if storage.exists(sweep_stop):
+        raise preemption.Stopped("the sweep is stopping: this trial starts when it is rerun")
     trial_id = tune.get_context().get_trial_id()
-    spec = trial_spec(base, config, Path(sweep_dir), trial_id, resume_from)
+    spec = trial_spec(base, config, Path(sweep_dir), trial_id, start_point(Path(sweep_dir), trial_id))
     launch.record_config(spec)
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = launch.build_trainer(spec, callbacks=(ForwardToTrial(queue),))
     outcome: dict = {}
     fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
+    passed_on = False  # the sweep's stop request, handed to this trial's run
     with metrics.run_state(metrics.run_labels(spec)):
         fit.start()
         while fit.is_alive() or not queue.empty():
             try:
-                item = queue.get(timeout=1.0)
+                item = queue.get(timeout=preemption.LOOK_EVERY_S)
             except Empty:
-                continue
-            _report(item, spec)
+                item = None
+            if not passed_on and storage.exists(sweep_stop):
+                storage.write_text(storage.join(storage.run_path(spec), preemption.STOP_FILE), "the sweep stops\n")
+                passed_on = True
+            if item is not None:
+                _report(item, spec)
         if "error" in outcome:
             raise outcome["error"]
+    if passed_on and (outcome["result"].metrics or {}).get(loop.STEP_CHECKPOINT):
+        raise preemption.Stopped(f"trial {trial_id} stopped at a checkpoint of {spec.name}")
+
+
+def start_point(sweep_dir: Path, trial_id: str) -> str | None:
+    """Where this start of the trial continues: Tune's checkpoint for it (the trial's last epoch, or a PBT
+    donor's), or, when that checkpoint is the trial's own and its last run went on past it (a stopped
+    sweep, a trial that died mid-epoch), that run's newest complete checkpoint, a step inside an epoch
+    included. A donor's checkpoint lives in the donor's trial folder (named after its id) and is taken as
+    it is."""
+    start = tune.get_checkpoint()
+    own = start is None or trial_id in Path(start.path).parent.name
+    runs = sorted((sweep_dir / RUNS).glob(f"{trial_id}-*"), key=lambda run: (run / "config.json").stat().st_mtime)
+    if not own or not runs:
+        return start.path if start is not None else None
+    newest = checkpoint.newest([*runs[-1].glob("checkpoint_*"), *([start.path] if start is not None else [])])
+    return str(newest) if newest is not None else None
 
 
 def _fit(trainer, outcome: dict) -> None:
     try:
-        trainer.fit()
+        outcome["result"] = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - re-raised in the trial's thread, where Tune sees it
         outcome["error"] = exc
 
@@ -131,37 +170,47 @@ def _report(item: dict, spec: RunSpec) -> None:
 
 def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
     """Run (or resume) the sweep of `spec`; returns the results summary written next to it."""
-    if not ray.is_initialized():
-        ray.init(address=address)
+    launch.connect(address)
     launch.record_config(spec)  # a rerun under this name must keep the base spec and the sweep section
     sweep, sweep_dir = spec.sweep, Path(spec.storage_path) / spec.name
     base = spec.model_dump(mode="json", exclude={"sweep"})  # resolved: a trial's spec is this plus its values
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)),
                                     TRIAL_RESOURCES)
+    with preemption.driving(str(sweep_dir)):  # SIGTERM: each trial passes the request on to its run
+        results = _tuner(spec, sweep, sweep_dir, trainable).fit()
+    if preemption.STOP_REQUESTED.is_set():
+        raise preemption.Stopped(f"sweep {spec.name} stopped: its running trials at checkpoints; rerun the same "
+                                 "command to continue")
+    return summarize(spec, base, results, sweep_dir)
+
+
+def _tuner(spec: RunSpec, sweep: SweepSpec, sweep_dir: Path, trainable) -> tune.Tuner:
+    """A new Tuner of the sweep, or the one that resumes its experiment."""
     if tune.Tuner.can_restore(str(sweep_dir)):
         print(f"[{spec.name}] resuming the sweep in {sweep_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        per_trial = {"CPU": spec.scaling.max_workers * spec.scaling.cpus_per_worker,
-                     "GPU": spec.scaling.max_workers * spec.scaling.use_gpu}
-        max_concurrent = concurrent_trials(sweep, ray.cluster_resources(), per_trial)
-        tuner = tune.Tuner(trainable, param_space=param_space(sweep),
-                           tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
-                           run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
-                                                     checkpoint_config=_kept_checkpoints(sweep),
-                                                     callbacks=[TrialCounts(metrics.run_labels(spec))]))
-    return summarize(spec, base, tuner.fit(), sweep_dir)
+        return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    per_trial = {"CPU": spec.scaling.max_workers * spec.scaling.cpus_per_worker,
+                 "GPU": spec.scaling.max_workers * spec.scaling.use_gpu}
+    max_concurrent = concurrent_trials(sweep, ray.cluster_resources(), per_trial)
+    kept = tune.CheckpointConfig(num_to_keep=kept_checkpoints(sweep, spec.failure.checkpoint_every))
+    return tune.Tuner(trainable, param_space=param_space(sweep),
+                      tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
+                      run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, checkpoint_config=kept,
+                                                callbacks=[TrialCounts(metrics.run_labels(spec)), EndWhenStopped()]))
 
 
 # --------------------------------------------------------------------------- Tune objects of a sweep spec
 
 
-def _kept_checkpoints(sweep: SweepSpec):
-    """PBT/PB2 copy a donor's checkpoint some time after it was taken: keep them all (the trials' own runs
-    still keep `failure.keep`); other schedulers only resume a trial from its latest."""
-    population_based = isinstance(sweep.scheduler, (Pbt, Pb2))
-    return tune.CheckpointConfig(num_to_keep=None if population_based else 2)
-
+def kept_checkpoints(sweep: SweepSpec, checkpoint_every: int) -> int:
+    """How many of a trial's Tune checkpoints are kept. Other schedulers resume a trial from its latest only.
+    PBT/PB2 clone a donor's checkpoint of the donor's last perturbation epoch, which the donor (reporting
+    one every `checkpoint_every` epochs) may have outgrown by up to interval / every checkpoints before its
+    next perturbation points at a newer one: keep those, the one they point at, and one more for the trial
+    that has just cloned it and loads it while the donor runs on."""
+    if isinstance(sweep.scheduler, (Pbt, Pb2)):
+        return sweep.scheduler.perturbation_interval // checkpoint_every + 2
+    return 2
 
 
 def concurrent_trials(sweep: SweepSpec, available: Mapping[str, float], per_trial: Mapping[str, float]) -> int:
