@@ -107,6 +107,8 @@ def _run(spec, args) -> int:
     except Stopped as exc:  # SIGTERM to this driver: the workers checkpointed and stopped
         print(f"bitfleet: {exc}", file=sys.stderr)
         return STOPPED
+    except SpecError:  # found once the cluster answers (a storage path some node cannot see): exit 2 in main
+        raise
     except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and the like: which run, and why
         if console.verbose():
             raise

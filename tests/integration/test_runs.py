@@ -41,6 +41,12 @@ def finish(process: subprocess.Popen, timeout_s: float = 420) -> str:
     return out
 
 
+def stage_states(out: str) -> dict[str, str]:
+    """The stages' end states a pipeline's driver prints last, one line each: `[run] stage NAME: STATE -> DIR`."""
+    lines = re.finditer(r"^\[[^\]]+\] stage (?P<name>\S+): (?P<state>\w+) -> ", out, re.M)
+    return {m["name"]: m["state"] for m in lines}
+
+
 def checkpointed(run_dir: Path, epochs: int) -> bool:
     """At least `epochs` epochs done and a checkpoint registered by Ray's controller (its snapshot).
 

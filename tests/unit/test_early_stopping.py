@@ -79,4 +79,4 @@ def test_lbpnet_settings_past_the_last_epoch_are_warned_about_on_one_line(tmp_pa
         warnings.simplefilter("always")
         assert cli.main(args) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("bitfleet: WARNING: lbpnet.hard_finetune.start_epoch: 260") and len(err) == 2
+    assert err[0].startswith("bitfleet: warning: lbpnet.hard_finetune.start_epoch: 260") and len(err) == 2
