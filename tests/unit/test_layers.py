@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
     {"errors"},
     {"spec"},
-    {"registry", "storage", "schedules", "data", "metrics", "sweeps"},
+    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "address"},
     {"engine"},
     {"workload"},
     {"resolve", "report", "export", "status"},
