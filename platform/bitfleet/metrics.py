@@ -67,6 +67,10 @@ PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs
            RANK_LABELS),
     Metric("bitfleet_data_wait_seconds", "counter",
            "Time spent waiting for the next batch; its rate is the share of wall time lost to data", RANK_LABELS),
+    # -- the run's plan, set by rank 0 when a worker group starts, and its position: the dashboards' % done and ETA
+    Metric("bitfleet_planned_epochs", "gauge", "Epochs the run trains in all (train.epochs)"),
+    Metric("bitfleet_steps_per_epoch", "gauge", "Optimizer steps per epoch of the current worker group"),
+    Metric("bitfleet_global_step", "gauge", "Optimizer steps the run has taken, those before a restore included"),
     # -- checkpoints (rank 0) and the run's life (the driver)
     Metric("bitfleet_checkpoint_save_seconds", "gauge",
            "Time to write and persist the last checkpoint (its ray.train.report included)"),
@@ -176,13 +180,25 @@ class WorkerMetrics:
     def __init__(self, labels: dict[str, str], rank: int):
         self.labels = {**labels, "rank": str(rank)}
         self.rank = rank
+        self.global_step = 0
         self.unexported: set[str] = set()  # report keys no metric declares: warned about once each
+
+    def plan(self, epochs: int, steps_per_epoch: int, global_step: int) -> None:
+        """The run's length and where this worker group starts in it (0, or the restored step)."""
+        self.global_step = global_step
+        if self.rank == 0:
+            record("bitfleet_planned_epochs", epochs, self.labels)
+            record("bitfleet_steps_per_epoch", steps_per_epoch, self.labels)
+            record("bitfleet_global_step", global_step, self.labels)
 
     def step(self, seconds: float, data_wait_s: float, samples: int) -> None:
         record("bitfleet_steps", 1, self.labels)
         record("bitfleet_samples", samples, self.labels)
         record("bitfleet_step_seconds", seconds, self.labels)
         record("bitfleet_data_wait_seconds", data_wait_s, self.labels)
+        self.global_step += 1
+        if self.rank == 0:
+            record("bitfleet_global_step", self.global_step, self.labels)
 
     def epoch(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:

@@ -133,6 +133,7 @@ class Trainer:
     def fit(self) -> None:
         preemption.watch_sigterm(self.spec.failure.preemption_grace_s)
         self.restore()
+        self.metrics.plan(self.train_spec.epochs, self.steps_per_epoch, self.state.global_step)  # % done, ETA
         while self.state.epoch < self.train_spec.epochs:
             metrics = self.run_epoch()
             if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
