@@ -88,13 +88,18 @@ def only(address: str, variables: tuple[str, ...]) -> Iterator[None]:
 
 
 def _answers_http(url: str) -> None:
+    """Ask the dashboard its version, with this client's token as Ray's job client sends it."""
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    request = urllib.request.Request(f"{url}/api/version", headers=get_auth_headers_if_auth_enabled({}))
     try:
-        urllib.request.urlopen(f"{url}/api/version", timeout=TIMEOUT_S).close()
+        urllib.request.urlopen(request, timeout=TIMEOUT_S).close()
     except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            return  # Ray's dashboard, refusing (a missing token, say): the job client says what is wrong
-        raise ClusterError(f"{url} answers, but not as a Ray dashboard (no /api/version); is that the cluster's "
-                           "dashboard (http://HEAD:8265)?") from None
+        if exc.code in (401, 403):
+            raise ClusterError(_refused(url)) from None
+        if exc.code == 404:
+            raise ClusterError(f"{url} answers, but not as a Ray dashboard (no /api/version); is that the "
+                               "cluster's dashboard (http://HEAD:8265)?") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         raise ClusterError(f"cannot reach the Ray dashboard at {url}: {_reason(reason)}; is the cluster up, and is "
@@ -102,24 +107,33 @@ def _answers_http(url: str) -> None:
 
 
 def _answers_gcs(address: str) -> None:
-    """Ask the GCS for the cluster id (what a driver asks first); an answer, or a refusal for want of the token, is
-    a Ray cluster. Anything else answering there is not: Ray would retry it for a minute."""
+    """Ask the GCS for the cluster id, what a driver asks first. Anything but an answer (a refused token, something
+    else listening there) Ray would retry for a minute."""
     import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        SyncAuthenticationMetadataClientInterceptor,
+    )
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address) as channel:  # with this client's token, as Ray's own clients send it
         try:
-            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(
+                grpc.intercept_channel(channel, SyncAuthenticationMetadataClientInterceptor())).GetClusterId(
                 gcs_service_pb2.GetClusterIdRequest(), timeout=TIMEOUT_S)
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                return
+                raise ClusterError(_refused(address)) from None
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise TimeoutError from None
             detail = re.split(r"ipv[46]:\S+: ", exc.details() or "")[-1] or exc.code().name  # gRPC's, past the address
             if exc.code() == grpc.StatusCode.UNAVAILABLE and "HTTP/2" not in detail:
                 raise OSError(0, detail) from None  # connection refused, no route to the host, ...
             raise OSError(0, f"what answers there is not a Ray cluster ({detail})") from None
+
+
+def _refused(address: str) -> str:
+    return (f"the Ray cluster at {address} refused this client: it uses token auth; export RAY_AUTH_MODE=token and "
+            "its token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or the file ~/.ray/auth_token)")
 
 
 def _reason(exc) -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -156,10 +158,45 @@ def record(name: str, value: float, labels: dict[str, str]) -> None:
     tags = {key: labels[key] for key in BY_NAME[name].labels}
     if kind == "gauge":
         recorder.set(value, tags=tags)
+        _GAUGES.hold(name, tags, value)
     elif kind == "counter":
         recorder.inc(value, tags=tags)
     else:
         recorder.observe(value, tags=tags)
+
+
+class _HeldGauges:
+    """The last value of each gauge series this process set, set again every KEEP_ALIVE_S by a daemon thread.
+
+    Ray (2.60) exports a gauge value for two report intervals after it was set, then drops the series: a value
+    set once (the run's plan, an epoch's accuracy, the run's state) would reach Prometheus once, if at all, and
+    `bitfleet status` would mostly show nothing. Held, a series lives as long as its process, as a gauge does.
+    """
+
+    KEEP_ALIVE_S = 1.0  # under Ray's shortest report interval (1 s): the series never lapses
+
+    def __init__(self):
+        self.values: dict[tuple[str, tuple], float] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, name: str, tags: dict[str, str], value: float) -> None:
+        with self.lock:
+            self.values[name, tuple(sorted(tags.items()))] = value
+            if self.thread is None or not self.thread.is_alive():  # none yet, or this is a forked child
+                self.thread = threading.Thread(target=self._keep_alive, name="bitfleet-gauges", daemon=True)
+                self.thread.start()
+
+    def _keep_alive(self) -> None:
+        while True:
+            time.sleep(self.KEEP_ALIVE_S)
+            with self.lock:
+                held = list(self.values.items())
+            for (name, tags), value in held:
+                _recorder(name).set(value, tags=dict(tags))
+
+
+_GAUGES = _HeldGauges()
 
 
 @contextmanager

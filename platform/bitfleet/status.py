@@ -2,7 +2,8 @@
 
 It reads what Prometheus would scrape: the metrics endpoint of every alive node (Ray's
 `MetricsExportPort`), parsed with `prometheus_client`. A run shows while its workers or its driver
-live; Ray drops a process's series when the process ends.
+live: Ray drops a process's gauges when the process ends (its counters stay with the node's agent, so a
+run with counters and no gauge has ended).
 """
 from __future__ import annotations
 
@@ -67,11 +68,12 @@ def collect(expositions: list[str]) -> tuple[list[RunRow], dict[str, dict[str, f
                     row.values[column] = row.values.get(column, 0.0) + sample.value
                 else:
                     row.values[column] = max(row.values.get(column, sample.value), sample.value)
-    return sorted(runs.values(), key=lambda r: (r.run, r.trial)), dict(sweeps)
+    alive = [row for row in runs.values() if any(BY_NAME[c.split(":")[0]].kind == "gauge" for c in row.values)]
+    return sorted(alive, key=lambda r: (r.run, r.trial)), dict(sweeps)
 
 
 COLUMNS = [  # header, catalogue value, format
-    ("EPOCH", "bitfleet_epoch", "{:.0f}"), ("STEPS", "bitfleet_steps", "{:.0f}"),
+    ("EPOCH", "bitfleet_epoch", "{:.0f}"), ("STEPS", "bitfleet_global_step", "{:.0f}"),
     ("TRAIN LOSS", "bitfleet_loss:train", "{:.4f}"), ("VAL ACC", "bitfleet_accuracy:val", "{:.2f}"),
     ("TEST ACC", "bitfleet_accuracy:test", "{:.2f}"), ("LR", "bitfleet_learning_rate", "{:.4g}"),
     ("RESTARTS", "bitfleet_worker_restarts", "{:.0f}"),

@@ -23,14 +23,14 @@ import pytest
 import yaml
 
 from bitfleet.data import synthetic
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import _OFFSET, wait_until
 from tests.integration.test_runs import bitfleet, finish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "cluster" / "prometheus"
-PORT = 29090
+PORT = 29090 + _OFFSET  # beside another suite's, as the cluster's ports
 URL = f"http://127.0.0.1:{PORT}"
 RUN, SWEEP = "obs-rbnn", "obs-lbpnet-sweep"
 

@@ -12,6 +12,7 @@ env that could not be built), STOPPED_EXIT when it was stopped.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import shlex
 import sys
@@ -119,6 +120,7 @@ def follow(client: JobSubmissionClient, job_id: str) -> int:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # its INFO line when the stream ends
     try:
         asyncio.run(tail())
     except KeyboardInterrupt:
