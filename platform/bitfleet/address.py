@@ -3,8 +3,8 @@
 Ray's clients let RAY_ADDRESS (and, for Ray Jobs, RAY_API_SERVER_ADDRESS) override the address they are
 given in code, and retry an address that does not answer for a minute or more. A bitfleet command's
 `--address` wins over both variables, the variables come next (in Ray's order), and before any Ray client
-is built the address is tried once with a short timeout: a cluster that is down, or a mistyped address,
-fails in seconds with one line.
+is built the address is tried once, with a short timeout and this client's token: a cluster that is down,
+a mistyped address or a missing token fails in seconds with one line.
 """
 from __future__ import annotations
 

@@ -102,11 +102,16 @@ def test_a_stopped_job_ends_at_a_checkpoint_and_its_follower_exits_143(ray_clust
     work = tmp_path / "work"
     work.mkdir()
     spec = write_spec(work, "halted", mnist_root, tmp_path / "results", epochs=30, batch_size=32)
-    follower = bitfleet(ray_cluster, tmp_path / "submit.log", "submit", str(spec), "--address",
-                        ray_cluster.dashboard, "--working-dir", str(work))
+    submitted = run_bitfleet(ray_cluster.env, "submit", str(spec), "--address", ray_cluster.dashboard,
+                             "--working-dir", str(work), "--no-wait", timeout=180)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    follow_hint = f"follow it: bitfleet logs bitfleet-halted --follow --address {ray_cluster.dashboard}"
+    assert submitted.stdout.splitlines()[:2] == ["submitted bitfleet-halted", follow_hint]
+    follower = bitfleet(ray_cluster, tmp_path / "follow.log", "logs", "halted", "--follow", "--address",
+                        ray_cluster.dashboard)
     run_dir = tmp_path / "results" / "halted"
     wait_until(lambda: read_metrics(run_dir) or follower.poll() is not None, 300, "the run's first epoch")
-    assert follower.poll() is None, (tmp_path / "submit.log").read_text()[-4000:]
+    assert follower.poll() is None, (tmp_path / "follow.log").read_text()[-4000:]
 
     watch = bitfleet(ray_cluster, tmp_path / "watch.log", "status", "--watch", "1", "--address", ray_cluster.address)
     wait_until(lambda: watch.log.read_text().count("\nhalted ") >= 3, 120, "three refreshes showing the run")
@@ -120,7 +125,7 @@ def test_a_stopped_job_ends_at_a_checkpoint_and_its_follower_exits_143(ray_clust
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert stop.stderr.splitlines()[-1] == "bitfleet: job bitfleet-halted was stopped"
     assert follower.wait(timeout=120) == 143
-    followed = (tmp_path / "submit.log").read_text()
+    followed = (tmp_path / "follow.log").read_text()
     assert "bitfleet: run halted stopped at a checkpoint" in followed  # the driver's own line, streamed
     assert followed.splitlines()[-1] == "bitfleet: job bitfleet-halted was stopped"
     assert len(read_metrics(run_dir)) < 30
