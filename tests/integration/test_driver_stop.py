@@ -70,3 +70,7 @@ def test_sigterm_to_a_sweeps_driver_stops_its_trials_at_a_step_and_the_rerun_con
     rows = json.loads((sweep_dir / "trials.json").read_text())
     assert len(rows) == 2
     assert all(r["state"] == "COMPLETED" and [h["epoch"] for h in r["history"]] == [1, 2] for r in rows)
+    # the trials' epochs reach the sweep driver's console and each trial run's TensorBoard files
+    for row in rows:
+        assert re.search(rf"\[{row['trial']}-\w+\] epoch 2/2  train loss", out), out[-3000:]
+        assert list((sweep_dir / "runs" / row["runs"][-1] / "tensorboard").glob("events.out.tfevents.*"))

@@ -66,7 +66,7 @@ def test_submit_streams_the_run_and_exits_with_its_code_the_flag_winning_over_th
                         "--runtime-env", str(work / "runtime_env.yaml"), "--env", "FROM_FLAG=2",
                         "--exclude", "scratch/")
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert done.stdout.startswith("submitted bitfleet-streamed\n")
+    assert "submitted bitfleet-streamed" in done.stdout.splitlines()
     assert str(tmp_path / "results" / "streamed") in done.stdout  # the run's own output, streamed from the job
     assert done.stderr.splitlines()[-1] == "bitfleet: job bitfleet-streamed succeeded"
     assert len(read_metrics(tmp_path / "results" / "streamed")) == 1
@@ -106,7 +106,8 @@ def test_a_stopped_job_ends_at_a_checkpoint_and_its_follower_exits_143(ray_clust
                              "--working-dir", str(work), "--no-wait", timeout=180)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     follow_hint = f"follow it: bitfleet logs bitfleet-halted --follow --address {ray_cluster.dashboard}"
-    assert submitted.stdout.splitlines()[:2] == ["submitted bitfleet-halted", follow_hint]
+    lines = submitted.stdout.splitlines()
+    assert lines[lines.index("submitted bitfleet-halted") + 1] == follow_hint
     follower = bitfleet(ray_cluster, tmp_path / "follow.log", "logs", "halted", "--follow", "--address",
                         ray_cluster.dashboard)
     run_dir = tmp_path / "results" / "halted"

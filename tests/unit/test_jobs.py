@@ -101,13 +101,13 @@ def test_commands_against_an_address_nothing_answers_print_one_line(argv, capsys
     port = closed_port()
     assert cli.main([arg.format(port=port) for arg in argv]) == 1
     out, err = capsys.readouterr()
-    assert err.count("\n") == 1 and err.startswith("bitfleet: cannot reach the Ray") and f":{port}" in err, err
+    assert err.count("\n") == 1 and err.startswith("bitfleet: error: cannot reach the Ray") and f":{port}" in err, err
 
 
 def test_without_an_address_the_jobs_commands_say_what_is_missing(no_ray_address, capsys):
     assert cli.main(["logs", "bitfleet-x"]) == 1
-    assert capsys.readouterr().err == ("bitfleet: no Ray cluster given: pass --address http://HEAD:8265 (the "
-                                       "cluster's dashboard) or export RAY_ADDRESS\n")
+    assert capsys.readouterr().err == ("bitfleet: error: no Ray cluster given: pass --address http://HEAD:8265 "
+                                       "(the cluster's dashboard) or export RAY_ADDRESS\n")
 
 
 def test_a_sweep_spec_runs_bitfleet_sweep_in_the_job_and_a_pipeline_bitfleet_run():

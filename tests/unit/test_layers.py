@@ -11,12 +11,13 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
-    {"errors"},
+    {"errors", "strict_yaml"},
     {"spec"},
-    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "address"},
+    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy",
+     "address"},
     {"engine"},
     {"workload"},
-    {"resolve", "report", "export", "status"},
+    {"resolve", "report", "export", "status", "listing"},
     {"scheduler"},
     {"cli", "__main__"},
 ]

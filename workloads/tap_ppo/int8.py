@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from bitfleet.report import against_targets
 from bitfleet.spec import DataSpec
 from workloads.tap_ppo import models, quant
 from workloads.tap_ppo.tap import TapCodes, levels, tmax_from_histogram
+
+log = logging.getLogger("workloads.tap_ppo")
 
 QAT_WEIGHTS, INT8_FILE, RESULT_FILE, EVAL_FILE = "qat_final.pt", "int8.json", "tap_result.json", "eval.json"
 
@@ -98,6 +101,6 @@ def evaluate(spec) -> dict:
     result = {**values, "levels": {name: levels(c) for name, c in codes.items()},
               "targets": against_targets(values, spec.targets)}
     storage.write_text(str(spec.run_dir / EVAL_FILE), json.dumps(result, indent=1))
-    print(f"[{spec.name}] teacher INT8 {teacher_acc:.2f}%  student TAP {student_acc:.2f}%  "
-          f"drop {teacher_acc - student_acc:.2f} points", flush=True)
+    log.info(f"[{spec.name}] teacher INT8 {teacher_acc:.2f}%  student TAP {student_acc:.2f}%  "
+          f"drop {teacher_acc - student_acc:.2f} points")
     return result

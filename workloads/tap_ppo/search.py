@@ -17,6 +17,7 @@ appended to `episodes.jsonl`; the best one becomes `tap_result.json`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from bitfleet.engine import preemption
 from bitfleet.spec import RunSpec
 from workloads.tap_ppo import int8, quant
 from workloads.tap_ppo.tap import STEPS, TapCodes, levels, saved_fraction
+
+log = logging.getLogger("workloads.tap_ppo")
 
 EPISODES_FILE, PROGRESS_FILE, CHECKPOINT = "episodes.jsonl", "ppo_progress.json", "ppo_checkpoint"
 CHECKPOINT_STATE = "bitfleet.json"  # written last into the checkpoint folder: iterations, episodes, progress
@@ -151,8 +154,8 @@ def run_search(spec: RunSpec) -> dict:
             progress.append({"iteration": len(progress) + 1, "seconds": time.perf_counter() - start,
                              "episodes": _count(episodes_file),
                              "return_mean": result.get("env_runners", {}).get("episode_return_mean")})
-            print(f"[{spec.name}] PPO iteration {len(progress)}: {progress[-1]['episodes']} episodes, "
-                  f"return {progress[-1]['return_mean']}, {progress[-1]['seconds']:.1f} s", flush=True)
+            log.info(f"[{spec.name}] PPO iteration {len(progress)}: {progress[-1]['episodes']} episodes, "
+                  f"return {progress[-1]['return_mean']}, {progress[-1]['seconds']:.1f} s")
             stopping = preemption.STOP_REQUESTED.is_set()  # SIGTERM to the pipeline's driver
             if stopping or len(progress) % options.checkpoint_every == 0:
                 _checkpoint(algo, spec.run_dir, progress)
@@ -193,7 +196,7 @@ def _resume(algo, run_dir: Path, episodes_file: Path, name: str) -> list[dict]:
     lines = episodes_file.read_text().splitlines(keepends=True) if episodes_file.is_file() else []
     kept = lines[: state["episodes"]]  # complete lines all: the ones after may be cut short by the kill
     storage.write_text(str(episodes_file), "".join(kept))
-    print(f"[{name}] PPO resumed at iteration {state['iterations']} ({len(kept)} episodes)", flush=True)
+    log.info(f"[{name}] PPO resumed at iteration {state['iterations']} ({len(kept)} episodes)")
     return state["progress"]
 
 

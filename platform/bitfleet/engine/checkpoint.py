@@ -22,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bitfleet import storage
 
 log = logging.getLogger(__name__)
 FILE = "state.pt"
@@ -80,7 +83,10 @@ def problem(directory: str | Path) -> str | None:
         if isinstance(part, str):
             return part
         for name, expected in part["files"].items():
-            path = directory / name
+            try:
+                path = storage.inside(directory, name, _part(rank))
+            except ValueError:
+                return f"{_part(rank)} names {name!r}, a file outside the checkpoint"
             if not path.is_file():
                 return f"{name} is missing"
             if path.stat().st_size != expected["size"] or _fingerprint(path)["sha256"] != expected["sha256"]:
@@ -136,9 +142,15 @@ def _read_part(directory: Path, rank: int) -> dict | str:
     if not path.is_file():
         return f"no {path.name} (its write did not finish)"
     try:
-        return json.loads(path.read_text())
+        part = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{path.name} is unreadable (truncated)"
+    files = part.get("files") if isinstance(part, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("size"), int)
+                                            and isinstance(f.get("sha256"), str) for f in files.values())
+            and isinstance(part.get("parts", 1), int)):
+        return f"{path.name} is not a manifest (files with their size and sha256)"
+    return part
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -196,16 +208,30 @@ def find(path: str | Path) -> Path:
         if why is not None:
             raise FileNotFoundError(f"{path}: an incomplete or corrupt checkpoint: {why}")
         return path
-    result = path / "result.json"
-    best = None
-    if result.is_file():
-        try:
-            best = json.loads(result.read_text()).get("best_checkpoint")
-        except json.JSONDecodeError:
-            log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
-    if best and Path(best).is_dir() and problem(best) is None:
-        return Path(best)
+    best = _recorded_best(path)
+    if best is not None and best.is_dir() and problem(best) is None:
+        return best
     found = newest(path.glob("checkpoint_*"))
     if found is None:
         raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
     return found
+
+
+def _recorded_best(run_folder: Path) -> Path | None:
+    """The best checkpoint a run folder's `result.json` names, if it is a folder of that run."""
+    result = run_folder / "result.json"
+    if not result.is_file():
+        return None
+    try:
+        best = json.loads(result.read_text()).get("best_checkpoint")
+    except (ValueError, AttributeError):
+        log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
+        return None
+    if not isinstance(best, str):
+        return None
+    try:
+        return storage.inside(run_folder, os.path.relpath(best, run_folder), str(result))
+    except ValueError:
+        log.warning("bitfleet: %s names %s, outside the run folder; taking its newest complete checkpoint",
+                    result, best)
+        return None

@@ -12,6 +12,7 @@ command continues.
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from bitfleet.engine import preemption
 from bitfleet.resolve import resolve_stage
 from bitfleet.scheduler import launch
 from bitfleet.spec import RunSpec, ScalingSpec, StageSpec
+
+log = logging.getLogger("bitfleet.run")
 
 STAGE_FILE = "stage.json"  # written when a stage has completed
 
@@ -57,7 +60,7 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
                     break  # wait for room; the first stage always starts, whatever it asks for
                 pending.remove(stage)
                 running[pool.submit(_run_stage, spec, stage)] = stage
-                print(f"[{spec.name}] stage {stage.name} started", flush=True)
+                log.info(f"[{spec.name}] stage {stage.name} started")
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -65,13 +68,13 @@ def run_pipeline(spec: RunSpec, address: str | None = None) -> dict[str, dict]:
                 stage = running.pop(future)
                 if isinstance(future.exception(), preemption.Stopped):
                     stopped.append(stage.name)
-                    print(f"[{spec.name}] stage {stage.name} stopped at a checkpoint", flush=True)
+                    log.info(f"[{spec.name}] stage {stage.name} stopped at a checkpoint")
                 elif future.exception() is not None:
                     failure = failure or (stage.name, future.exception())
-                    print(f"[{spec.name}] stage {stage.name} failed: {future.exception()}", flush=True)
+                    log.info(f"[{spec.name}] stage {stage.name} failed: {future.exception()}")
                 else:
                     records[stage.name] = future.result()
-                    print(f"[{spec.name}] stage {stage.name} completed", flush=True)
+                    log.info(f"[{spec.name}] stage {stage.name} completed")
     if failure is not None:
         name, exc = failure
         raise StageFailed(f"pipeline {spec.name}: stage {name!r} failed: {exc}") from exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -33,12 +34,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.schedulers.pb2 import PB2
 from ray.util.queue import Empty, Queue
 
-from bitfleet import metrics, storage, sweeps
+from bitfleet import console, metrics, storage, sweeps
 from bitfleet.engine import checkpoint, loop, preemption
 from bitfleet.resolve import validate_spec
 from bitfleet.scheduler import launch
+from bitfleet.scheduler.watch import Watch
 from bitfleet.spec import RunSpec
 from bitfleet.sweeps import TIME_ATTR, Asha, Distribution, Pb2, Pbt, SweepSpec
+
+log = logging.getLogger("bitfleet.run")
 
 RUNS = "runs"
 # A trial only waits on its run, whose Train workers hold the real resources; Tune needs a non-empty
@@ -103,8 +107,9 @@ def trial_spec(base: dict, config: dict, sweep_dir: Path, trial_id: str, resume_
     return validate_spec(raw)
 
 
-def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
-    """Tune's function trainable: one bitfleet run per start of the trial, its epochs reported to Tune."""
+def run_trial(config: dict, base: dict, sweep_dir: str, events=None) -> None:
+    """Tune's function trainable: one bitfleet run per start of the trial, its epochs reported to Tune, what
+    its workers tell the driver sent to the sweep's driver (`events`: its Watch's queue)."""
     sweep_stop = storage.join(sweep_dir, preemption.STOP_FILE)
     if storage.exists(sweep_stop):
         raise preemption.Stopped("the sweep is stopping: this trial starts when it is rerun")
@@ -112,7 +117,7 @@ def run_trial(config: dict, base: dict, sweep_dir: str) -> None:
     spec = trial_spec(base, config, Path(sweep_dir), trial_id, start_point(Path(sweep_dir), trial_id))
     launch.record_config(spec)
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = launch.build_trainer(spec, callbacks=(ForwardToTrial(queue),))
+    trainer = launch.build_trainer(spec, callbacks=(ForwardToTrial(queue),), events=events)
     outcome: dict = {}
     fit = threading.Thread(target=_fit, args=(trainer, outcome), daemon=True)
     passed_on = False  # the sweep's stop request, handed to this trial's run
@@ -174,9 +179,11 @@ def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
     launch.record_config(spec)  # a rerun under this name must keep the base spec and the sweep section
     sweep, sweep_dir = spec.sweep, Path(spec.storage_path) / spec.name
     base = spec.model_dump(mode="json", exclude={"sweep"})  # resolved: a trial's spec is this plus its values
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir)),
-                                    TRIAL_RESOURCES)
-    with preemption.driving(str(sweep_dir)):  # SIGTERM: each trial passes the request on to its run
+    # SIGTERM: each trial passes the request on to its run; the trials' progress and epochs come to this
+    # driver's console and trackers (scheduler/watch.py)
+    with preemption.driving(str(sweep_dir)), Watch(spec.tracking) as watch:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=base, sweep_dir=str(sweep_dir), events=watch.queue), TRIAL_RESOURCES)
         results = _tuner(spec, sweep, sweep_dir, trainable).fit()
     if preemption.STOP_REQUESTED.is_set():
         raise preemption.Stopped(f"sweep {spec.name} stopped: its running trials at checkpoints; rerun the same "
@@ -185,9 +192,10 @@ def run_sweep(spec: RunSpec, address: str | None = None) -> dict:
 
 
 def _tuner(spec: RunSpec, sweep: SweepSpec, sweep_dir: Path, trainable) -> tune.Tuner:
+    verbosity = console.verbosity()
     """A new Tuner of the sweep, or the one that resumes its experiment."""
     if tune.Tuner.can_restore(str(sweep_dir)):
-        print(f"[{spec.name}] resuming the sweep in {sweep_dir}", flush=True)
+        log.info(f"[{spec.name}] resuming the sweep in {sweep_dir}")
         return tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
     per_trial = {"CPU": spec.scaling.max_workers * spec.scaling.cpus_per_worker,
                  "GPU": spec.scaling.max_workers * spec.scaling.use_gpu}
@@ -196,6 +204,7 @@ def _tuner(spec: RunSpec, sweep: SweepSpec, sweep_dir: Path, trainable) -> tune.
     return tune.Tuner(trainable, param_space=param_space(sweep),
                       tune_config=tune_config(sweep, spec.train.epochs, max_concurrent),
                       run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path, checkpoint_config=kept,
+                                                verbose={console.QUIET: 0, console.NORMAL: 1}.get(verbosity, 2),
                                                 callbacks=[TrialCounts(metrics.run_labels(spec)), EndWhenStopped()]))
 
 
@@ -353,7 +362,7 @@ def summarize(spec: RunSpec, raw: dict, results, sweep_dir: Path) -> dict:
         writer = csv.DictWriter(out, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    print(_table(rows, columns), flush=True)
+    print(_table(rows, columns))
     summary = {"sweep_dir": str(sweep_dir), "best_trial": ids[Path(best.path).name], "best_config": best.config,
                sweep.metric: best.metrics.get(sweep.metric), "best_spec": str(sweep_dir / "best_spec.yaml")}
     print(f"best: trial {summary['best_trial']} {sweep.metric} {summary[sweep.metric]} -> {summary['best_spec']}")
