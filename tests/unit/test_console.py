@@ -103,3 +103,19 @@ def test_mlflow_run_with_the_specs_params_and_the_metrics_continued_by_a_rerun(t
     assert run.info.run_name == "r" and run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "test/acc")] == [(1, 51.0), (2, 52.0)]
+
+
+def test_an_unreachable_cluster_fails_at_once_naming_the_address():
+    import socket
+    import time
+
+    from bitfleet.scheduler.launch import reachable
+
+    with socket.socket() as closed:  # a port that was free a moment ago: nothing listens on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 5
+    reachable("auto")  # left to Ray: a local cluster's address file, or a new one

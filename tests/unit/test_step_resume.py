@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from bitfleet.data.loaders import ResumableSampler, SampleSeeded
 from bitfleet.engine import checkpoint, preemption
 from bitfleet.engine.callbacks import HoldParameters, TrainState
-from bitfleet.engine.loop import rng_states, set_rng_states
+from bitfleet.engine.rng import rng_states, set_rng_states
 from bitfleet.spec import FailureSpec
 
 

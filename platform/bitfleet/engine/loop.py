@@ -20,12 +20,10 @@ import itertools
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -39,6 +37,7 @@ from bitfleet.engine import checkpoint, events, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
+from bitfleet.engine.rng import rng_states, seed_everything, set_rng_states
 from bitfleet.metrics import WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec, spec_digest
 
@@ -52,32 +51,6 @@ def train_worker(config: dict) -> None:
     sections already typed; `config["checkpoint_score"]` the (metric, mode) Ray ranks checkpoints by;
     `config["events"]` the driver's queue for what the run tells it (engine/events.py)."""
     Trainer(config["spec"], config.get("checkpoint_score"), config.get("events")).fit()
-
-
-def seed_everything(seed: int, epoch: int, rank: int) -> None:
-    """Seed python, numpy and torch from (seed, epoch, rank): each epoch's randomness is reproducible alone."""
-    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-    random.seed(value)
-    np.random.seed(value)
-    torch.manual_seed(value)
-
-
-def rng_states() -> dict:
-    """This process's random streams: torch (CPU and each CUDA device), numpy, python."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
-            "python": random.getstate()}
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, position, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    random.setstate(states["python"])
 
 
 def worker_part(rank: int) -> str:
