@@ -59,6 +59,6 @@ def unknown_key_message(key: str, fields, workload: str) -> str:
     return f"{key}: unknown key{hint}"
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ConnectionError):
     """The Ray cluster a command names is missing, does not answer, or refuses the request: one line naming
     the address and what to check, not a traceback."""
