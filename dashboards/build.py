@@ -69,17 +69,25 @@ def quantile(q: float) -> str:
     return f"histogram_quantile({q}, sum by (run, trial, le) ({rate}))"
 
 
+EVALUATIONS = ("The trained weights by split; `ema` their moving average (train.ema); `uncalibrated` the trained "
+               "weights before BatchNorm recalibration")
+
+
+def evaluations(quantity: str) -> list[tuple[str, str]]:
+    """One series per split of the trained weights, of their EMA and before BN recalibration."""
+    return [(by_run(f"ray_bitfleet_{kind}{quantity}", labels="run, trial, split"), f"{label}{{{{run}}}} {{{{trial}}}} "
+             "{{split}}") for kind, label in (("", ""), ("ema_", "ema "), ("uncalibrated_", "uncalibrated "))]
+
+
 TRAINING = [
     panel("Done", [(f"{STEPS_DONE} / ({PLANNED_STEPS})", "{{run}} {{trial}}")], unit="percentunit", kind="stat",
           description="Steps taken of epochs x steps per epoch (an elastic run's changes with its group size)"),
     panel("Time left", [(f"({PLANNED_STEPS} - {STEPS_DONE}) / {STEP_RATE}", "{{run}} {{trial}}")], unit="s",
           kind="stat", description="Steps left at the current step rate (evaluation and checkpoints not counted)"),
-    panel("Loss", [(by_run("ray_bitfleet_loss", labels="run, trial, split"), "{{run}} {{trial}} {{split}}")]),
-    panel("Accuracy (top-1)", [(by_run("ray_bitfleet_accuracy", labels="run, trial, split"),
-                                "{{run}} {{trial}} {{split}}")], unit="percent"),
-    panel("Accuracy (top-5)", [(by_run("ray_bitfleet_accuracy_top5", labels="run, trial, split"),
-                                "{{run}} {{trial}} {{split}}")], unit="percent",
-          description="Reported for data sets of more than 10 classes"),
+    panel("Loss", evaluations("loss"), description=EVALUATIONS),
+    panel("Accuracy (top-1)", evaluations("accuracy"), unit="percent", description=EVALUATIONS),
+    panel("Accuracy (top-5)", evaluations("accuracy_top5"), unit="percent",
+          description="Reported for data sets of more than 10 classes (rbnn: always). " + EVALUATIONS),
     panel("Learning rate", [(by_run("ray_bitfleet_learning_rate"), "{{run}} {{trial}}")]),
     panel("Epochs completed", [(by_run("ray_bitfleet_epoch"), "{{run}} {{trial}}")]),
     panel("Throughput", [(f"sum by (run, trial) (rate(ray_bitfleet_samples_total{{{RUN}}}[{RATE}]))",

@@ -6,10 +6,29 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import bitfleet
 from bitfleet import console
-from bitfleet.errors import SpecError, one_line
+from bitfleet.errors import SpecError, SpecWarning, one_line
+from bitfleet.paths import data_path
+
+
+def _spec_warnings_on_one_line() -> None:
+    """A SpecWarning as one line of the driver's log (`bitfleet: WARNING: <field>: ...`, after -q/-v like every
+    warning); other warnings as Python shows them."""
+    show = warnings.showwarning
+    if getattr(show, "bitfleet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpecWarning):
+            console.log.warning(one_line(str(message)))
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.bitfleet = True
+    warnings.showwarning = showwarning
 
 STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
 
@@ -17,6 +36,7 @@ STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A spec error exits 2 and any other failure 1, each with one line on stderr (and the
     traceback with -v); a stop asked by SIGTERM exits 143 and Ctrl+C 130."""
+    _spec_warnings_on_one_line()
     args = _parser().parse_args(argv)
     console.setup(args.verbosity)
     try:
@@ -343,20 +363,21 @@ def _parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
     dl = command(data_sub, "download", help="download with torchvision (needs internet)")
     dl.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
-    dl.add_argument("--root", required=True)
+    root_help = "a data set folder; a bare relative one (cifar10) is under $BITFLEET_DATA, else ~/data"
+    dl.add_argument("--root", required=True, type=data_path, help=root_help)
     dl.set_defaults(command=cmd_data_download)
     prep = command(data_sub, "prepare", help="sort an official validation folder into class folders")
     prep.add_argument("name", choices=["imagenet", "tinyimagenet"])
-    prep.add_argument("root", help="the data set folder (holding train/ and val/)")
+    prep.add_argument("root", type=data_path, help=f"{root_help}, holding train/ and val/")
     prep.add_argument("--val-labels", help="imagenet: LOC_val_solution.csv, or lines of `<file> <wnid>`")
     prep.set_defaults(command=cmd_data_prepare)
     chk = command(data_sub, "check", help="count classes/images of a JPEG folder data set, find unreadable files")
-    chk.add_argument("root")
+    chk.add_argument("root", type=data_path, help=root_help)
     chk.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     chk.set_defaults(command=cmd_data_check)
     syn = command(data_sub, "synth", help="write a small synthetic data set in the real on-disk format")
     syn.add_argument("name", choices=["mnist", "cifar10", "cifar100", "image_folder", "imagenet", "tinyimagenet"])
-    syn.add_argument("root")
+    syn.add_argument("root", type=data_path, help=root_help)
     syn.add_argument("--train", type=int, default=512)
     syn.add_argument("--test", type=int, default=128)
     syn.add_argument("--seed", type=int, default=0)

@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 
 from pydantic import BaseModel, ValidationError
 
 
 class SpecError(ValueError):
     """A spec the user wrote is wrong; the message names the field and what was expected."""
+
+
+class SpecWarning(UserWarning):
+    """A setting that cannot take effect as written (a fine-tune that starts after the last epoch); the message
+    names the field. The CLI prints it as one line, once."""
+
+
+def spec_warning(message: str) -> None:
+    warnings.warn(SpecWarning(message), stacklevel=2)
 
 
 def one_line(message: str) -> str:

@@ -56,8 +56,21 @@ PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs
     Metric("bitfleet_loss", "gauge", "Mean loss of the last epoch (the workload's objective)", SPLIT_LABELS,
            "{split}/loss"),
     Metric("bitfleet_accuracy", "gauge", "Top-1 accuracy of the last epoch, percent", SPLIT_LABELS, "{split}/acc"),
-    Metric("bitfleet_accuracy_top5", "gauge", "Top-5 accuracy of the last epoch, percent (past 10 classes)",
+    Metric("bitfleet_accuracy_top5", "gauge", "Top-5 accuracy of the last epoch, percent (past 10 classes, or "
+           "where the workload's objective always measures it)",
            SPLIT_LABELS, "{split}/acc5"),
+    Metric("bitfleet_ema_loss", "gauge", "Mean loss of the last epoch's evaluation of the weights' EMA (train.ema)",
+           SPLIT_LABELS, "ema/{split}/loss"),
+    Metric("bitfleet_ema_accuracy", "gauge", "Top-1 accuracy of the weights' EMA (train.ema), percent", SPLIT_LABELS,
+           "ema/{split}/acc"),
+    Metric("bitfleet_ema_accuracy_top5", "gauge", "Top-5 accuracy of the weights' EMA (train.ema), percent",
+           SPLIT_LABELS, "ema/{split}/acc5"),
+    Metric("bitfleet_uncalibrated_loss", "gauge", "Mean loss of the trained weights before BN recalibration",
+           SPLIT_LABELS, "uncalibrated/{split}/loss"),
+    Metric("bitfleet_uncalibrated_accuracy", "gauge", "Top-1 accuracy of the trained weights before BN "
+           "recalibration, percent", SPLIT_LABELS, "uncalibrated/{split}/acc"),
+    Metric("bitfleet_uncalibrated_accuracy_top5", "gauge", "Top-5 accuracy of the trained weights before BN "
+           "recalibration, percent", SPLIT_LABELS, "uncalibrated/{split}/acc5"),
     Metric("bitfleet_learning_rate", "gauge", "Learning rate of the first parameter group", key="lr"),
     Metric("bitfleet_epoch", "gauge", "Epochs completed", key="epoch"),
     Metric("bitfleet_worker_restarts", "gauge", "Times the run's workers were restored from a checkpoint",

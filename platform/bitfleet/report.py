@@ -45,18 +45,23 @@ def summarize(run: dict) -> dict:
     elif target is not None:
         row.update(paper_test_error=round(100 - target, 2),
                    gap_to_paper_error=round((100 - last["test/acc"]) - (100 - target), 2))
+    row["targets"] = against_targets(last, spec.get("targets", {}))  # every target: ema/*, acc5, ...
     return row
 
 
 def against_targets(values: dict[str, float], targets: dict) -> dict[str, dict]:
-    """Each targeted value next to its target: a paper number (gap) or an expected [low, high] range (within)."""
+    """Each targeted value next to its target: a paper number (gap), an expected [low, high] range (within),
+    or no published figure (null)."""
     rows = {}
     for key, target in targets.items():
         if key in values:
             value = values[key]
-            rows[key] = ({"value": value, "expected": list(target), "within": target[0] <= value <= target[1]}
-                         if isinstance(target, (list, tuple))
-                         else {"value": value, "paper": target, "gap": value - target})
+            if target is None:
+                rows[key] = {"value": value, "paper": None}
+            elif isinstance(target, (list, tuple)):
+                rows[key] = {"value": value, "expected": list(target), "within": target[0] <= value <= target[1]}
+            else:
+                rows[key] = {"value": value, "paper": target, "gap": value - target}
     return rows
 
 

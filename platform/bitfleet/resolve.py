@@ -7,6 +7,7 @@ scheduler and to every worker; nothing downstream parses a section again.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from bitfleet import registry, storage, strict_yaml
 from bitfleet.data import check_available
 from bitfleet.engine.checkpoint import NO_SHARDS, find, has_shards
-from bitfleet.errors import SpecError, format_validation_error
+from bitfleet.errors import SpecError, format_validation_error, spec_warning
 from bitfleet.spec import RunSpec, StageSpec, leaves, result_fields, set_path
 from bitfleet.sweeps import SweepSpec, apply_config, check_sweep, parse_sweep
 
@@ -81,7 +82,7 @@ def parse(raw: dict) -> RunSpec:
     if isinstance(raw.get("workload"), str):
         registry.workload_class(raw["workload"])  # an unknown workload is named as such, before its section
     try:
-        spec = RunSpec.model_validate(raw)
+        spec = RunSpec.model_validate(with_workload_defaults(raw))
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, RunSpec)) from None
     spec = registry.workload_class(spec.workload).resolve_sections(spec)
@@ -106,6 +107,22 @@ def check_swept_values(spec: RunSpec, sweep: SweepSpec) -> None:
             parse(apply_config(base, {path: value}))
         except SpecError as exc:
             raise SpecError(f"sweep.{where}.{path}: the value {value!r} is refused: {exc}") from None
+
+
+def with_workload_defaults(raw: dict) -> dict:
+    """The raw spec over its workload's `defaults` for platform sections: mappings merge key by key, and any
+    value the spec gives (a number, a list, null) wins. An unknown workload is left to validation."""
+    name = raw.get("workload")
+    if not isinstance(name, str) or name not in registry.names():
+        return raw
+    return _merged(registry.workload_class(name).defaults, raw)
+
+
+def _merged(defaults: dict, given: dict) -> dict:
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def check_existing_run(spec: RunSpec) -> None:
@@ -167,20 +184,35 @@ def existing_checkpoint(path: str, field: str) -> Path:
 
 
 def _check_checkpoint_metric(spec: RunSpec, workload) -> None:
-    """`failure.checkpoint_metric` names a split the run evaluates and, without a mode, a metric whose
-    direction the workload's objective knows."""
-    metric, mode = spec.failure.checkpoint_metric, spec.failure.checkpoint_mode
+    """`failure.checkpoint_metric` and `train.early_stopping.metric` name a split the run evaluates and,
+    without a mode, a metric whose direction the workload's objective knows; an early stop whose patience
+    outlasts the run is warned about."""
+    failure, stopping = spec.failure, spec.train.early_stopping
+    _check_metric(spec, workload, failure.checkpoint_metric, failure.checkpoint_mode,
+                  "failure.checkpoint_metric", "failure.checkpoint_mode")
+    if stopping is not None:
+        _check_metric(spec, workload, stopping.metric, stopping.mode,
+                      "train.early_stopping.metric", "train.early_stopping.mode")
+        if stopping.patience >= spec.train.epochs:
+            spec_warning(f"train.early_stopping.patience: {stopping.patience} is not below train.epochs="
+                         f"{spec.train.epochs}: the run can never stop early")
+
+
+def _check_metric(spec: RunSpec, workload, metric: str | None, mode: str | None, metric_field: str,
+                  mode_field: str) -> None:
     if metric is None:
         return
-    split, _, leaf = metric.partition("/")
+    ema = spec.train.ema is not None and metric.startswith("ema/")
+    split, _, leaf = metric.removeprefix("ema/" if ema else "").partition("/")
     splits = ("train", "test", "val") if spec.data.val_size else ("train", "test")
-    if split not in splits or not leaf:
-        raise SpecError(f"failure.checkpoint_metric: {metric!r} is not a metric of this run: expected "
-                        f"<split>/<name> with split {' or '.join(splits)}" +
-                        ("" if spec.data.val_size else " (val needs data.val_size > 0)"))
+    if split not in splits or not leaf or (ema and split == "train"):
+        raise SpecError(f"{metric_field}: {metric!r} is not a metric of this run: expected <split>/<name> with "
+                        f"split {' or '.join(splits)}" +
+                        ("" if spec.data.val_size else " (val needs data.val_size > 0)") +
+                        (", or ema/<split>/<name> (val or test) of the EMA" if spec.train.ema else ""))
     if mode is None and leaf not in workload.Objective.modes:
-        raise SpecError(f"failure.checkpoint_mode: set max or min: {workload.name}'s objective does not know "
-                        f"whether a higher {leaf!r} is better (it knows {', '.join(workload.Objective.modes)})")
+        raise SpecError(f"{mode_field}: set max or min: {workload.name}'s objective does not know whether a "
+                        f"higher {leaf!r} is better (it knows {', '.join(workload.Objective.modes)})")
 
 
 # --------------------------------------------------------------------------- pipeline stages

@@ -9,7 +9,6 @@ from __future__ import annotations
 import graphlib
 import hashlib
 import json
-import os
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -17,14 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
 from bitfleet.errors import SpecError, unknown_key_message
-
-
-def absolute_path(path: str | None) -> str | None:
-    """Resolve on the driver: Ray workers run in other working directories (URIs are left alone)."""
-    if path is None or "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
-
+from bitfleet.paths import absolute_path, data_path
 
 # Upper bounds of the counts a spec sets: far above any real run, low enough that no count overflows or
 # exhausts memory before the run starts (a batch of 2**64 samples, 10**100 epochs).
@@ -34,6 +26,7 @@ MAX_WORKERS = 4096  # Ray Train workers of one run
 MAX_STEPS = 10**9  # steps of an epoch, steps between checkpoints
 Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+
 
 Section = SerializeAsAny[BaseModel]  # a typed section of another module's model, dumped with all its fields
 
@@ -113,8 +106,24 @@ class LRScheduleSpec(Strict):
 
 
 class EMASpec(Strict):
+    """An exponential moving average of the parameters (engine/ema.py), evaluated beside the trained weights
+    as `ema/<split>/*`."""
+
     decay: float = Field(0.999, gt=0, lt=1)
-    evaluate: bool = True  # evaluate (and save as best) the averaged weights
+    warmup: bool = False  # decay ramped as min(decay, (1 + t) / (10 + t)) at the t-th update (TensorFlow's)
+    # the EMA is the run's result: its metrics rank the checkpoints, its weights are exported and start later
+    # stages (init_from); false: the trained weights are, and the EMA is only reported
+    evaluate: bool = True
+
+
+class EarlyStoppingSpec(Strict):
+    """End the run once `metric` has not improved by more than `min_delta` (its own units: accuracy points,
+    loss) for `patience` epochs in a row (engine/early_stopping.py)."""
+
+    patience: int = Field(ge=1, le=MAX_EPOCHS)
+    min_delta: float = Field(0.0, ge=0, allow_inf_nan=False)
+    metric: str | None = None  # None: the metric that ranks the checkpoints (failure.checkpoint_metric, ...)
+    mode: Literal["max", "min"] | None = None  # None: the direction the objective knows
 
 
 class DeepSpeedSpec(Strict):
@@ -151,10 +160,11 @@ class TrainSpec(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     lr_schedule: LRScheduleSpec = LRScheduleSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    amp: bool = False
+    amp: bool | Literal["gpu"] = False  # gpu: on GPU workers only, as the seeds' torch.cuda.amp
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: EMASpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
     print_freq: int = Field(100, ge=1, le=MAX_STEPS)  # a progress line (loss, lr, images/s, ETA) every N steps
     max_steps_per_epoch: int | None = Field(None, ge=1, le=MAX_STEPS)  # quick checks
     max_eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -179,9 +189,10 @@ FOLDER_DATASETS = FolderDataset.__args__
 
 class DataSpec(Strict):
     dataset: Literal["mnist_sample", "mnist", "cifar10", "cifar100"] | FolderDataset = "cifar10"
-    root: str | None = None  # required for every dataset but the embedded mnist_sample
+    root: str | None = None  # required for every dataset but the embedded mnist_sample; see `data_path`
     loader: Literal["torchvision", "dali"] = "torchvision"  # dali: JPEG folders only, `pip install bitfleet[dali]`
     augment: bool = True
+    random_rotation: float = Field(0.0, ge=0, le=180)  # train augmentation (mnist, cifar): +- degrees; 0: none
     loader_workers: int = Field(0, ge=0, le=256)  # DataLoader processes (or DALI threads) per training worker
     crop_size: int | None = Field(None, ge=8, le=8192)  # folder data sets: train and eval crop (224; tinyimagenet 64)
     resize_size: int | None = Field(None, ge=8, le=8192)  # eval: shorter side before the centre crop (crop / 0.875)
@@ -190,7 +201,7 @@ class DataSpec(Strict):
     split_seed: int = 42
     stratified: bool = True  # the held-out images in proportion to each class
 
-    _root_absolute = field_validator("root")(absolute_path)
+    _root_absolute = field_validator("root")(data_path)
 
     @model_validator(mode="after")
     def _check(self):
@@ -203,6 +214,9 @@ class DataSpec(Strict):
         for field in ("crop_size", "resize_size"):
             if getattr(self, field) is not None and not folders:
                 raise ValueError(f"{field}: applies to {', '.join(FOLDER_DATASETS)}; {self.dataset!r} has a fixed size")
+        if self.random_rotation and folders:
+            raise ValueError(f"random_rotation: applies to mnist and cifar; {self.dataset!r} is augmented by its "
+                             "random-resized crop")
         if folders and self.eval_resize < self.crop:
             raise ValueError(f"resize_size: {self.eval_resize} is smaller than crop_size {self.crop}")
         low, high = self.crop_area
@@ -312,7 +326,8 @@ class RunSpec(Strict):
     failure: FailureSpec = FailureSpec()
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
-    targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
+    # the paper's numbers (or an expected [low, high]) by metric, for reports; null: no published figure exists
+    targets: dict[str, float | tuple[float, float] | None] = {}
     tracking: TrackingSpec = TrackingSpec()
     stages: list[StageSpec] = Field([], max_length=100)  # a pipeline: `bitfleet run` runs them in order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)

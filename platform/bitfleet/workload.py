@@ -24,6 +24,8 @@ from bitfleet.engine.callbacks import Callback, RunContext
 from bitfleet.errors import SpecError, format_validation_error
 from bitfleet.spec import RunSpec
 
+PLATFORM_SECTIONS = ("data", "train", "scaling", "failure")  # what `Workload.defaults` may fill
+
 
 class NoOptions(BaseModel):
     model_config = {"extra": "forbid"}
@@ -39,9 +41,13 @@ class Workload:
     Objective: ClassVar[type[objective.Objective]] = objective.Classification
     datasets: ClassVar[tuple[str, ...] | None] = None  # the data sets its models take; None: any
     metrics: ClassVar[tuple[metrics.Metric, ...]] = ()  # what its callbacks report, as Prometheus metrics
+    # its own defaults for platform sections — its seed's command-line defaults, e.g. {"train": {"epochs": 400}}
+    # — under the spec as written: a value the spec (or an override) gives wins (`resolve.with_workload_defaults`)
+    defaults: ClassVar[dict[str, dict]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        assert set(cls.defaults) <= set(PLATFORM_SECTIONS), f"{cls.__name__}.defaults: platform sections only"
         metrics.register(cls.metrics)
 
     def __init__(self, options: BaseModel | None = None):

@@ -116,6 +116,7 @@ def test_every_panel_and_alert_has_data_from_a_real_run(ray_cluster, prometheus,
                  "data.loader_workers=0", "train.batch_size=32", "train.eval_batch_size=32",
                  "train.max_steps_per_epoch=6", "train.max_eval_steps=2", "rbnn.rotation_update=1",
                  "rbnn.bn_only_epochs=0", "scaling.num_workers=1", "scaling.cpus_per_worker=0.5",
+                 "rbnn.bn_recalibration_batches=2", "train.ema={decay: 0.9}",  # the ema/* and uncalibrated/* series
                  "failure.max_failures=2"]:
         rbnn_args += ["-o", item]
     sweep_args = ["sweep", "workloads/lbpnet/specs/mnist_rp_temperature_sweep.yaml", "--address", ray_cluster.address]

@@ -60,7 +60,7 @@ def test_four_stages_run_a_killed_search_continues_and_a_rerun_skips_them(ray_cl
     lines = (folder / "ppo" / "episodes.jsonl").read_text().splitlines()
     assert lines[:saved] == before  # the episodes before the checkpoint kept, none searched twice
     episodes = [json.loads(line) for line in lines]
-    best = json.loads((folder / "ppo" / "tap_result.json").read_text())
+    best = json.loads((folder / "ppo" / "lenet5_ppo_result.json").read_text())
     assert len(episodes) >= 48 and best["reward"] == max(e["reward"] for e in episodes)
     progress = json.loads((folder / "ppo" / "ppo_progress.json").read_text())
     assert [p["iteration"] for p in progress] == list(range(1, len(progress) + 1))

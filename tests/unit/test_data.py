@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torchvision.transforms import v2
 
 from bitfleet.data import build_datasets, check_available, cifar, info, mnist, synthetic
-from bitfleet.data.transforms import TensorImages
+from bitfleet.data.loaders import SampleSeeded
+from bitfleet.data.transforms import TensorImages, image_transform
 from bitfleet.spec import DataSpec
 
 CIFAR = {"cifar10": (10, "labels", "cifar-10-batches-py"), "cifar100": (100, "fine_labels", "cifar-100-python")}
@@ -208,6 +210,37 @@ def test_mnist_sample_augmentation(sample):
     assert all(torch.equal(x, d) for d in _draws(plain, 5))
     assert y == int(ytr[5]) and x.shape == (1, 28, 28)
     assert torch.allclose(x[0], (xtr[5, 0].float() / 255 - mnist.MEAN[0]) / mnist.STD[0], atol=1e-5)
+
+
+def test_random_rotation_turns_each_digit_a_little_and_is_drawn_per_sample(sample):
+    """Seed 000's RandomRotation(10): a small turn (the digit stays close to itself), a different one per draw,
+    and under SampleSeeded the same one for the same (seed, epoch, index) whatever the order of access."""
+    (xtr, ytr), _ = sample
+    rotate = image_transform(28, mnist.MEAN, mnist.STD, augment=True, pad=0, flip=False, rotation=10)
+    still = image_transform(28, mnist.MEAN, mnist.STD, augment=True, pad=0, flip=False)
+    digits = TensorImages(xtr[:8], ytr[:8], rotate)
+    draws = _draws(digits, 0)
+    assert len(_rows(draws)) >= 4  # (turns below a degree or so may leave the nearest pixels unchanged)
+    unturned = TensorImages(xtr[:8], ytr[:8], still)[0][0]
+    assert all(torch.equal(unturned, d) for d in _draws(TensorImages(xtr[:8], ytr[:8], still), 0))
+    for turned in draws:  # within 10 degrees the digit overlaps itself; a quarter turn would not
+        assert torch.corrcoef(torch.stack([turned.flatten(), unturned.flatten()]))[0, 1] > 0.6
+    seeded = SampleSeeded(digits, seed=5)
+    seeded.epoch = 2
+    forward = [seeded[i][0] for i in range(8)]
+    backward = [seeded[i][0] for i in reversed(range(8))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    seeded.epoch = 3
+    assert not torch.equal(seeded[0][0], forward[0])
+
+
+def test_random_rotation_is_the_train_augmentation_of_fixed_size_data_sets_only(tmp_path):
+    spec = DataSpec(dataset="mnist_sample", random_rotation=10)
+    train, test = mnist.load(spec, augment=True)
+    assert any(isinstance(t, v2.RandomRotation) for t in train.transform.transforms)
+    assert not any(isinstance(t, v2.RandomRotation) for t in test.transform.transforms)
+    with pytest.raises(ValueError, match="random_rotation: applies to mnist and cifar"):
+        DataSpec(dataset="imagenet", root=str(tmp_path), random_rotation=10)
 
 
 def test_validation_split_is_stratified_seeded_and_unaugmented(mnist_root):

@@ -140,7 +140,8 @@ class _RunsCode:
 
 def _cifar(tmp_path: Path) -> tuple[Path, SimpleNamespace]:
     synthetic.write("cifar10", tmp_path / "cifar", n_train=20, n_test=10, seed=0)
-    return tmp_path / "cifar" / "cifar-10-batches-py", SimpleNamespace(dataset="cifar10", root=str(tmp_path / "cifar"))
+    return tmp_path / "cifar" / "cifar-10-batches-py", SimpleNamespace(dataset="cifar10", root=str(tmp_path / "cifar"),
+                                                                     random_rotation=0.0)
 
 
 @pytest.mark.parametrize("file", ["data_batch_3", "test_batch", "batches.meta"])

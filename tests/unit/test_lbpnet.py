@@ -136,10 +136,33 @@ def test_torchscript_trace_matches_eager():
 
 def test_paper_metrics_match_the_seed_for_its_full60k_network():
     """Seed 001: cmp 105,840 / add 261,072 / mul 0 (k=4); 5,472 bytes and add 571,536 (k=8)."""
-    k4 = paper_metrics.measure(build("residual"), 28)
+    k4 = paper_metrics.measure(build("residual", rp_config={"n_bits_per_out": 4}), 28)
     assert (k4["cmp"], k4["add"], k4["mul"]) == (105_840, 261_072, 0)
     assert round(k4["gops"], 6) == 0.000367
-    k8 = paper_metrics.measure(build("residual", rp_config={"n_bits_per_out": 8}), 28)
+    k8 = paper_metrics.measure(build("residual"), 28)  # the default: the seed's current k=8
     assert (k8["size_bytes"], k8["add"], round(k8["gops"], 6)) == (5_472, 571_536, 0.000677)
     one = paper_metrics.measure(build("residual", blocks={"fusion_type": "conv1x1"}), 28)
     assert one["mul"] > 0 and one["size_bytes"] > k8["size_bytes"]
+
+
+def test_parameter_count_of_the_full60k_preset_and_what_the_seeds_code_adds():
+    """24,394 parameters, at k=4 and k=8 alike (routes are buffers). Seed 001 reports 31,629 for the same
+    config: its code (README, "Parameter count") adds, per block, a 1x1 conv aligning the shortcut's channels
+    (1·39 + 39·40 + 40·80 = 4,799), an unused 1x1 conv over the 16 bits (16·159 = 2,544), unused pattern
+    weights (16 per LBP layer: 48) and a residual scale (3), and has no gate parameters (159 here)."""
+    import yaml
+
+    raw = yaml.safe_load(open("workloads/lbpnet/specs/paper_mnist_rp_full60k.yaml"))["model"]
+    by_part = {}
+    for k in (4, 8):
+        model = LBPNet(ModelConfig.model_validate({**raw, "rp_config": {**raw["rp_config"], "n_bits_per_out": k}}),
+                       1, 10, 28)
+        by_part = {}
+        for name, p in model.named_parameters():
+            part = name.rsplit(".", 1)[0].split(".")[-1] if name.startswith("blocks.") else "head"
+            by_part[part] = by_part.get(part, 0) + p.numel()
+        assert sum(by_part.values()) == 24_394, k
+    assert by_part == {"lbp": 96 + 3, "fusion": 159, "bn": 2 * 159, "head": 80 * 256 + 256 + 2 * 256 + 256 * 10 + 10}
+    channel_alignment, unused_bit_conv, pattern_weights, residual_scales = 4_799, 16 * 159, 3 * 16, 3
+    seed = 24_394 - by_part["fusion"] + channel_alignment + unused_bit_conv + pattern_weights + residual_scales
+    assert seed == 31_629

@@ -40,6 +40,38 @@ def test_temperatures_follow_the_cosine_schedule_at_step_resolution():
     assert abs(rp_layers(model)[0].tau.item() - (3.0 + 0.9) / 2) < 1e-6
 
 
+def test_learning_alpha_under_a_schedule_learns_each_layers_factor_on_the_scheduled_course():
+    """alpha = schedule(progress) x a learned factor: the schedule sets the course, learning moves each layer
+    off it by its own factor, and the factor persists as the schedule moves on; without learn_alpha alpha
+    is the schedule's value exactly."""
+    schedule = {"temp_schedule": {"alpha": {"type": "linear", "start": 1.5, "end": 0.5}}}
+    for learn in (True, False):
+        torch.manual_seed(0)
+        config = ModelConfig.model_validate({"blocks": {"block": "residual"}, "lbp_layer": {"learn_alpha": learn,
+                                                                                          "soft_forward": True}})
+        model = LBPNet(config, 1, 10, 28)
+        opt = torch.optim.SGD(model.parameters(), 1.0)
+        state = TrainState(model, opt, epochs=10, steps_per_epoch=4)
+        temps = cb.Temperatures(Options.model_validate(schedule).temp_schedule)
+        temps.on_epoch_start(state)
+        for _ in range(3):
+            step(model, opt, state, [temps])
+        layers = lbp_layers(model)
+        scheduled = 1.5 - 3 / 40  # linear over 40 steps
+        factors = [layer.alpha_scale.item() for layer in layers]
+        for layer, factor in zip(layers, factors):
+            assert abs(layer.alpha_base.item() - scheduled) < 1e-6
+            assert abs(layer.alpha.item() - scheduled * factor) < 1e-6
+        if not learn:
+            assert factors == [1.0] * len(layers) and "alpha_scale" not in dict(model.named_parameters())
+            continue
+        assert all(abs(f - 1.0) > 1e-4 for f in factors)  # learned (the soft forward lets the loss see alpha)
+        state.global_step = 20
+        temps.on_step_end(state)  # the schedule moved on; each layer keeps its factor
+        assert [layer.alpha_scale.item() for layer in layers] == factors
+        assert all(abs(layer.alpha.item() - 1.0 * f) < 1e-6 for layer, f in zip(layers, factors))
+
+
 def test_freeze_keeps_offsets_and_gates_then_thaws_them():
     model, opt, state, options = setup({"freeze_schedule": {"freeze_offsets_epochs": 1,
                                                             "freeze_gates_extra_epochs": 1}})

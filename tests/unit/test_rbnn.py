@@ -217,3 +217,173 @@ def test_missing_teacher_checkpoint_names_the_field(tmp_path):
 
     with pytest.raises(SpecError, match="rbnn.teacher.checkpoint: .*neither a checkpoint"):
         reactnet_spec(tmp_path, tmp_path / "nowhere")
+
+
+# --------------------------------------------------------------------------- seed fidelity (issue 22)
+
+
+def minimal_spec(tmp_path, **sections):
+    from bitfleet.resolve import validate_spec
+
+    raw = {"name": "minimal", "workload": "rbnn", "model": {"arch": "resnet20_1w1a"},
+           "data": {"dataset": "mnist_sample"}, "storage_path": str(tmp_path), **sections}
+    return validate_spec(raw)
+
+
+def test_a_minimal_spec_gets_the_official_clis_defaults_and_explicit_values_win(tmp_path):
+    from bitfleet.resolve import load_spec
+
+    spec = minimal_spec(tmp_path)
+    train = spec.train
+    assert (train.epochs, train.batch_size, train.eval_batch_size) == (400, 256, 128)
+    assert (train.optimizer.type, train.optimizer.lr, train.optimizer.momentum, train.optimizer.weight_decay) == (
+        "sgd", 0.1, 0.9, 1e-4)
+    assert train.lr_schedule.type == "cosine" and spec.data.loader_workers == 8
+    assert (spec.options.tmin, spec.options.tmax, spec.options.rotation_update) == (1e-2, 10.0, 2)
+    given = minimal_spec(tmp_path, train={"epochs": 3, "lr_schedule": {"type": "multistep", "milestones": [2]}},
+                         data={"dataset": "mnist_sample", "loader_workers": 0})
+    assert (given.train.epochs, given.train.batch_size, given.data.loader_workers) == (3, 256, 0)
+    assert given.train.lr_schedule.type == "multistep" and given.train.lr_schedule.milestones == [2]
+    overridden = load_spec("workloads/rbnn/specs/cifar10_resnet20_1w1a.yaml",
+                           ["data.dataset=mnist_sample", "train.batch_size=64", f"storage_path={tmp_path}"])
+    assert overridden.train.batch_size == 64 and overridden.train.epochs == 400
+    # the other workloads' defaults stay theirs: resnet_cifar's seed turns AMP on (GPU workers)
+    resnet = minimal_spec(tmp_path, workload="resnet_cifar", model={"arch": "resnet20"})
+    assert resnet.train.amp == "gpu" and resnet.train.eval_batch_size == 512 and resnet.data.loader_workers == 0
+
+
+def test_top5_is_reported_on_ten_classes_as_the_official_code_prints_it():
+    from bitfleet.data import DataInfo
+    from bitfleet.engine.objective import Classification
+    from bitfleet.spec import TrainSpec
+    from workloads.rbnn.workload import RBNN
+
+    cifar10 = DataInfo(10, 3, 32)
+    logits, labels = torch.eye(10)[[0, 1, 2, 3]] + torch.linspace(0, 0.5, 10), torch.tensor([0, 9, 8, 3])
+    rbnn = RBNN.Objective(TrainSpec(), cifar10)
+    sums = rbnn.batch_sums(logits, labels, train=False)
+    metrics = rbnn.metrics("test", 4.0, 4, sums.tolist(), train=False)
+    assert metrics["test/acc"] == 50.0 and metrics["test/acc5"] == 100.0  # 9 and 8 are in the top five
+    assert "test/acc5" not in Classification(TrainSpec(), cifar10).metrics("test", 4.0, 4, sums.tolist(), train=False)
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv1_bireal_05_noGroup_1w1a", "resnet18_1w1a"])
+def test_react_adds_rsign_and_rprelu_to_every_bireal_block(arch):
+    from workloads.rbnn.models import BinaryConvBN, RPReLU
+
+    torch.manual_seed(0)
+    plain, react = build(arch, 10, 3, 32), build(arch, 10, 3, 32, react=True)
+    blocks = [m for m in react.modules() if isinstance(m, BinaryConvBN)]
+    assert blocks and all(b.rsign is not None and isinstance(b.rprelu, RPReLU) for b in blocks)
+    extra = sum(p.numel() for p in react.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == sum(b.conv.in_channels + 3 * b.bn.num_features for b in blocks)  # α; γ, PReLU slope, ζ
+    x = torch.randn(2, 3, 32, 32)
+    react(x).sum().backward()
+    first = blocks[0]
+    assert first.rsign.bias.grad.abs().sum() > 0 and first.rprelu.prelu.weight.grad.abs().sum() > 0
+    # the thresholds move the sign: with α = 0.3 the conv sees sign(x + 0.3)
+    with torch.no_grad():
+        first.rsign.bias.fill_(0.3)
+    conv_inputs = []
+    hook = first.conv.register_forward_pre_hook(lambda module, args: conv_inputs.append(args[0]))
+    react.eval()(x)
+    hook.remove()
+    shifted = torch.nn.functional.hardtanh(first_input(react, x) + 0.3)
+    assert torch.equal(torch.sign(conv_inputs[0]), torch.sign(shifted))
+
+
+def first_input(model, x):
+    """What the first Bi-Real block receives: the stem's output."""
+    return model.stem(x)
+
+
+def test_react_needs_bireal_blocks():
+    from workloads.rbnn.config import ModelConfig
+
+    with pytest.raises(ValueError, match="react: ReActNet's activations sit in Bi-Real blocks"):
+        ModelConfig(arch="resnet20_1w1a", react=True)
+
+
+def test_mobilenets_take_imagenet_strides_above_64_pixels():
+    model = build("mobilenetv1_bireal_05_noGroup_1w1a", 1000, 3, 224, react=True)
+    assert model.stem[0].stride == (2, 2)
+    features = model.layers(model.stem(torch.randn(1, 3, 224, 224)))
+    assert features.shape == (1, 512, 7, 7)  # 224 / 32: MobileNetV1's ImageNet resolution
+    assert build("mobilenetv1_bireal_05_1w1a", 10, 3, 32).stem[0].stride == (1, 1)
+
+
+def test_a_torchvision_teacher_is_validated_and_gives_the_distributional_loss(tmp_path):
+    from bitfleet import registry
+    from bitfleet.data import info
+    from bitfleet.engine.callbacks import RunContext
+    from bitfleet.errors import SpecError
+    from bitfleet.spec import DataSpec
+
+    def spec(**teacher):
+        return minimal_spec(tmp_path, model={"arch": "mobilenetv1_bireal_025_1w1a", "w32": True},
+                            rbnn={"teacher": teacher}, data={"dataset": "cifar10", "root": str(cifar_root(tmp_path))})
+
+    with pytest.raises(SpecError, match="rbnn.teacher.torchvision: 'resnet35' is not a torchvision model"):
+        spec(torchvision="resnet35")
+    with pytest.raises(SpecError, match="rbnn.teacher.weights: 'IMAGENET1K_V9' is not one of resnet18's"):
+        spec(torchvision="resnet18", weights="IMAGENET1K_V9")
+    with pytest.raises(SpecError, match="rbnn.teacher.workload: name either"):
+        spec(torchvision="resnet18", workload="resnet_cifar", checkpoint=str(tmp_path))
+    with pytest.raises(SpecError, match="rbnn.teacher.weights: resnet34's IMAGENET1K_V1 predicts 1000 classes; "
+                                        "cifar10 has 10"):
+        spec(torchvision="resnet34", weights="IMAGENET1K_V1")
+    resolved = spec(torchvision="resnet18", weights=None)  # untrained: nothing to fetch in a test
+    data = info(DataSpec(dataset="cifar10", root=str(cifar_root(tmp_path))))
+    workload = registry.get("rbnn", resolved.options)
+    workload.setup(RunContext(1, str(tmp_path), resolved.data, data))
+    student = workload.build_model(resolved.model, data)
+    images = torch.randn(2, 3, 32, 32)
+    loss, logits = workload.train_step(student, images, torch.arange(2), torch.nn.CrossEntropyLoss())
+    with torch.no_grad():
+        target = torch.softmax(workload.teacher(images), 1)
+    expected = (target * (target.log() - torch.log_softmax(logits, 1))).sum(1).mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def cifar_root(tmp_path):
+    from bitfleet.data import synthetic
+
+    root = tmp_path / "cifar10"
+    if not root.exists():
+        synthetic.write("cifar10", root, n_train=8, n_test=8)
+    return root
+
+
+def test_the_bn_only_epoch_and_reactnets_stages_are_pipelines(tmp_path):
+    import numpy as np
+
+    from bitfleet.data import synthetic
+    from bitfleet.engine import checkpoint
+    from bitfleet.resolve import load_spec, stage_raw, validate_spec
+    from workloads.rbnn.callbacks import Temperature
+
+    synthetic.write_jpeg_folders("image_folder", tmp_path / "imagenet", 4, 2, np.random.default_rng(0), 4)
+    common = [f"storage_path={tmp_path}", "data.dataset=image_folder", f"data.root={tmp_path / 'imagenet'}",
+              "data.loader=torchvision"]
+    bireal = load_spec("workloads/rbnn/specs/imagenet_resnet18_bireal_recipe.yaml", common)
+    assert [(s.name, s.needs, s.init_from) for s in bireal.stages] == [("train", [], None),
+                                                                        ("bn_only", ["train"], "train")]
+    train_folder = str(tmp_path / bireal.name / "train")
+    stage = validate_spec(stage_raw(bireal, bireal.stages[1]), pending_checkpoints=(train_folder,))
+    assert stage.train.init_from == train_folder
+    assert (stage.train.epochs, stage.options.bn_only_epochs, stage.train.optimizer.lr) == (1, 1, 1e-4)
+    state = TrainState(build("resnet18_1w1a", 4, 3, 72), None, epochs=1)
+    Temperature(stage.options.tmin, stage.options.tmax).on_epoch_start(state)
+    assert state.metrics["rbnn/t"] == 10.0  # the temperature the train stage ended at, held
+
+    placeholder = tmp_path / "teacher"
+    placeholder.mkdir()
+    checkpoint.save(placeholder, {"model": {}})
+    synthetic.write("cifar10", tmp_path / "cifar10", n_train=8, n_test=8)
+    reactnet = load_spec("workloads/rbnn/specs/cifar10_reactnet_mbv1_05.yaml",
+                         [f"storage_path={tmp_path}", f"data.root={tmp_path / 'cifar10'}",
+                          f"rbnn.teacher.checkpoint={placeholder}"])
+    first, second = (stage_raw(reactnet, s) for s in reactnet.stages)
+    assert first["model"]["w32"] and first["train"]["optimizer"]["weight_decay"] == 1e-5
+    assert not second["model"]["w32"] and second["train"]["optimizer"]["weight_decay"] == 0.0
+    assert second["train"]["init_from"] == str(tmp_path / reactnet.name / "stage1") and second["model"]["react"]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from bitfleet.data import info
@@ -147,19 +148,38 @@ def recalibration(spec):
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv1_bireal_025_1w1a", "resnet20_1w1a"])
-def test_rbnn_callback_recalibrates_the_evaluated_model_before_evaluation(tmp_path, arch):
+def test_rbnn_callback_recalibrates_every_evaluated_model_and_reports_the_accuracy_before(tmp_path, arch):
     model = build(arch, 10, 1, 28)
-    ema = copy.deepcopy(model)  # an EMA is what evaluation runs when there is one
+    ema = copy.deepcopy(model)  # the trained weights and their EMA are both evaluated
     state = mnist_state(model, ema)
+    state.evaluated = {"": model, "ema/": ema}
+    seen = []
+
+    def evaluate(evaluated):  # the loop's evaluation: here a record of the statistics it was given
+        seen.append(copy.deepcopy(evaluated.state_dict()))
+        return {"test/loss": 2.0, "test/acc": 12.5, "test/acc5": 50.0}
+
+    state.evaluate = evaluate
     callback = recalibration(rbnn_spec(tmp_path, f"model.arch={arch}"))
-    assert callback.batches == 20  # the default
+    assert callback.batches == 20  # the quickstart's
     trained = copy.deepcopy(model.state_dict())
     callback.on_eval_start(state)
-    norms = batchnorm.batch_norms(ema)
-    assert all(bn.num_batches_tracked.item() == 3 for bn in norms)  # the loader had 3 of the 20 batches
-    assert any(not torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for bn in norms)
-    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())  # the trained model untouched
+    for evaluated in (model, ema):
+        norms = batchnorm.batch_norms(evaluated)
+        assert all(bn.num_batches_tracked.item() == 3 for bn in norms)  # the loader had 3 of the 20 batches
+        assert any(not torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for bn in norms)
+    # the trained weights were evaluated once, before recalibration, with the statistics they trained with
+    assert len(seen) == 1 and all(torch.equal(v, trained[k]) for k, v in seen[0].items())
+    assert {k: v for k, v in state.metrics.items() if k.startswith("uncalibrated/")} == {
+        "uncalibrated/test/loss": 2.0, "uncalibrated/test/acc": 12.5, "uncalibrated/test/acc5": 50.0}
     assert state.metrics["bn/recalibrated_batches"] == 3.0  # what was used
+
+
+def test_recalibration_is_off_in_the_paper_presets(tmp_path):
+    assert RBNN.Options().bn_recalibration_batches == 0  # the paper's evaluation protocol
+    for preset in ("cifar10_resnet20_1w1a", "cifar10_mobilenetv1_bireal_05_1w1a", "cifar100_resnet18_1w1a"):
+        raw = yaml.safe_load(open(f"workloads/rbnn/specs/{preset}.yaml"))
+        assert RBNN.Options.model_validate(raw.get("rbnn", {})).bn_recalibration_batches == 0, preset
 
 
 def test_rbnn_recalibration_can_be_turned_off(tmp_path):

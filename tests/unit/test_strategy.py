@@ -32,6 +32,14 @@ SPEC = TrainSpec(strategy="deepspeed", deepspeed=DeepSpeedSpec(zero_stage=2), gr
                  lr_schedule=LRScheduleSpec(type="cosine"), epochs=2)
 
 
+def test_amp_gpu_is_mixed_precision_on_cuda_workers_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert strategy.autocast_dtype(TrainSpec(amp="gpu"), cpu) is None
+    assert strategy.autocast_dtype(TrainSpec(amp="gpu"), cuda) == torch.float16
+    assert strategy.autocast_dtype(TrainSpec(amp=True), cpu) == torch.bfloat16
+    assert strategy.autocast_dtype(TrainSpec(amp=False), cuda) is None
+
+
 def test_config_derives_the_keys_the_spec_owns_and_keeps_the_users():
     ds = DeepSpeedSpec(zero_stage=2, config={"zero_optimization": {"overlap_comm": False},
                                              "wall_clock_breakdown": True})

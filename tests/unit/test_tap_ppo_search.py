@@ -89,3 +89,35 @@ def test_identity_codes_cost_nothing_but_save_nothing(qat_stage):
     outcome = env.score({name: decode((0, 1, 0, 0, 0), t, 8) for name, t in env.tmax.items()})
     # steps of 1 keep every code up to tmax: the only change is clipping above tmax (rare by construction)
     assert outcome["drop"] <= 0.05 and outcome["saved"] == 0.0
+
+
+def test_only_the_chosen_layers_are_approximated_and_the_result_file_is_named_as_the_seeds(qat_stage, tmp_path):
+    from bitfleet.errors import SpecError
+
+    spec, tmp = qat_stage
+    convs = spec.model_copy(update={"tap_ppo": spec.options.model_copy(update={"layers": ["conv2", "conv1"]})})
+    env = TapEnv({"spec": convs, "episodes_file": str(tmp / "convs.jsonl")})
+    env.reset(seed=0)
+    assert env.layers == ["conv1", "conv2"]  # in network order: an episode is two steps
+    env.step(np.array((0, 7, 4, 3, 2)))
+    *_, done, _, _ = env.step(np.array((1, 5, 2, 2, 2)))
+    logged = json.loads((tmp / "convs.jsonl").read_text().splitlines()[-1])
+    assert done and set(logged["layers"]) == {"conv1", "conv2"}
+
+    raw = {**spec.model_dump(mode="json", exclude={"inputs"}), "storage_path": str(tmp_path)}
+    with pytest.raises(SpecError, match="tap_ppo.layers: 'fc3' is not a record point of lenet5"):
+        validate_spec({**raw, "tap_ppo": {**raw["tap_ppo"], "layers": ["conv1", "fc3"]}})
+    with pytest.raises(SpecError, match="tap_ppo.result_file: .*a .json file name"):
+        validate_spec({**raw, "tap_ppo": {**raw["tap_ppo"], "result_file": "out/best.json"}})
+    with pytest.raises(SpecError, match="tap_ppo.config_path: .* is not a file"):
+        validate_spec({**raw, "tap_ppo": {**raw["tap_ppo"], "config_path": str(tmp_path / "none.json")}})
+
+    assert spec.options.result_name("lenet5") == "lenet5_ppo_result.json"  # the seed's --result-file
+    stage = spec.model_copy(update={"inputs": {"qat": str(tmp / "qat"), "ppo": str(tmp_path / "ppo")}})
+    assert int8.result_path(stage) == tmp_path / "ppo" / "lenet5_ppo_result.json"
+    elsewhere = tmp_path / "from_another_run.json"  # the seed's --config-path: any result file
+    elsewhere.write_text(json.dumps(logged))
+    given = validate_spec({**raw, "tap_ppo": {**raw["tap_ppo"], "config_path": str(elsewhere)}})
+    assert int8.result_path(given.model_copy(update={"inputs": {"qat": str(tmp / "qat")}})) == elsewhere
+    with pytest.raises(SpecError, match="tap_ppo.config_path: the eval stage needs a result file"):
+        int8.result_path(spec)

@@ -18,7 +18,8 @@ from workloads.lbpnet.models import lbp_layers, rp_layers
 
 class Temperatures(Callback):
     """alpha (LBP comparisons) and tau (gates) follow their schedules at step resolution; the collapse
-    guard may multiply alpha by a softening factor until a given epoch."""
+    guard may multiply alpha by a softening factor until a given epoch. The schedule sets each layer's
+    `alpha_base`: a layer that learns alpha (`learn_alpha`) keeps its learned factor on top of it."""
 
     def __init__(self, spec):
         self.spec = spec  # TempSchedule
@@ -30,7 +31,7 @@ class Temperatures(Callback):
             if self.spec.alpha is not None:
                 alpha = schedules.value(self.spec.alpha, state.progress) * soften
                 for layer in lbp_layers(state.model):
-                    layer.alpha.fill_(alpha)
+                    layer.alpha_base.fill_(alpha)
             if self.spec.tau is not None:
                 tau = schedules.value(self.spec.tau, state.progress)
                 for layer in rp_layers(state.model):
@@ -57,8 +58,8 @@ class Freeze(HoldParameters):
 
     def held(self, state: TrainState) -> set[str]:
         epoch, spec = state.epoch, self.spec
-        until = {"offsets": spec.freeze_offsets_epochs, "alpha": max(spec.freeze_offsets_epochs, self.alpha_until),
-                 "gate_logits": spec.gate_epochs}
+        until = {"offsets": spec.freeze_offsets_epochs, "gate_logits": spec.gate_epochs,
+                 "alpha_scale": max(spec.freeze_offsets_epochs, self.alpha_until)}
         return {name for name, _ in state.model.named_parameters() if epoch < until.get(name.rsplit(".", 1)[-1], -1)}
 
     def on_epoch_start(self, state):
@@ -142,7 +143,8 @@ def recalibrate_bn(model: nn.Module, loader, batches: int) -> int:
 
 
 class CollapseGuard(Callback):
-    """After each evaluation: if accuracy fell more than `acc_drop_thr` below the best of the last `window`
+    """After each evaluation: if the accuracy of the model the run is judged by (the EMA when it is the
+    result; on val when held out) fell more than `acc_drop_thr` below the best of the last `window`
     epochs while the hard alive ratio is above `alive_upper`, restore the best weights, soften alpha and
     hold it frozen for `soften_epochs`."""
 
@@ -152,7 +154,7 @@ class CollapseGuard(Callback):
         self.best_acc, self.best_state, self.events = -1.0, None, 0
 
     def on_eval_end(self, state, metrics):
-        acc = metrics.get("val/acc", metrics.get("test/acc"))
+        acc = state.result(metrics)  # of the model the run is judged by: the EMA's when it is the result
         peak = max(self.recent[-self.spec.window:], default=acc)
         alive = alive_ratios(state.model)[1]
         if peak - acc > 100 * self.spec.acc_drop_thr and alive > self.spec.alive_upper and self.best_state is not None:

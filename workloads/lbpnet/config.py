@@ -50,7 +50,7 @@ class BlocksConfig(Strict):
 
 
 class RPConfig(Strict):
-    n_bits_per_out: int = Field(4, ge=1)
+    n_bits_per_out: int = Field(8, ge=1)  # seed 001 since its 2025-09-08 update (4 before)
     seed: int = 42
     threshold: int | None = Field(None, ge=1)  # None: ceil(n_bits_per_out / 2)
     tau: float = Field(3.0, gt=0)  # gate STE scale (its inverse); the forward gate is always hard

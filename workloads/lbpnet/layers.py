@@ -75,6 +75,10 @@ class LBPLayer(nn.Module):
     computes); as in the official LBPNet, the loss reaches an offset through the image gradient (central
     differences) at its sampling point. The comparison is hard in the forward pass (relaxed while
     `soft_forward`) and its gradient is `hard_step`'s surrogate at scale 1/alpha.
+
+    The temperature alpha = alpha_base · alpha_scale: `alpha_base` (a buffer) is what a schedule sets
+    (`alpha_init` without one); `alpha_scale` starts at 1 and is learned with `learn_alpha` (a parameter),
+    else fixed — learning alpha under a schedule learns each layer's factor on the scheduled course.
     """
 
     def __init__(
@@ -93,12 +97,16 @@ class LBPLayer(nn.Module):
         self.offsets = nn.Parameter(raw.clamp(-self.radius, self.radius))
         channels = torch.randint(in_channels, (num_patterns * num_points,))  # from the seeded global RNG
         self.register_buffer("point_channels", channels if share_across_channels else torch.empty(0, dtype=torch.long))
-        alpha = torch.tensor(float(alpha_init))
+        self.register_buffer("alpha_base", torch.tensor(float(alpha_init)))
         if learn_alpha:
-            self.alpha = nn.Parameter(alpha)
+            self.alpha_scale = nn.Parameter(torch.tensor(1.0))
         else:
-            self.register_buffer("alpha", alpha)
+            self.register_buffer("alpha_scale", torch.tensor(1.0))
         self.soft_forward = soft_forward  # relaxed comparisons in the forward pass (before hardening)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.alpha_base * self.alpha_scale
 
     @property
     def num_bits(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, spec_warning
 from bitfleet.metrics import Metric
 from bitfleet.workload import Workload
 from workloads.lbpnet import callbacks as cb
@@ -30,17 +30,32 @@ METRICS = (  # what the callbacks report each epoch
 )
 
 
+SEED_PARAM_GROUPS = [  # seed 001's optimizer groups: lr and weight-decay multipliers
+    {"name": "lbp_offsets", "match": ["*lbp.offsets"], "lr_mult": 5.0, "weight_decay_mult": 0.0},
+    {"name": "lbp_alpha", "match": ["*lbp.alpha_scale"], "lr_mult": 1.0, "weight_decay_mult": 0.0},
+    {"name": "rp_gates", "match": ["*gate_logits"], "lr_mult": 3.0, "weight_decay_mult": 0.0},
+    {"name": "classification_head", "match": ["head.*"], "lr_mult": 0.7, "weight_decay_mult": 1.0},
+]
+
+
 class LBPNetWorkload(Workload):
     name = "lbpnet"
     ModelConfig = ModelConfig
     Options = Options
     metrics = METRICS
+    defaults = {  # seed 001's preset `paper_mnist_rp_full60k`, as the model and lbpnet sections' defaults are
+        "train": {"epochs": 300, "batch_size": 256, "label_smoothing": 0.1, "grad_clip": 1.0, "amp": "gpu",
+                  "optimizer": {"type": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "param_groups": SEED_PARAM_GROUPS},
+                  "lr_schedule": {"type": "cosine", "warmup_epochs": 5}, "ema": {"decay": 0.999}},
+    }
 
     def validate(self, spec):
         super().validate(spec)
         config = spec.model
         if config.blocks.block == "conv" and config.blocks.fusion_type != "rp_paper":
             raise SpecError("model.blocks.fusion_type: the float `conv` baseline has no fusion; leave it at rp_paper")
+        for warning in never_in_effect(spec.options, spec.train.epochs):
+            spec_warning(warning)
 
     def build_model(self, config: ModelConfig, data):
         return LBPNet(config, data.in_channels, data.num_classes, data.image_size)
@@ -71,6 +86,21 @@ class LBPNetWorkload(Workload):
         from workloads.lbpnet.intengine import IntegerLBPNet
 
         return IntegerLBPNet(arrays, input_lut)
+
+
+def never_in_effect(options: Options, epochs: int) -> list[str]:
+    """Settings whose epoch lies past the run's last (a schedule compressed by `-o train.epochs=...`)."""
+    hard, freeze, out = options.hard_finetune, options.freeze_schedule, []
+    if hard.enable and hard.start_epoch >= epochs:
+        out.append(f"lbpnet.hard_finetune.start_epoch: {hard.start_epoch} is not below train.epochs={epochs}: the "
+                   "hard fine-tune never runs (set it below the epochs, or enable: false)")
+    if freeze.gate_epochs >= epochs:
+        out.append(f"lbpnet.freeze_schedule: the gates are held for {freeze.gate_epochs} epochs, the whole run of "
+                   f"{epochs}: they never learn")
+    elif freeze.freeze_offsets_epochs >= epochs:
+        out.append(f"lbpnet.freeze_schedule.freeze_offsets_epochs: {freeze.freeze_offsets_epochs} covers the whole "
+                   f"run of {epochs} epochs: the offsets and alpha never learn")
+    return out
 
 
 def regularisation(model, options: Options) -> torch.Tensor:

@@ -10,7 +10,9 @@ CIFAR (32x32):
   noGroup, dense) 3x3 conv and each pointwise conv binarized with its own Bi-Real shortcut (channel
   changes: the input repeated or summed in groups; stride 2: average-pooled first).
 ImageNet (images above 64 pixels): resnet18_1w1a, resnet34_1w1a — Bi-Real ResNets: real 7x7 stem and classifier,
-  a shortcut around every binarized 3x3 conv, downsampling shortcuts avg-pool + real 1x1 conv + BN.
+  a shortcut around every binarized 3x3 conv, downsampling shortcuts avg-pool + real 1x1 conv + BN; the
+  MobileNets with a stride-2 stem (MobileNetV1's ImageNet strides).
+`react`: ReActNet's RSign and RPReLU in every Bi-Real block (every arch but resnet20_1w1a and vgg_small).
 """
 from __future__ import annotations
 
@@ -47,18 +49,48 @@ class ShortcutA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2)) if self.pad else x
 
 
+class Shift(nn.Module):
+    """x + b with a learnable per-channel b (ReActNet's "move"), starting at 0."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU: PReLU(x − γ) + ζ with per-channel γ, ζ and slopes."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.before, self.prelu, self.after = Shift(channels), nn.PReLU(channels), Shift(channels)
+
+    def forward(self, x):
+        return self.after(self.prelu(self.before(x)))
+
+
 class BinaryConvBN(nn.Module):
-    """BN(BinaryConv(x)), plus a shortcut around it when `bireal`, then hardtanh."""
+    """BN(BinaryConv(x)), plus a shortcut around it when `bireal`, then hardtanh. With ReActNet's activations
+    (`react`): the conv's sign becomes RSign, sign(x − α) with a learnable per-channel threshold α, and the
+    block's output (after the shortcut) goes through RPReLU."""
 
     def __init__(self, conv, bn, shortcut=None, bireal=True):
         super().__init__()
         self.conv, self.bn, self.shortcut, self.bireal = conv, bn, shortcut or nn.Identity(), bireal
+        self.rsign = self.rprelu = None
+
+    def add_react(self) -> None:
+        self.rsign, self.rprelu = Shift(self.conv.in_channels), RPReLU(self.bn.num_features)
 
     def forward(self, x):
         if not self.bireal:
             return self.bn(self.conv(x))
         # hardtanh leaves the conv's sign(x) unchanged and clips its gradient to |x| <= 1; the stream is unclipped
-        return self.bn(self.conv(F.hardtanh(x))) + self.shortcut(x)
+        if self.rsign is None:
+            return self.bn(self.conv(F.hardtanh(x))) + self.shortcut(x)
+        return self.rprelu(self.bn(self.conv(F.hardtanh(self.rsign(x)))) + self.shortcut(x))
 
 
 class CifarBlock(nn.Module):
@@ -133,14 +165,16 @@ class ChannelShortcut(nn.Module):
 
 
 class MobileNetV1BiReal(nn.Module):
-    """MobileNetV1 (CIFAR strides) with every 3x3 and 1x1 conv binarized, each with a Bi-Real shortcut."""
+    """MobileNetV1 with every 3x3 and 1x1 conv binarized, each with a Bi-Real shortcut; the stem keeps CIFAR's
+    resolution (stride 1) and halves ImageNet's (stride 2: 224 -> 112 -> ... -> 7, MobileNetV1's strides)."""
 
     PLAN = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
 
-    def __init__(self, width, grouped, num_classes, in_channels, conv):
+    def __init__(self, width, grouped, num_classes, in_channels, conv, stem_stride=1):
         super().__init__()
         c = int(32 * width)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.Hardtanh())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c, 3, stem_stride, 1, bias=False), nn.BatchNorm2d(c),
+                                  nn.Hardtanh())
         layers = []
         for out, stride in self.PLAN:
             out = int(out * width)
@@ -201,7 +235,7 @@ def _resnet(blocks):
 
 def _mobilenet(width, grouped):
     return lambda num_classes, in_channels, size, conv: MobileNetV1BiReal(width, grouped, num_classes, in_channels,
-                                                                          conv)
+                                                                          conv, stem_stride=2 if size > 64 else 1)
 
 
 ARCHS = {
@@ -218,8 +252,13 @@ ARCHS = {
 
 
 def build(arch: str, num_classes: int, in_channels: int, image_size: int, a32: bool = False,
-          w32: bool = False) -> nn.Module:
+          w32: bool = False, react: bool = False) -> nn.Module:
     model = ARCHS[arch](num_classes, in_channels, image_size, partial(BinaryConv2d, a32=a32, w32=w32))
+    if react:
+        blocks = [m for m in model.modules() if isinstance(m, BinaryConvBN) and m.bireal]
+        assert blocks, f"{arch} has no Bi-Real blocks for ReActNet's activations"
+        for block in blocks:
+            block.add_react()
     if any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
         with torch.no_grad():  # materialise VGG-small's classifier for this image size
             model.eval()(torch.zeros(1, in_channels, image_size, image_size))

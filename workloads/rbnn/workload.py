@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from bitfleet import registry
 from bitfleet.data import DataInfo
-from bitfleet.engine import checkpoint
+from bitfleet.data import info as data_info
+from bitfleet.engine import checkpoint, objective
 from bitfleet.engine.batchnorm import BNRecalibration
-from bitfleet.errors import SpecError
+from bitfleet.errors import SpecError, spec_warning
 from bitfleet.metrics import Metric
 from bitfleet.resolve import existing_checkpoint
 from bitfleet.workload import Workload, parse_section
@@ -40,28 +41,51 @@ METRICS = (  # what the callbacks report each epoch
 )
 
 
+class Objective(objective.Classification):
+    """Cross-entropy, top-1 and top-5 on every data set: the official code prints Prec@5 on CIFAR-10 too."""
+
+    always_top5 = True
+
+
 class RBNN(Workload):
     name = "rbnn"
     ModelConfig = ModelConfig
     Options = Options
+    Objective = Objective
     metrics = METRICS
+    defaults = {  # the official main.py's own defaults (seed 002), whatever the platform's are
+        "train": {"epochs": 400, "batch_size": 256, "eval_batch_size": 128,  # --epochs, -b, -bt
+                  "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                  "lr_schedule": {"type": "cosine", "warmup_epochs": 0}},  # --lr_type cos
+        "data": {"loader_workers": 8},  # --workers
+    }
 
     def validate(self, spec):
         super().validate(spec)
+        if spec.options.bn_only_epochs > spec.train.epochs:
+            spec_warning(f"rbnn.bn_only_epochs: {spec.options.bn_only_epochs} is more than train.epochs="
+                         f"{spec.train.epochs}: every epoch trains BatchNorm only")
         teacher = spec.options.teacher
-        if teacher is not None:
-            if teacher.workload == self.name:
-                raise SpecError("rbnn.teacher.workload: the teacher is a real-valued network of another workload "
-                                "(e.g. resnet_cifar)")
-            _teacher_model_config(teacher)
-            existing_checkpoint(teacher.checkpoint, "rbnn.teacher.checkpoint")
+        if teacher is None:
+            return
+        if teacher.torchvision is not None:
+            weights, classes = _torchvision_weights(teacher), data_info(spec.data).num_classes
+            if weights is not None and len(weights.meta["categories"]) != classes:
+                raise SpecError(f"rbnn.teacher.weights: {teacher.torchvision}'s {teacher.weights} predicts "
+                                f"{len(weights.meta['categories'])} classes; {spec.data.dataset} has {classes}")
+            return
+        if teacher.workload == self.name:
+            raise SpecError("rbnn.teacher.workload: the teacher is a real-valued network of another workload "
+                            "(e.g. resnet_cifar)")
+        _teacher_model_config(teacher)
+        existing_checkpoint(teacher.checkpoint, "rbnn.teacher.checkpoint")
 
     def setup(self, run):
         self.teacher = _load_teacher(self.options.teacher, run.info) if self.options.teacher else None
 
     def build_model(self, config: ModelConfig, data):
         return models.build(config.arch, data.num_classes, data.in_channels, data.image_size, a32=config.a32,
-                            w32=config.w32)
+                            w32=config.w32, react=config.react)
 
     def callbacks(self, run):
         options = self.options
@@ -71,7 +95,7 @@ class RBNN(Workload):
             cb.Rotation(options.rotation_update, options.rotation_iterations, options.svd_device, bn_only_from),
             cb.BNOnly(bn_only_from),
             cb.Telemetry(options.weight_hist, run.run_path),
-            BNRecalibration(options.bn_recalibration_batches),
+            BNRecalibration(options.bn_recalibration_batches, report_uncalibrated=True),
         ]
 
     def export(self, model, config: ModelConfig, data):
@@ -110,7 +134,31 @@ def _teacher_model_config(teacher: Teacher):
     return parse_section(registry.workload_class(teacher.workload).ModelConfig, teacher.model, "rbnn.teacher.model")
 
 
+def _torchvision_weights(teacher: Teacher):
+    """The torchvision weights enum member a teacher names (None: untrained), or a SpecError naming the field."""
+    import torchvision
+
+    if teacher.torchvision not in torchvision.models.list_models():
+        raise SpecError(f"rbnn.teacher.torchvision: {teacher.torchvision!r} is not a torchvision model "
+                        "(torchvision.models.list_models(), e.g. resnet34)")
+    if teacher.weights is None:
+        return None
+    try:
+        return torchvision.models.get_model_weights(teacher.torchvision)[teacher.weights]
+    except KeyError:
+        members = ", ".join(torchvision.models.get_model_weights(teacher.torchvision).__members__)
+        raise SpecError(f"rbnn.teacher.weights: {teacher.weights!r} is not one of {teacher.torchvision}'s "
+                        f"weights ({members})") from None
+
+
 def _load_teacher(teacher: Teacher, info: DataInfo) -> torch.nn.Module:
+    if teacher.torchvision is not None:
+        import torchvision
+
+        weights = _torchvision_weights(teacher)
+        model = torchvision.models.get_model(teacher.torchvision, weights=weights,
+                                             **({} if weights else {"num_classes": info.num_classes}))
+        return model.eval().requires_grad_(False)
     model = registry.get(teacher.workload).build_model(_teacher_model_config(teacher), info)
     model.load_state_dict(checkpoint.weights(checkpoint.find(teacher.checkpoint)))
     return model.eval().requires_grad_(False)

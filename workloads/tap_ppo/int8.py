@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from bitfleet import storage
 from bitfleet.data import build_datasets
 from bitfleet.engine.callbacks import Callback
+from bitfleet.errors import SpecError
 from bitfleet.report import against_targets
 from bitfleet.spec import DataSpec
 from workloads.tap_ppo import models, quant
@@ -26,7 +27,7 @@ from workloads.tap_ppo.tap import TapCodes, levels, tmax_from_histogram
 
 log = logging.getLogger("workloads.tap_ppo")
 
-QAT_WEIGHTS, INT8_FILE, RESULT_FILE, EVAL_FILE = "qat_final.pt", "int8.json", "tap_result.json", "eval.json"
+QAT_WEIGHTS, INT8_FILE, EVAL_FILE = "qat_final.pt", "int8.json", "eval.json"
 
 
 def batches(dataset, batch_size: int) -> list:
@@ -89,10 +90,22 @@ def read_codes(path: Path) -> dict[str, TapCodes]:
     return {name: TapCodes.from_dict(c) for name, c in layers.items()}
 
 
+def result_path(spec) -> Path:
+    """The codes the eval stage applies: `tap_ppo.config_path` (the seed's --config-path), else the result
+    file of the ppo stage it needs."""
+    options = spec.options
+    if options.config_path:
+        return Path(options.config_path)
+    if "ppo" not in spec.inputs:
+        raise SpecError("tap_ppo.config_path: the eval stage needs a result file: set it, or make the stage need "
+                        "the ppo stage (needs: [qat, ppo])")
+    return Path(spec.inputs["ppo"]) / options.result_name(spec.model.arch)
+
+
 def evaluate(spec) -> dict:
     """The eval stage: INT8 teacher and TAP student accuracy on the test split, and the drop."""
     int8 = teacher(spec, spec.inputs["qat"])
-    codes = read_codes(Path(spec.inputs["ppo"]) / RESULT_FILE)
+    codes = read_codes(result_path(spec))
     test = batches(build_datasets(spec.data).test, spec.train.eval_batch_size)
     teacher_acc = quant.accuracy(int8, test)
     with quant.apply_tap(int8, codes):

@@ -12,7 +12,9 @@ INT8 teacher with TAP at every record point) runs on the calibration split, and 
 
 with AT the attention-transfer distance on the attention layers. Env runners are spread over the cluster
 (`scaling.num_workers` of them): evaluating students is the expensive part. Every finished episode is
-appended to `episodes.jsonl`; the best one becomes `tap_result.json`.
+appended to `episodes.jsonl`; the best one becomes the result file (`tap_ppo.result_file`, the seed's
+`--result-file`: `<arch>_ppo_result.json` by default). Only the record points in `tap_ppo.layers` (default:
+all, the seed's list) are approximated, walked in network order.
 """
 from __future__ import annotations
 
@@ -62,7 +64,9 @@ class TapEnv(gym.Env):
         options = spec.options
         stats = json.loads((Path(spec.inputs["qat"]) / int8.INT8_FILE).read_text())
         self.teacher = int8.teacher(spec, spec.inputs["qat"])
-        self.layers, self.bins = stats["record_points"], options.breakpoint_bins
+        approximated = options.layers or stats["record_points"]
+        self.layers = [name for name in stats["record_points"] if name in approximated]  # in network order
+        self.bins = options.breakpoint_bins
         self.tmax = stats["tmax"]
         self.attention = options.attention_layers or self.teacher.attention_layers
         self.weights = (options.attention_weight, options.cost_weight)
@@ -131,7 +135,7 @@ class TapEnv(gym.Env):
 
 
 def run_search(spec: RunSpec) -> dict:
-    """The PPO stage: train PPO until `episodes` episodes, keep the best choice, write `tap_result.json`."""
+    """The PPO stage: train PPO until `episodes` episodes, keep the best choice, write the result file."""
     from ray.rllib.algorithms.ppo import PPOConfig
 
     options = spec.options
@@ -165,7 +169,7 @@ def run_search(spec: RunSpec) -> dict:
         algo.stop()
     storage.write_text(str(spec.run_dir / PROGRESS_FILE), json.dumps(progress, indent=1))
     best = max(_episodes(episodes_file), key=lambda e: e["reward"])
-    storage.write_text(str(spec.run_dir / int8.RESULT_FILE), json.dumps(best, indent=1))
+    storage.write_text(str(spec.run_dir / options.result_name(spec.model.arch)), json.dumps(best, indent=1))
     seconds = [p["seconds"] for p in progress]
     return {"best_reward": best["reward"], "best_drop": best["drop"], "episodes": _count(episodes_file),
             "iterations": len(progress), "seconds_per_iteration": float(np.median(seconds))}

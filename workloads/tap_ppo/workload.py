@@ -39,10 +39,14 @@ class TapPPO(Workload):
             raise SpecError("tap_ppo.stage: qat starts from the float stage's weights; set train.init_from "
                             "(in a pipeline: the stage's `init_from: float`)")
         points = models.ARCHS[arch].record_points
-        unknown = [name for name in options.attention_layers or [] if name not in points]
-        if unknown:
-            raise SpecError(f"tap_ppo.attention_layers: {unknown[0]!r} is not a record point of {arch} "
-                            f"({', '.join(points)})")
+        for field in ("attention_layers", "layers"):
+            unknown = [name for name in getattr(options, field) or [] if name not in points]
+            if unknown:
+                raise SpecError(f"tap_ppo.{field}: {unknown[0]!r} is not a record point of {arch} "
+                                f"({', '.join(points)})")
+        if options.config_path and not Path(options.config_path).is_file():
+            raise SpecError(f"tap_ppo.config_path: {options.config_path} is not a file (a ppo stage's "
+                            f"{options.result_name(arch)})")
 
     @property
     def qat(self) -> bool:

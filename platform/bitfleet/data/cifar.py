@@ -98,7 +98,7 @@ def _files_present(cls, root: Path) -> bool:
 def load(spec, *, augment: bool):
     name, root = spec.dataset, spec.root
     mean, std = STATS[name]
-    train_tf = image_transform(32, mean, std, augment=augment, pad=4, flip=True)
+    train_tf = image_transform(32, mean, std, augment=augment, pad=4, flip=True, rotation=spec.random_rotation)
     test_tf = image_transform(32, mean, std, augment=False, pad=0, flip=False)
     cls = _LOADERS[name]
     return cls(str(root), train=True, transform=train_tf), cls(str(root), train=False, transform=test_tf)

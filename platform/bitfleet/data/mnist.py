@@ -18,14 +18,14 @@ SAMPLE_TEST_PER_CLASS = 100
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def _transforms(augment: bool):
-    return image_transform(28, MEAN, STD, augment=augment, pad=2, flip=False), image_transform(
+def _transforms(augment: bool, rotation: float = 0.0):
+    return image_transform(28, MEAN, STD, augment=augment, pad=2, flip=False, rotation=rotation), image_transform(
         28, MEAN, STD, augment=False, pad=0, flip=False
     )
 
 
 def load(spec, *, augment: bool):
-    train_tf, test_tf = _transforms(augment)
+    train_tf, test_tf = _transforms(augment, spec.random_rotation)
     if spec.dataset == "mnist_sample":
         (xtr, ytr), (xte, yte) = embedded_sample()
         return TensorImages(xtr, ytr, train_tf), TensorImages(xte, yte, test_tf)

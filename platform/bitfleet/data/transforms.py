@@ -1,17 +1,21 @@
-"""Image transforms shared by the data sets: seed 004's pad-crop + flip augmentation and normalisation."""
+"""Image transforms shared by the data sets: seed 004's pad-crop + flip augmentation, seed 000's random
+rotation, and normalisation."""
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
 
 
-def image_transform(size: int, mean, std, *, augment: bool, pad: int, flip: bool) -> v2.Compose:
-    """uint8 image (PIL or tensor) -> normalised float CHW tensor; random pad-crop (+ flip) when augment."""
+def image_transform(size: int, mean, std, *, augment: bool, pad: int, flip: bool, rotation: float = 0.0) -> v2.Compose:
+    """uint8 image (PIL or tensor) -> normalised float CHW tensor; random pad-crop (+ flip, + a rotation
+    by an angle drawn uniformly from [-rotation, rotation] degrees, the corners filled with 0) when augment."""
     steps = [v2.ToImage()]
     if augment:
         steps.append(v2.RandomCrop(size, padding=pad))
         if flip:
             steps.append(v2.RandomHorizontalFlip())
+        if rotation:
+            steps.append(v2.RandomRotation(rotation))
     return v2.Compose([*steps, *normalise(mean, std).transforms])
 
 

@@ -74,13 +74,14 @@ def _pool_over_ranks(norms: list[nn.modules.batchnorm._BatchNorm]) -> None:
 
 
 class BNRecalibration(Callback):
-    """Before evaluation: recalibrate the evaluated model (`state.eval_model`: the model or its EMA) on
-    `batches` batches of this rank's training loader, whenever `due` (by default before every evaluation).
-    Workloads narrow `due` or wrap `recalibrate` (e.g. in the forward path evaluation runs). Reports
-    `bn/recalibrated_batches`: the batches used."""
+    """Before evaluation: recalibrate every evaluated model (the trained weights, and their EMA) on `batches`
+    batches of this rank's training loader, whenever `due` (by default before every evaluation). Workloads
+    narrow `due` or wrap `recalibrate` (e.g. in the forward path evaluation runs). Reports
+    `bn/recalibrated_batches`: the batches used. With `report_uncalibrated`, the trained weights are first
+    evaluated as they are, reported as `uncalibrated/<split>/*`: what recalibration changed is in the metrics."""
 
-    def __init__(self, batches: int):
-        self.batches = batches
+    def __init__(self, batches: int, report_uncalibrated: bool = False):
+        self.batches, self.report_uncalibrated = batches, report_uncalibrated
 
     def due(self, state: TrainState) -> bool:
         return True
@@ -91,7 +92,12 @@ class BNRecalibration(Callback):
     def on_eval_start(self, state: TrainState) -> None:
         if not self.batches or not self.due(state):
             return
-        state.metrics["bn/recalibrated_batches"] = float(self.recalibrate(state.eval_model, state.train_loader))
+        if self.report_uncalibrated and state.evaluate is not None:
+            raw = state.evaluated.get("", state.model)
+            state.metrics.update({f"uncalibrated/{key}": value for key, value in state.evaluate(raw).items()})
+        for model in state.evaluated_models():
+            used = self.recalibrate(model, state.train_loader)
+        state.metrics["bn/recalibrated_batches"] = float(used)
 
 
 @torch.no_grad()

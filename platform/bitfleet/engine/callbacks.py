@@ -8,6 +8,7 @@ schedules exactly.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,13 +47,25 @@ class TrainState:
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # extra telemetry for this epoch
     histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # values to histogram this epoch (rank 0)
-    eval_model: nn.Module | None = None  # what evaluation runs: the EMA's module or `model`
+    eval_model: nn.Module | None = None  # the model the run is judged by: the EMA's module or `model`
     train_loader: Any = None  # this rank's training batches (BN recalibration reads a few)
+    # every model evaluated, by the prefix of its metrics: "" the trained weights, "ema/" their average
+    evaluated: dict[str, nn.Module] = field(default_factory=dict)
+    result_prefix: str = ""  # the prefix of the metrics of `eval_model`
+    # the loop's evaluation of a model on every eval split -> {"test/acc": ...}; every rank calls it together
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
     @property
     def progress(self) -> float:
         """Fraction of training done, in [0, 1], at step resolution."""
         return min(1.0, self.global_step / max(1, self.epochs * self.steps_per_epoch))
+
+    def evaluated_models(self) -> list[nn.Module]:
+        return list(self.evaluated.values()) or [self.eval_model if self.eval_model is not None else self.model]
+
+    def result(self, metrics: dict[str, float], name: str = "acc") -> float | None:
+        """The metric `name` of the model the run is judged by, on val when the run holds it out, else test."""
+        return metrics.get(f"{self.result_prefix}val/{name}", metrics.get(f"{self.result_prefix}test/{name}"))
 
 
 class Callback:

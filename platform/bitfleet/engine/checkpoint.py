@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bitfleet import storage
+from bitfleet.engine.ema import IS_RESULT
 
 log = logging.getLogger(__name__)
 FILE = "state.pt"
@@ -180,10 +181,11 @@ def for_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, pa
 
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The weights a user wants from a checkpoint: the EMA's when the run kept one, else the model's."""
+    """The weights a user wants from a checkpoint: the EMA's when the run kept one as its result
+    (`train.ema.evaluate`; runs of older bitfleets have no flag and always did), else the model's."""
     state = load(directory)
     ema = state.get("ema")
-    if ema:
+    if ema and ema.get(IS_RESULT, True):
         return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     return state["model"]
 

@@ -29,11 +29,10 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import CheckpointUploadMode
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
 from bitfleet.data import loaders
-from bitfleet.engine import checkpoint, events, preemption, strategy
+from bitfleet.engine import checkpoint, early_stopping, ema, events, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
@@ -89,21 +88,23 @@ class Trainer:
         # moves the model to the device, wraps it (DDP, or a DeepSpeed engine that wraps the optimizer too)
         self.strategy = strategy.build(self.train_spec, self.model, self.optimizer, self.device,
                                        self.train_spec.batch_size // self.world)
-        ema = self.train_spec.ema
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema.decay), use_buffers=True)
-                    if ema else None)
+        self.ema = ema.build(self.model, self.train_spec.ema)
+        evaluated = {"": self.model, **({"ema/": self.ema.module} if self.ema else {})}  # by metrics prefix
+        result = "ema/" if self.ema is not None and self.ema.is_result else ""
         self.objective = self.workload.Objective(self.train_spec, self.data.info)
         self.callbacks = Callbacks(self.workload.callbacks(run))
         self.state = TrainState(
             self.model, self.optimizer, epochs=self.train_spec.epochs, steps_per_epoch=self.steps_per_epoch,
             rank=self.rank, world_size=self.world, train_loader=self.train_loader,
-            eval_model=self.ema.module if self.ema is not None and self.train_spec.ema.evaluate else self.model,
+            eval_model=evaluated[result], evaluated=evaluated, result_prefix=result, evaluate=self.evaluate_model,
         )
         self.history: list[dict] = []
         self.restores = 0
         self.metrics = WorkerMetrics(run_labels(spec), self.rank)
         self.spec_digest = spec_digest(spec)
         self.checkpoint_score = checkpoint_score
+        self.early_stopping = early_stopping.build(self.train_spec.early_stopping, checkpoint_score,
+                                                   self.objective.modes)
         self.control = preemption.Control(spec.failure, self.run_path, self.rank, self.world, self.device)
         self.meter = events.Meter(self.train_spec.print_freq, self.steps_per_epoch, self.train_spec.epochs)
         self.resume: dict | None = None  # this rank's part of a mid-epoch checkpoint, until its epoch resumes
@@ -118,6 +119,8 @@ class Trainer:
                              steps_per_epoch=self.steps_per_epoch, epoch=self.state.epoch,
                              step_in_epoch=self.state.step_in_epoch, workers=self.world, restores=self.restores)
         while self.state.epoch < self.train_spec.epochs:
+            if self._stopped_early():
+                return
             metrics = self.run_epoch()
             if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
                 return
@@ -140,10 +143,10 @@ class Trainer:
             return None
         metrics = {"epoch": state.epoch + 1, **trained, "lr": self.optimizer.param_groups[0]["lr"]}
         evaluating = time.perf_counter()
-        broadcast_buffers(self.model, self.ema)  # every rank evaluates, and rank 0 saves, the same BN statistics
+        broadcast_buffers(*state.evaluated.values())  # every rank evaluates, and rank 0 saves, the same BN statistics
         self.callbacks.on_eval_start(state)
-        for split, loader in self.eval_loaders.items():
-            metrics.update(self.evaluate(split, loader))
+        for prefix, model in state.evaluated.items():
+            metrics.update({prefix + key: value for key, value in self.evaluate_model(model).items()})
         self.callbacks.on_eval_end(state, metrics)
         self.meter.evaluated(time.perf_counter() - evaluating)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -204,14 +207,17 @@ class Trainer:
         self.strategy.step(loss)
         self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update()
         return loss, outputs
 
+    def evaluate_model(self, model: torch.nn.Module) -> dict[str, float]:
+        return {key: value for split, loader in self.eval_loaders.items()
+                for key, value in self.evaluate(split, loader, model).items()}
+
     @torch.no_grad()
-    def evaluate(self, split: str, loader) -> dict[str, float]:
-        """The objective's metrics of the bare model (or its EMA) on this rank's shard of `split`, summed
-        over ranks."""
-        model = self.state.eval_model
+    def evaluate(self, split: str, loader, model: torch.nn.Module) -> dict[str, float]:
+        """The objective's metrics of `model` (the bare model or its EMA) on this rank's shard of `split`,
+        summed over ranks."""
         model.eval()
         sums = torch.zeros(2 + len(self.objective.sums), device=self.device)
         for step, (images, labels) in enumerate(loader):
@@ -266,7 +272,18 @@ class Trainer:
         self.control.saved()
 
     def _checkpoints_at_epoch_end(self, epochs_done: int) -> bool:
-        return epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
+        return (epochs_done % self.spec.failure.checkpoint_every == 0 or epochs_done == self.train_spec.epochs
+                or self._early_stop_reason() is not None)  # the run's last epoch either way
+
+    def _early_stop_reason(self) -> str | None:
+        return self.early_stopping.reason(self.history) if self.early_stopping else None
+
+    def _stopped_early(self) -> bool:
+        reason = self._early_stop_reason()
+        if reason and self.rank == 0:  # the driver's log says so
+            self.events.emit("log", level=logging.INFO,
+                             text=f"{reason}: stopped after epoch {self.state.epoch} of {self.train_spec.epochs}")
+        return reason is not None
 
     def save_step_checkpoint(self, sums: torch.Tensor, elapsed: float, wait: bool) -> None:
         """A mid-epoch checkpoint (see the module's docstring); every rank calls it at the same step."""

@@ -31,8 +31,8 @@ def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def autocast_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
-    """The dtype of `train.amp` (auto: fp16 on CUDA, bf16 on CPU), or None without AMP."""
-    if not spec.amp:
+    """The dtype of `train.amp` (auto: fp16 on CUDA, bf16 on CPU), or None without AMP (`amp: gpu` on a CPU)."""
+    if not spec.amp or (spec.amp == "gpu" and device.type != "cuda"):
         return None
     default = torch.float16 if device.type == "cuda" else torch.bfloat16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.amp_dtype, default)

@@ -31,10 +31,12 @@ from bitfleet.spec import RunSpec
 
 def checkpoint_score(spec: RunSpec) -> tuple[str, str]:
     """(metric, "max" | "min") that ranks the run's checkpoints: `failure.checkpoint_metric`, else the
-    workload objective's own on the validation split when one is held out, else on the test split."""
+    workload objective's own on the validation split when one is held out, else on the test split — of the
+    EMA when it is the run's result (`train.ema.evaluate`)."""
     objective = registry.workload_class(spec.workload).Objective
-    metric = spec.failure.checkpoint_metric or f"{'val' if spec.data.val_size else 'test'}/{objective.score}"
-    return metric, spec.failure.checkpoint_mode or objective.modes[metric.split("/", 1)[1]]
+    ema = "ema/" if spec.train.ema is not None and spec.train.ema.evaluate else ""
+    metric = spec.failure.checkpoint_metric or f"{ema}{'val' if spec.data.val_size else 'test'}/{objective.score}"
+    return metric, spec.failure.checkpoint_mode or objective.modes[metric.rsplit("/", 1)[1]]
 
 
 def build_trainer(spec: RunSpec, callbacks: tuple = (), events=None) -> TorchTrainer:
