@@ -1,27 +1,41 @@
 """Writes the Grafana dashboards in this folder: `python dashboards/build.py`.
 
 The JSON files are what Grafana loads (provisioned by cluster/grafana/); this script is their source, so
-panels stay uniform and every query names only catalogue metrics (platform/bitfleet/metrics.py). A unit
-test fails when the JSON and this script disagree. Each dashboard has a `datasource` variable (any
-Prometheus) and a multi-value `run` variable; a sweep's trials share their sweep's `run`.
+panels stay uniform and every query names only catalogue metrics (platform/bitfleet/metrics.py) and the
+node metrics Ray exports. A unit test fails when the JSON and this script disagree. Each dashboard has a
+`datasource` variable (any Prometheus) and a multi-value `run` variable; a sweep's trials share their
+sweep's `run`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from bitfleet.metrics import RunState
+
 HERE = Path(__file__).parent
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RUN = 'run=~"$run"'
 RATE = "$__rate_interval"
+LEGEND = {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull"]}
+STAT = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "textMode": "value_and_name",
+        "colorMode": "none", "graphMode": "none"}
+STATE_TIMELINE = {"showValue": "auto", "mergeValues": True, "legend": {"showLegend": False}}
+RUN_STATES = [{"type": "value", "options": {
+    str(RunState.RUNNING): {"text": "running", "color": "blue", "index": 0},
+    str(RunState.SUCCEEDED): {"text": "succeeded", "color": "green", "index": 1},
+    str(RunState.FAILED): {"text": "failed", "color": "red", "index": 2}}}]
 
 
-def panel(title: str, targets: list[tuple[str, str]], unit: str = "short", description: str = "") -> dict:
-    """A time-series panel; `targets` are (PromQL, legend) pairs."""
+def panel(title: str, targets: list[tuple[str, str]], unit: str = "short", description: str = "",
+          kind: str = "timeseries", mappings: list[dict] = ()) -> dict:
+    """A panel (a time series, a stat showing the last value, a state timeline); `targets` are (PromQL,
+    legend) pairs."""
+    options = {"stat": STAT, "state-timeline": STATE_TIMELINE}.get(kind, {"legend": LEGEND})
     return {
-        "type": "timeseries", "title": title, "description": description, "datasource": DATASOURCE,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull"]}},
+        "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": {"unit": unit, "mappings": list(mappings)}, "overrides": []},
+        "options": options,
         "targets": [{"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)}
                     for i, (expr, legend) in enumerate(targets)],
     }
@@ -31,6 +45,23 @@ def by_run(metric: str, extra: str = "", labels: str = "run, trial") -> str:
     """One series per run (and trial): the max over Ray's own labels (worker id, node)."""
     selector = ", ".join(filter(None, [RUN, extra]))
     return f"max by ({labels}) ({metric}{{{selector}}})"
+
+
+# The plan a worker group exports when it starts, and the step it has reached: % done, and the time left at
+# the current step rate (ranks step together: any rank's rate is the run's).
+PLANNED_STEPS = (f"max by (run, trial) (ray_bitfleet_planned_epochs{{{RUN}}}) "
+                 f"* max by (run, trial) (ray_bitfleet_steps_per_epoch{{{RUN}}})")
+STEPS_DONE = f"max by (run, trial) (ray_bitfleet_global_step{{{RUN}}})"
+STEP_RATE = f"max by (run, trial) (rate(ray_bitfleet_steps_total{{{RUN}}}[{RATE}]))"
+
+# Ray's node metrics (its `ip` label) of the nodes where the selected runs' ranks live (their series carry
+# the node as `NodeAddress`), while they live there.
+RUN_NODES = (f'label_replace(max by (NodeAddress) (ray_bitfleet_steps_total{{{RUN}}}), "ip", "$1", '
+             f'"NodeAddress", "(.+)")')
+
+
+def on_run_nodes(expr: str) -> str:
+    return f"({expr}) and on (ip) {RUN_NODES}"
 
 
 def quantile(q: float) -> str:
@@ -49,6 +80,10 @@ def evaluations(quantity: str) -> list[tuple[str, str]]:
 
 
 TRAINING = [
+    panel("Done", [(f"{STEPS_DONE} / ({PLANNED_STEPS})", "{{run}} {{trial}}")], unit="percentunit", kind="stat",
+          description="Steps taken of epochs x steps per epoch (an elastic run's changes with its group size)"),
+    panel("Time left", [(f"({PLANNED_STEPS} - {STEPS_DONE}) / {STEP_RATE}", "{{run}} {{trial}}")], unit="s",
+          kind="stat", description="Steps left at the current step rate (evaluation and checkpoints not counted)"),
     panel("Loss", evaluations("loss"), description=EVALUATIONS),
     panel("Accuracy (top-1)", evaluations("accuracy"), unit="percent", description=EVALUATIONS),
     panel("Accuracy (top-5)", evaluations("accuracy_top5"), unit="percent",
@@ -77,8 +112,19 @@ TRAINING = [
     panel("Checkpoint time", [(by_run("ray_bitfleet_checkpoint_save_seconds"), "save {{run}} {{trial}}"),
                               (by_run("ray_bitfleet_checkpoint_restore_seconds"), "restore {{run}} {{trial}}")],
           unit="s", description="Restore appears once a worker group has restarted from a checkpoint"),
-    panel("Run state", [(by_run("ray_bitfleet_run_state"), "{{run}} {{trial}}")],
-          description="1 running, 2 succeeded, 3 failed (exported by the driver while it lives)"),
+    panel("Run state", [(by_run("ray_bitfleet_run_state"), "{{run}} {{trial}}")], kind="state-timeline",
+          mappings=RUN_STATES, description="Exported by the driver while it lives"),
+    panel("Node CPU", [(on_run_nodes("max by (ip) (ray_node_cpu_utilization)"), "{{ip}}")], unit="percent",
+          description="CPU use of the nodes the runs' workers are on (all cores: 100% is every core busy)"),
+    panel("Node memory", [(on_run_nodes("max by (ip) (ray_node_mem_used) / max by (ip) (ray_node_mem_total)"),
+                           "{{ip}}")], unit="percentunit", description="Memory in use on the nodes of the runs"),
+    panel("GPU utilization", [(on_run_nodes("max by (ip, GpuIndex) (ray_node_gpus_utilization)"),
+                               "{{ip}} GPU {{GpuIndex}}")], unit="percent",
+          description="Each GPU of the nodes of the runs (no data on CPU nodes)"),
+    panel("GPU memory", [(on_run_nodes("max by (ip, GpuIndex) (ray_node_gram_used) "
+                                       "/ max by (ip, GpuIndex) (ray_node_gram_used + ray_node_gram_available)"),
+                          "{{ip}} GPU {{GpuIndex}}")], unit="percentunit",
+          description="Memory in use of each GPU of the nodes of the runs (no data on CPU nodes)"),
 ]
 
 SWEEPS = [

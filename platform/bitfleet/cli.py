@@ -1,5 +1,5 @@
-"""`bitfleet run | sweep | submit | status | validate | eval | report | export | list | data`: parse the
-command line and delegate."""
+"""`bitfleet run | sweep | submit | logs | stop | status | validate | eval | report | export | list | data`:
+parse the command line and delegate."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,6 @@ import bitfleet
 from bitfleet import console
 from bitfleet.errors import SpecError, SpecWarning, one_line
 from bitfleet.paths import data_path
-from bitfleet.resolve import load_spec, set_aside
 
 
 def _spec_warnings_on_one_line() -> None:
@@ -68,6 +67,8 @@ def failure_line(exc: BaseException) -> str:
 
 
 def cmd_validate(args) -> int:
+    from bitfleet.resolve import load_spec  # imports torch: not for the commands that only talk to a cluster
+
     spec = load_spec(args.spec, args.override)
     if args.print:  # the resolved spec, every default filled in: what `run` would run
         import yaml
@@ -136,6 +137,8 @@ def cmd_sweep(args) -> int:
 
 def _load_for_a_start(args):
     """The resolved spec of `run`/`sweep`; with --fresh an existing run of that name is set aside first."""
+    from bitfleet.resolve import load_spec, set_aside
+
     spec = load_spec(args.spec, args.override, fresh=args.fresh)
     if args.fresh:
         from bitfleet.scheduler import lock
@@ -148,16 +151,36 @@ def _load_for_a_start(args):
 
 
 def cmd_submit(args) -> int:
-    load_spec(args.spec, args.override)  # fail here, not in the job
     from bitfleet.scheduler import jobs
 
-    job_id = jobs.submit(args.spec, args.override, address=args.address, working_dir=args.working_dir)
-    print(f"submitted {job_id}; follow it with: ray job logs --address {args.address} -f {job_id}")
-    if args.wait:
-        status = jobs.wait(job_id, address=args.address)
-        print(f"{job_id}: {status}")
-        return 0 if status == "SUCCEEDED" else 1
+    extra_env = jobs.runtime_env(args.runtime_env, args.pip, args.env, args.exclude)
+    client = jobs.connect(args.address)  # an address that does not answer fails here, in seconds
+    job_id = jobs.submit(args.spec, args.override, client, args.working_dir, extra_env)  # the spec fails before
+    address = f" --address {args.address}" if args.address else ""
+    print(f"submitted {job_id}", flush=True)
+    if args.no_wait:
+        print(f"follow it: bitfleet logs {job_id} --follow{address}\nstop it:   bitfleet stop {job_id}{address}")
+        return 0
+    print(f"bitfleet: following {job_id} (Ctrl+C stops following, not the job)", file=sys.stderr, flush=True)
+    return jobs.follow(client, job_id)
+
+
+def cmd_logs(args) -> int:
+    from bitfleet.scheduler import jobs
+
+    client = jobs.connect(args.address)
+    job_id = jobs.find(client, args.job)
+    if args.follow:
+        return jobs.follow(client, job_id)
+    print(jobs.logs(client, job_id), end="")
     return 0
+
+
+def cmd_stop(args) -> int:
+    from bitfleet.scheduler import jobs
+
+    client = jobs.connect(args.address)
+    return jobs.stop(client, jobs.find(client, args.job), wait=not args.no_wait)
 
 
 def cmd_list(args) -> int:
@@ -204,9 +227,11 @@ def cmd_data_download(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from bitfleet.status import status
+    from bitfleet import status
 
-    print(status(args.address))
+    if args.watch:
+        return status.watch(args.address, args.watch)
+    print(status.status(args.address))
     return 0
 
 
@@ -282,13 +307,36 @@ def _parser() -> argparse.ArgumentParser:
     sweep = spec_command("sweep", cmd_sweep, "run the spec's `sweep:` as a Ray Tune search (resumes if it ran before)")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
     sweep.add_argument("--fresh", action="store_true", help="start the sweep anew, its earlier folder moved aside")
-    submit = spec_command("submit", cmd_submit, "submit `bitfleet run SPEC` through Ray Jobs")
-    submit.add_argument("--address", required=True, help="Ray dashboard URL, e.g. http://head:8265")
-    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")
-    submit.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
+    submit = spec_command("submit", cmd_submit, "run the spec (a sweep spec: its sweep) as a Ray Job: streams "
+                          "its logs and exits with its code, like `ray job submit`")
+    _address_option(submit)
+    submit.add_argument("--working-dir", help="uploaded as the job's working directory (default: the runtime "
+                        "env file's, else .)")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted; follow with `bitfleet logs`")
+    submit.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                        help="a package the job installs, e.g. --pip mlflow>=2.16 (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable of the job (repeatable)")
+    submit.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="a gitignore-style pattern left out of the upload, besides the defaults (repeatable)")
+    submit.add_argument("--runtime-env", metavar="FILE", help="a runtime env YAML file, as `ray job submit` reads "
+                        "one; the flags above add to it")
+    logs = command(sub, "logs", help="a submitted job's logs (by submission id, or the newest job of a run)")
+    logs.add_argument("job", metavar="ID", help="submission id (bitfleet-<run>[-N]) or run name")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream until the job ends; exit with its code")
+    _address_option(logs)
+    logs.set_defaults(command=cmd_logs)
+    stop = command(sub, "stop", help="stop a submitted job: its run checkpoints at the next step and stops")
+    stop.add_argument("job", metavar="ID", help="submission id (bitfleet-<run>[-N]) or run name")
+    stop.add_argument("--no-wait", action="store_true", help="return at once, not when the job has stopped")
+    _address_option(stop)
+    stop.set_defaults(command=cmd_stop)
 
     stat = command(sub, "status", help="runs and sweeps alive on a Ray cluster, with their latest metrics")
-    stat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
+    stat.add_argument("--address", help="Ray cluster address HEAD:6379 (default: RAY_ADDRESS, else the local "
+                      "cluster)")
+    stat.add_argument("--watch", nargs="?", type=_seconds, const=5.0, metavar="SECONDS",
+                      help="refresh every SECONDS (default 5) until Ctrl+C")
     stat.set_defaults(command=cmd_status)
 
     listing = command(sub, "list", help="the workloads, the networks each builds and their shipped specs")
@@ -337,6 +385,18 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(command=cmd_data_synth)
     return parser
+
+
+def _address_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's dashboard, e.g. http://head:8265 (default: "
+                        "RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 if __name__ == "__main__":

@@ -67,3 +67,8 @@ def unknown_key_message(key: str, fields, workload: str) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(known)}"
     return f"{key}: unknown key{hint}"
+
+
+class ClusterError(ConnectionError):
+    """The Ray cluster a command names is missing, does not answer, or refuses the request: one line naming
+    the address and what to check, not a traceback."""

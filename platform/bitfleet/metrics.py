@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -80,6 +82,10 @@ PLATFORM: tuple[Metric, ...] = (  # the platform's own; workloads declare theirs
            RANK_LABELS),
     Metric("bitfleet_data_wait_seconds", "counter",
            "Time spent waiting for the next batch; its rate is the share of wall time lost to data", RANK_LABELS),
+    # -- the run's plan, set by rank 0 when a worker group starts, and its position: the dashboards' % done and ETA
+    Metric("bitfleet_planned_epochs", "gauge", "Epochs the run trains in all (train.epochs)"),
+    Metric("bitfleet_steps_per_epoch", "gauge", "Optimizer steps per epoch of the current worker group"),
+    Metric("bitfleet_global_step", "gauge", "Optimizer steps the run has taken, those before a restore included"),
     # -- checkpoints (rank 0) and the run's life (the driver)
     Metric("bitfleet_checkpoint_save_seconds", "gauge",
            "Time to write and persist the last checkpoint (its ray.train.report included)"),
@@ -165,10 +171,45 @@ def record(name: str, value: float, labels: dict[str, str]) -> None:
     tags = {key: labels[key] for key in BY_NAME[name].labels}
     if kind == "gauge":
         recorder.set(value, tags=tags)
+        _GAUGES.hold(name, tags, value)
     elif kind == "counter":
         recorder.inc(value, tags=tags)
     else:
         recorder.observe(value, tags=tags)
+
+
+class _HeldGauges:
+    """The last value of each gauge series this process set, set again every KEEP_ALIVE_S by a daemon thread.
+
+    Ray (2.60) exports a gauge value for two report intervals after it was set, then drops the series: a value
+    set once (the run's plan, an epoch's accuracy, the run's state) would reach Prometheus once, if at all, and
+    `bitfleet status` would mostly show nothing. Held, a series lives as long as its process, as a gauge does.
+    """
+
+    KEEP_ALIVE_S = 1.0  # under Ray's shortest report interval (1 s): the series never lapses
+
+    def __init__(self):
+        self.values: dict[tuple[str, tuple], float] = {}
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, name: str, tags: dict[str, str], value: float) -> None:
+        with self.lock:
+            self.values[name, tuple(sorted(tags.items()))] = value
+            if self.thread is None or not self.thread.is_alive():  # none yet, or this is a forked child
+                self.thread = threading.Thread(target=self._keep_alive, name="bitfleet-gauges", daemon=True)
+                self.thread.start()
+
+    def _keep_alive(self) -> None:
+        while True:
+            time.sleep(self.KEEP_ALIVE_S)
+            with self.lock:
+                held = list(self.values.items())
+            for (name, tags), value in held:
+                _recorder(name).set(value, tags=dict(tags))
+
+
+_GAUGES = _HeldGauges()
 
 
 @contextmanager
@@ -189,13 +230,25 @@ class WorkerMetrics:
     def __init__(self, labels: dict[str, str], rank: int):
         self.labels = {**labels, "rank": str(rank)}
         self.rank = rank
+        self.global_step = 0
         self.unexported: set[str] = set()  # report keys no metric declares: warned about once each
+
+    def plan(self, epochs: int, steps_per_epoch: int, global_step: int) -> None:
+        """The run's length and where this worker group starts in it (0, or the restored step)."""
+        self.global_step = global_step
+        if self.rank == 0:
+            record("bitfleet_planned_epochs", epochs, self.labels)
+            record("bitfleet_steps_per_epoch", steps_per_epoch, self.labels)
+            record("bitfleet_global_step", global_step, self.labels)
 
     def step(self, seconds: float, data_wait_s: float, samples: int) -> None:
         record("bitfleet_steps", 1, self.labels)
         record("bitfleet_samples", samples, self.labels)
         record("bitfleet_step_seconds", seconds, self.labels)
         record("bitfleet_data_wait_seconds", data_wait_s, self.labels)
+        self.global_step += 1
+        if self.rank == 0:
+            record("bitfleet_global_step", self.global_step, self.labels)
 
     def epoch(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:

@@ -1,17 +1,21 @@
-"""`bitfleet status`: the runs and sweeps alive on a Ray cluster, with their latest metrics.
+"""`bitfleet status [--watch]`: the runs and sweeps alive on a Ray cluster, with their latest metrics.
 
 It reads what Prometheus would scrape: the metrics endpoint of every alive node (Ray's
 `MetricsExportPort`), parsed with `prometheus_client`. A run shows while its workers or its driver
-live; Ray drops a process's series when the process ends.
+live: Ray drops a process's gauges when the process ends (its counters stay with the node's agent, so a
+run with counters and no gauge has ended).
 """
 from __future__ import annotations
 
+import sys
+import time
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from bitfleet.address import DRIVER_VARIABLES, driver_address, only
 from bitfleet.metrics import BY_NAME, RunState
 
 STATES = {RunState.RUNNING: "running", RunState.SUCCEEDED: "succeeded", RunState.FAILED: "failed"}
@@ -31,7 +35,9 @@ def node_endpoints(address: str | None) -> list[str]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+        address = driver_address(address)  # one quick try first: Ray would retry a dead address for a minute
+        with only(address, DRIVER_VARIABLES):  # --address wins over RAY_ADDRESS, which ray.init prefers
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     return [f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
             for node in ray.nodes() if node["Alive"] and node.get("MetricsExportPort")]
 
@@ -62,11 +68,12 @@ def collect(expositions: list[str]) -> tuple[list[RunRow], dict[str, dict[str, f
                     row.values[column] = row.values.get(column, 0.0) + sample.value
                 else:
                     row.values[column] = max(row.values.get(column, sample.value), sample.value)
-    return sorted(runs.values(), key=lambda r: (r.run, r.trial)), dict(sweeps)
+    alive = [row for row in runs.values() if any(BY_NAME[c.split(":")[0]].kind == "gauge" for c in row.values)]
+    return sorted(alive, key=lambda r: (r.run, r.trial)), dict(sweeps)
 
 
 COLUMNS = [  # header, catalogue value, format
-    ("EPOCH", "bitfleet_epoch", "{:.0f}"), ("STEPS", "bitfleet_steps", "{:.0f}"),
+    ("EPOCH", "bitfleet_epoch", "{:.0f}"), ("STEPS", "bitfleet_global_step", "{:.0f}"),
     ("TRAIN LOSS", "bitfleet_loss:train", "{:.4f}"), ("VAL ACC", "bitfleet_accuracy:val", "{:.2f}"),
     ("TEST ACC", "bitfleet_accuracy:test", "{:.2f}"), ("LR", "bitfleet_learning_rate", "{:.4g}"),
     ("RESTARTS", "bitfleet_worker_restarts", "{:.0f}"),
@@ -76,11 +83,11 @@ COLUMNS = [  # header, catalogue value, format
 def render(runs: list[RunRow], sweeps: dict[str, dict[str, float]]) -> str:
     if not runs and not sweeps:
         return "no bitfleet runs or sweeps on this cluster"
-    table = [["RUN", "TRIAL", "WORKLOAD", "STATE", *(c[0] for c in COLUMNS)]]
+    table = [["RUN", "TRIAL", "WORKLOAD", "STATE", "DONE", *(c[0] for c in COLUMNS)]]
     for row in runs:
         state = STATES.get(int(row.values.get("bitfleet_run_state", RunState.RUNNING)), "?")
         cells = [fmt.format(row.values[key]) if key in row.values else "-" for _, key, fmt in COLUMNS]
-        table.append([row.run, row.trial or "-", row.workload, state, *cells])
+        table.append([row.run, row.trial or "-", row.workload, state, _done(row.values), *cells])
     lines = _aligned(table) if runs else []
     if sweeps:
         sweep_table = [["SWEEP", *(s.upper() for s in TRIAL_STATES)]]
@@ -90,10 +97,36 @@ def render(runs: list[RunRow], sweeps: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _done(values: dict[str, float]) -> str:
+    """Share of the planned steps taken, as the training dashboard's % done."""
+    planned = values.get("bitfleet_planned_epochs", 0) * values.get("bitfleet_steps_per_epoch", 0)
+    return f"{100 * values['bitfleet_global_step'] / planned:.0f}%" if planned and "bitfleet_global_step" in values \
+        else "-"
+
+
 def _aligned(table: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
 
 
 def status(address: str | None) -> str:
-    return render(*collect([fetch(url) for url in node_endpoints(address)]))
+    texts, silent = [], []
+    for url in node_endpoints(address):
+        try:
+            texts.append(fetch(url))
+        except OSError:  # a node on its way out
+            silent.append(url)
+    return render(*collect(texts)) + "".join(f"\n(no answer from {url})" for url in silent)
+
+
+def watch(address: str | None, every_s: float) -> int:
+    """The status, refreshed every `every_s` seconds until Ctrl+C: redrawn in place on a terminal, appended
+    (with a time stamp) in a log."""
+    try:
+        while True:
+            table = status(address)
+            print("\x1b[H\x1b[2J" if sys.stdout.isatty() else "", end="")
+            print(f"{time.strftime('%H:%M:%S')}  every {every_s:g} s, Ctrl+C ends\n{table}\n", flush=True)
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return 0

@@ -23,14 +23,14 @@ import pytest
 import yaml
 
 from bitfleet.data import synthetic
-from tests.integration.conftest import wait_until
+from tests.integration.conftest import _OFFSET, wait_until
 from tests.integration.test_runs import bitfleet, finish
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "cluster" / "prometheus"
-PORT = 29090
+PORT = 29090 + _OFFSET  # beside another suite's, as the cluster's ports
 URL = f"http://127.0.0.1:{PORT}"
 RUN, SWEEP = "obs-rbnn", "obs-lbpnet-sweep"
 
@@ -147,10 +147,15 @@ def test_every_panel_and_alert_has_data_from_a_real_run(ray_cluster, prometheus,
 
     answers = {(board, title, expr): finite_values(query_range(expr, start, end))
                for board, title, expr in dashboard_queries()}
+    # GPU panels answer only where a node has a GPU: this cluster's nodes export no GPU metric at all (their
+    # queries still ran, without error); tests/unit/test_observability.py evaluates them on GPU series
+    assert not api("series", **{"match[]": "ray_node_gpus_available", "start": start, "end": end})
+    on_gpus = {query for query in answers if re.search(r"ray_node_(gpus|gram)_", query[2])}
+    assert {title for _, title, _ in on_gpus} == {"GPU utilization", "GPU memory"}
     (tmp_path / "panel_answers.json").write_text(json.dumps(  # for the record: points and last value per query
         [{"dashboard": b, "panel": t, "expr": e, "points": len(v), "last": v[-1] if v else None}
          for (b, t, e), v in answers.items()], indent=1))
-    empty = [query for query, values in answers.items() if not values]
+    empty = [query for query, values in answers.items() if not values and query not in on_gpus]
     empty += [(alert, "alert", expr) for alert, expr in alert_signals() if not query_range(expr, start, end)]
     assert not empty, "queries without data:\n" + "\n".join(map(str, empty))
 
@@ -158,6 +163,10 @@ def test_every_panel_and_alert_has_data_from_a_real_run(ray_cluster, prometheus,
         return max(finite_values(query_range(expr, start, end)))
 
     assert peak(f'max(ray_bitfleet_epoch{{run="{RUN}"}})') == 3
+    assert peak(f'max(ray_bitfleet_planned_epochs{{run="{RUN}"}})') == 3  # the rerun extends 2 epochs to 3
+    assert peak(f'max(ray_bitfleet_global_step{{run="{RUN}"}})') == 18  # 3 epochs of 6 steps, the restore's included
+    done = next(expr for _, title, expr in dashboard_queries() if title == "Done")
+    assert peak(done.replace(f"{RUN}|{SWEEP}", RUN)) == 1.0
     assert peak(f'max(ray_bitfleet_worker_restarts{{run="{RUN}"}})') == 1
     assert peak(f'max(ray_bitfleet_run_state{{run="{RUN}"}})') == 2  # succeeded
     assert peak(f'max(ray_bitfleet_trials_terminated{{run="{SWEEP}"}})') == 2
@@ -174,3 +183,15 @@ def _status_shows(cluster, seen: list[str]) -> bool:
     assert status.returncode == 0, status.stderr
     seen += status.stdout.splitlines()
     return any(line.startswith(f"{RUN} ") for line in seen) and any(line.startswith(f"{SWEEP} ") for line in seen)
+
+
+def test_ray_writes_its_dashboards_where_grafana_is_provisioned_to_read_them(ray_cluster):
+    """cluster/grafana provisions Ray's Default and Train dashboards from the head's session folder (compose
+    mounts the head's temp dir, /tmp/ray, into Grafana at the same path): a real head writes them there."""
+    ray = yaml.safe_load((REPO / "cluster/grafana/provisioning/dashboards/ray.yml").read_text())["providers"][0]
+    folder = ray_cluster.temp_dir / Path(ray["options"]["path"]).relative_to("/tmp/ray")
+    boards = {path.name: json.loads(path.read_text()) for path in folder.glob("*.json")}
+    assert {"default_grafana_dashboard.json", "train_grafana_dashboard.json"} <= set(boards), sorted(boards)
+    for board in boards.values():  # each picks the provisioned Prometheus through its datasource variable
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"

@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
     {"errors", "strict_yaml", "paths"},
     {"spec"},
-    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy"},
+    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy",
+     "address"},
     {"engine"},
     {"workload"},
     {"resolve", "report", "export", "status", "listing"},

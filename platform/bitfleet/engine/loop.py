@@ -113,6 +113,7 @@ class Trainer:
     def fit(self) -> None:
         preemption.watch_sigterm(self.spec.failure.preemption_grace_s)
         self.restore()
+        self.metrics.plan(self.train_spec.epochs, self.steps_per_epoch, self.state.global_step)  # % done, ETA
         if self.rank == 0:
             self.events.emit("start", run_path=self.run_path, epochs=self.train_spec.epochs,
                              steps_per_epoch=self.steps_per_epoch, epoch=self.state.epoch,

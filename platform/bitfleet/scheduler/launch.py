@@ -9,10 +9,10 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 import bitfleet
 from bitfleet import console, metrics, registry, storage
+from bitfleet.address import DRIVER_VARIABLES, check, only
 from bitfleet.engine import loop, preemption
 from bitfleet.resolve import CONFIG_FILE
 from bitfleet.scheduler.watch import Watch, show_summary
@@ -72,21 +73,16 @@ def connect(address: str | None) -> None:
         # the workers' output reaches the console through their events (scheduler/watch.py); Ray's own
         # forwarding of every process's output, and its info lines, only with -v
         verbose = console.verbose()
-        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+        with only(address, DRIVER_VARIABLES) if address else nullcontext():  # --address wins over RAY_ADDRESS
+            ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         preemption.claim_sigterm()  # Ray's core took SIGTERM over
 
 
-def reachable(address: str | None, timeout_s: float = 3.0) -> None:
-    """Raise ConnectionError naming `address` when it is a `[ray://]host:port` that accepts no connection."""
-    if not address or address in ("auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+def reachable(address: str | None) -> None:
+    """Raise a ConnectionError (a ClusterError) naming `address` when it is a `[ray://]host:port` where no Ray
+    cluster answers, or one that refuses this client's token (bitfleet.address.check)."""
+    if address and address not in ("auto", "local"):
+        check(address)
 
 
 def run_training(spec: RunSpec, address: str | None = None):
