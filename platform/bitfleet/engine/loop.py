@@ -37,6 +37,7 @@ from bitfleet.data import loaders
 from bitfleet.engine import checkpoint, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
+from bitfleet.engine.evaluate import batch_sums, evaluate
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec, spec_digest
@@ -210,26 +211,15 @@ class Trainer:
             self.ema.update_parameters(self.model)
         return loss, outputs
 
-    @torch.no_grad()
     def evaluate(self, split: str, loader) -> dict[str, float]:
         """The objective's metrics of the bare model (or its EMA) on this rank's shard of `split`, summed
         over ranks."""
-        model = self.state.eval_model
-        model.eval()
-        sums = torch.zeros(2 + len(self.objective.sums), device=self.device)
-        for step, (images, labels) in enumerate(loader):
-            if step == self.train_spec.max_eval_steps:
-                break
-            images, labels = images.to(self.device), labels.to(self.device)
-            with self.strategy.autocast():
-                outputs = model(images).float()
-            sums += self._batch_sums(self.objective.eval_loss_sum(outputs, labels), outputs, labels, train=False)
-        loss_sum, seen, *rest = self._all_reduce(sums).tolist()
-        return self.objective.metrics(split, loss_sum, max(seen, 1), rest, train=False)
+        return evaluate(self.state.eval_model, loader, self.objective, split, self.device,
+                        autocast=self.strategy.autocast, max_steps=self.train_spec.max_eval_steps,
+                        reduce=self._all_reduce)
 
     def _batch_sums(self, loss_sum, outputs, labels, train: bool) -> torch.Tensor:
-        seen = loss_sum.new_tensor(len(labels), dtype=torch.float32)
-        return torch.cat([torch.stack([loss_sum.float(), seen]), self.objective.batch_sums(outputs, labels, train)])
+        return batch_sums(self.objective, loss_sum, outputs, labels, train)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
