@@ -23,17 +23,21 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+
+from bitfleet import storage
 
 log = logging.getLogger(__name__)
 FILE = "state.pt"
 MANIFEST = "manifest.json"
 SHARDS = "deepspeed"  # the sub-folder of a sharded strategy's per-rank files (DeepSpeed ZeRO)
 TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
+Fetch = Callable[[Path], None]  # completes a candidate checkpoint folder of a local copy before it is checked
 NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
              "(train.init_from takes the weights of any checkpoint)")
 
@@ -93,13 +97,14 @@ def manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
-def newest(candidates: Iterable[str | Path]) -> Path | None:
+def newest(candidates: Iterable[str | Path], fetch: Fetch | None = None) -> Path | None:
     """The newest complete checkpoint among `candidates`, by its recorded epoch and step, warning about each
     damaged one passed over on the way; None when none is complete. Only the candidates down to the first
-    complete one are hashed: a run's older checkpoints (hundreds of MB each on ImageNet) are not read."""
+    complete one are hashed (and fetched, see `fetched`): a run's older checkpoints (hundreds of MB each on
+    ImageNet) are not read."""
     folders = {Path(p).resolve() for p in candidates if Path(p).is_dir()}  # not Ray's snapshot file
     for candidate in sorted(folders, key=_recorded_position, reverse=True):
-        why = problem(candidate)
+        why = _checked(candidate, fetch)
         if why is None:
             return candidate
         log.warning("bitfleet: skipping checkpoint %s: %s", candidate, why)
@@ -169,10 +174,14 @@ def for_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, pa
 
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The weights a user wants from a checkpoint: the EMA's when the run kept one, else the model's."""
-    state = load(directory)
-    ema = state.get("ema")
-    if ema:
-        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return weights_of(load(directory))
+
+
+def weights_of(state: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint's weights: its EMA's when it holds one and `ema`, else the model's."""
+    averaged = state.get("ema") if ema else None
+    if averaged:
+        return {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
     return state["model"]
 
 
@@ -187,14 +196,18 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def find(path: str | Path) -> Path:
+def find(path: str | Path, fetch: Fetch | None = None, shown: str | None = None) -> Path:
     """The complete checkpoint `path` names: itself, or a run folder's best one (`result.json`), else its
-    newest complete one. FileNotFoundError naming what is wrong otherwise."""
+    newest complete one. FileNotFoundError naming what is wrong otherwise (`path` named as `shown`).
+
+    `fetch(folder)`, when given, completes a candidate checkpoint folder before it is checked: `path` is a
+    local copy of a run's small files (see `fetched`)."""
     path = Path(path)
+    shown = shown or str(path)
     if (path / FILE).is_file() or (path / MANIFEST).is_file():
         why = problem(path)
         if why is not None:
-            raise FileNotFoundError(f"{path}: an incomplete or corrupt checkpoint: {why}")
+            raise FileNotFoundError(f"{shown}: an incomplete or corrupt checkpoint: {why}")
         return path
     result = path / "result.json"
     best = None
@@ -203,9 +216,41 @@ def find(path: str | Path) -> Path:
             best = json.loads(result.read_text()).get("best_checkpoint")
         except json.JSONDecodeError:
             log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
-    if best and Path(best).is_dir() and problem(best) is None:
-        return Path(best)
-    found = newest(path.glob("checkpoint_*"))
+    if best:  # the run's own folder of that name: the recorded path may be another machine's or a URI's
+        best = path / PurePosixPath(best).name if (path / PurePosixPath(best).name).is_dir() else Path(best)
+        if best.is_dir() and _checked(best, fetch) is None:
+            return best
+    found = newest(path.glob("checkpoint_*"), fetch)
     if found is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
+        raise FileNotFoundError(f"{shown}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
     return found
+
+
+def _checked(folder: Path, fetch: Fetch | None) -> str | None:
+    if fetch is not None:
+        fetch(folder)
+    return problem(folder)
+
+
+@contextmanager
+def fetched(path: str | Path) -> Iterator[Path]:
+    """`find(path)` as a local folder for the block: for a local path, the checkpoint itself; for an
+    object-store URI (s3://, gs://, file://, ... through pyarrow, as runs write them), a temporary copy
+    chosen by the same rules, removed when the block ends. The copy starts with the run's small files (its
+    JSON files and every checkpoint's manifests), then takes the files of each checkpoint as `find` comes
+    to check it: the chosen one, and any damaged one passed over on the way, are the only ones read."""
+    path = str(path)
+    if not storage.is_uri(path):
+        yield find(path)
+        return
+    names = storage.list_files(path)
+    whole = FILE in names or MANIFEST in names  # a checkpoint itself, not a run folder
+    with storage.local_folder(path, lambda name: whole or (name.endswith(".json") and name.count("/") <= 1)) as local:
+        for name in names:  # every checkpoint folder, even one without a manifest (passed over, with a warning)
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch(folder: Path) -> None:
+            prefix = f"{folder.resolve().relative_to(local.resolve()).as_posix()}/"
+            storage.download(path, [n for n in names if n.startswith(prefix) and not (local / n).is_file()], local)
+
+        yield find(local, fetch, shown=path)

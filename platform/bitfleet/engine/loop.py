@@ -103,8 +103,8 @@ class Trainer:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
         self.model = self.workload.build_model(spec.model, self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
-            self.workload.load_initial_weights(self.model,
-                                               checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
+            with checkpoint.fetched(self.train_spec.init_from) as initial:  # a folder or an object-store URI
+                self.workload.load_initial_weights(self.model, checkpoint.weights(initial))
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.train_spec.lr_schedule, self.train_spec.epochs, self.steps_per_epoch
@@ -300,12 +300,13 @@ class Trainer:
         scratch. An incomplete or corrupt checkpoint is passed over with a warning naming it."""
         start = time.perf_counter()
         ckpt = ray.train.get_checkpoint()
-        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as handed:
+        with contextlib.ExitStack() as opened:
+            handed = opened.enter_context(ckpt.as_directory()) if ckpt is not None else None
             directory = self._agree(self._restore_point(handed))
             if directory == HANDED:  # each rank's own copy: downloaded per node from an object store
                 directory = handed
-            if directory is None and self.train_spec.resume_from:
-                directory = checkpoint.find(self.train_spec.resume_from)
+            if directory is None and self.train_spec.resume_from:  # a folder or an object-store URI
+                directory = opened.enter_context(checkpoint.fetched(self.train_spec.resume_from))
             if directory is None:
                 return
             self.load(directory)
