@@ -1,4 +1,5 @@
-"""`bitfleet run | sweep | submit | status | validate | report | export | data`: parse the command line and delegate."""
+"""`bitfleet run | sweep | submit | status | validate | report | export | eval | data`: parse the command line and
+delegate."""
 from __future__ import annotations
 
 import argparse
@@ -125,6 +126,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    if args.engine:
+        return engine_eval(args)
+    from bitfleet import evaluation
+
+    result = evaluation.evaluate_run(args.path, args.split, args.override, args.out)
+    print(evaluation.describe(result))
+    return 0
+
+
+def engine_eval(args) -> int:
+    """`bitfleet eval --engine FILE`: an exported engine on a split of its data set."""
+    raise SpecError("eval --engine: not available in this version of bitfleet")
+
+
 def cmd_data_download(args) -> int:
     from bitfleet import data
 
@@ -224,6 +240,17 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output file")
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
+
+    ev = sub.add_parser("eval", help="evaluate a run's checkpoint (or an exported engine) on a split of its data")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT",
+                      help="a run folder (its best checkpoint) or one of its checkpoints; a path or a URI")
+    what.add_argument("--engine", metavar="FILE", help="an engine file written by `bitfleet export`")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test", help="default: test")
+    ev.add_argument("-o", "--override", action="append", default=[], metavar="data.FIELD=VALUE",
+                    help="change the run's data section, e.g. -o data.root=DIR (repeatable)")
+    ev.add_argument("--out", help="where to write eval.json (default: into the run's folder)")
+    ev.set_defaults(command=cmd_eval)
 
     data = sub.add_parser("data", help="data sets: download, prepare, check, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
