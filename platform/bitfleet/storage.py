@@ -105,6 +105,8 @@ def list_files(uri: str) -> list[str]:
 
     filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri)
     inner = inner.rstrip("/")
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such folder")
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
     return sorted(info.path[len(inner) + 1:] for info in found if info.type == pyarrow.fs.FileType.File)
 
