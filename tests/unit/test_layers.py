@@ -16,7 +16,7 @@ LAYERS = [  # bottom to top; a module may import from its own layer or below, ne
     {"registry", "storage", "schedules", "data", "metrics", "sweeps"},
     {"engine"},
     {"workload"},
-    {"resolve", "report", "export", "status"},
+    {"resolve", "report", "export", "evaluation", "status"},
     {"scheduler"},
     {"cli", "__main__"},
 ]
