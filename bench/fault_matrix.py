@@ -52,7 +52,7 @@ QUICKSTARTS = {
                                                          "lbpnet.hard_finetune.bn_recal_batches=2"]),
     "rbnn": ("workloads/rbnn/specs/quickstart.yaml", ["rbnn.bn_recalibration_batches=2"]),
 }
-RESTORED = re.compile(r"pid=(\d+)\)[^\n]*restored from checkpoint at epoch (\d+)(?:, step (\d+))?")
+RESTORED = re.compile(r"restored from checkpoint at epoch (\d+)(?:, step (\d+))?[^\n]*\(pid (\d+)\)")
 
 
 class Run:
@@ -69,7 +69,7 @@ class Run:
         spec, extra = QUICKSTARTS[self.bench.workload]
         overrides = [f"name={self.name}", f"storage_path={self.bench.storage}", *self.bench.common, *extra, *self.extra]
         args = [sys.executable, "-m", "bitfleet.cli", "run", str(REPO / spec), "--address",
-                f"127.0.0.1:{overhead.GCS_PORT}", *[x for o in overrides for x in ("-o", o)]]
+                f"127.0.0.1:{overhead.GCS_PORT}", "-v", *[x for o in overrides for x in ("-o", o)]]
         with open(log, "w") as out:
             self.process = subprocess.Popen(args, env=self.bench.env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -81,7 +81,7 @@ class Run:
     def restores(self) -> list[tuple[int, int]]:
         """(pid, global step) of each group that restored, in order."""
         seen, out = set(), []
-        for pid, epoch, step in RESTORED.findall(self.text()):
+        for epoch, step, pid in RESTORED.findall(self.text()):
             if pid not in seen:
                 seen.add(pid)
                 out.append((int(pid), int(epoch) * self.bench.steps + int(step or 0)))

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 import yaml
 from timing import step_seconds
 
-from bitfleet.data import info
+from bitfleet import registry
+from bitfleet.data import mnist
+from bitfleet.data.transforms import normalise
+from bitfleet.export import write_engine
 from bitfleet.spec import DataSpec
 from workloads.lbpnet import intengine
 from workloads.lbpnet.config import ModelConfig
@@ -78,9 +81,9 @@ def training(steps: int) -> dict:
 def inference(repeats: int, n: int = 2000) -> dict:
     model = model_from("quickstart.yaml").eval()
     codes = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8)
-    normalised = (codes.float() / 255 - 0.1307) / 0.3081
+    normalised = normalise(mnist.MEAN, mnist.STD)(codes)
     with tempfile.TemporaryDirectory() as tmp:
-        intengine.export(model, info(DataSpec(dataset="mnist", root="unused")), Path(tmp) / "e.npz")
+        write_engine(registry.get("lbpnet"), model, None, DataSpec(dataset="mnist_sample"), Path(tmp) / "e.npz")
         engine = intengine.IntegerLBPNet(Path(tmp) / "e.npz")
     best_torch = best_engine = float("inf")
     for _ in range(repeats):

@@ -196,7 +196,7 @@ def bitfleet_run(raw: dict, tmp: Path, log: Path, env: dict) -> subprocess.Popen
     spec_path.write_text(yaml.safe_dump(raw))
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "bitfleet.cli", "run", str(spec_path), "--address",
-                                 f"127.0.0.1:{GCS_PORT}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 f"127.0.0.1:{GCS_PORT}", "-v"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 

@@ -1,5 +1,5 @@
-"""`bitfleet run | sweep | submit | status | validate | report | export | eval | data`: parse the command line and
-delegate."""
+"""`bitfleet run | sweep | submit | status | validate | eval | report | export | list | data`: parse the
+command line and delegate."""
 from __future__ import annotations
 
 import argparse
@@ -7,21 +7,53 @@ import json
 import os
 import sys
 
-from bitfleet.errors import SpecError
+import bitfleet
+from bitfleet import console
+from bitfleet.errors import SpecError, one_line
 from bitfleet.resolve import load_spec, set_aside
+
+STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A spec error exits 2 and any other failure 1, each with one line on stderr (and the
+    traceback with -v); a stop asked by SIGTERM exits 143 and Ctrl+C 130."""
     args = _parser().parse_args(argv)
+    console.setup(args.verbosity)
     try:
         return args.command(args) or 0
     except SpecError as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("bitfleet: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback with -v
+        if console.verbose():
+            raise
+        print(f"bitfleet: error: {failure_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def failure_line(exc: BaseException) -> str:
+    """What failed, in one line: a worker's error is the last line of its traceback (`ValueError: ...`)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1:  # a traceback inside the message (Ray's TrainingFailedError, a RayTaskError)
+        cause = [line for line in lines if ":" in line and line.split(":", 1)[0].replace(".", "").isidentifier()]
+        return one_line(cause[-1] if cause else lines[-1])
+    line = lines[0] if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {lines[0]}"
+    return one_line(line)
 
 
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, args.override)
+    if args.print:  # the resolved spec, every default filled in: what `run` would run
+        import yaml
+
+        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     print(f"{args.spec}: ok ({spec.workload}, {getattr(spec.model, 'arch', '')}, run {spec.name} -> {spec.run_dir})")
     for stage in spec.stages:
         needs = f" after {', '.join(stage.needs)}" if stage.needs else ""
@@ -38,32 +70,28 @@ def cmd_run(args) -> int:
         return _run(spec, args)
 
 
-STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
-
-
 def _run(spec, args) -> int:
-    from ray.train import TrainingFailedError
-
     from bitfleet.engine.preemption import Stopped
     from bitfleet.scheduler import launch, pipeline
 
     try:
         if spec.stages:
             records = pipeline.run_pipeline(spec, address=args.address)
-            print(json.dumps({name: {k: r[k] for k in ("state", "run_dir")} for name, r in records.items()},
-                             indent=1))
+            for name, record in records.items():
+                print(f"[{spec.name}] stage {name}: {record['state']} -> {record['run_dir']}")
             return 0
-        summary = launch.run_training(spec, address=args.address)
+        launch.run_training(spec, address=args.address)  # prints its summary
     except pipeline.StageFailed as exc:
-        print(f"bitfleet: {exc}", file=sys.stderr)
-        return 1
-    except TrainingFailedError as exc:
-        print(f"bitfleet: run {spec.name} failed: {exc}", file=sys.stderr)
+        print(f"bitfleet: {failure_line(exc) if not console.verbose() else exc}", file=sys.stderr)
         return 1
     except Stopped as exc:  # SIGTERM to this driver: the workers checkpointed and stopped
         print(f"bitfleet: {exc}", file=sys.stderr)
         return STOPPED
-    print(json.dumps({k: summary[k] for k in ("run_dir", "best_checkpoint", "best")}, indent=1, default=str))
+    except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError and the like: which run, and why
+        if console.verbose():
+            raise
+        print(f"bitfleet: run {spec.name} failed: {failure_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,7 +108,7 @@ def cmd_sweep(args) -> int:
     except preemption.Stopped as exc:  # SIGTERM to this driver: the trials checkpointed and stopped
         print(f"bitfleet: {exc}", file=sys.stderr)
         return STOPPED
-    print(json.dumps(summary, indent=1, default=str))
+    print(f"best trial {summary['best_trial']}: {summary['best_spec']}")
     return 0
 
 
@@ -107,6 +135,13 @@ def cmd_submit(args) -> int:
         status = jobs.wait(job_id, address=args.address)
         print(f"{job_id}: {status}")
         return 0 if status == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_list(args) -> int:
+    from bitfleet import listing
+
+    print(listing.describe())
     return 0
 
 
@@ -137,8 +172,12 @@ def cmd_eval(args) -> int:
 
 
 def engine_eval(args) -> int:
-    """`bitfleet eval --engine FILE`: an exported engine on a split of its data set."""
-    raise SpecError("eval --engine: not available in this version of bitfleet")
+    """`bitfleet eval --engine FILE`: an exported engine on a split of its data set (no run folder)."""
+    from bitfleet import export
+
+    result = export.evaluate_engine(args.engine, args.split, args.override, args.out)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def cmd_data_download(args) -> int:
@@ -172,7 +211,7 @@ def cmd_data_prepare(args) -> int:
         else:
             moved = prepare.prepare_tinyimagenet(args.root)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        print(f"bitfleet: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     print(f"moved {moved} validation images of {args.root} into class folders")
     return 0
@@ -202,17 +241,28 @@ def cmd_data_synth(args) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitfleet", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"bitfleet {bitfleet.__version__}")
+    common = argparse.ArgumentParser(add_help=False)  # every command's -q/-v
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=console.QUIET,
+                          default=console.NORMAL, help="warnings, errors and the final summary only")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=console.VERBOSE,
+                          help="also Ray's own output from every process, debug lines and tracebacks")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
+    def command(subparsers, name, **kwargs):
+        return subparsers.add_parser(name, parents=[common], **kwargs)
+
     def spec_command(name, func, help_):
-        p = sub.add_parser(name, help=help_)
+        p = command(sub, name, help=help_)
         p.add_argument("spec", help="YAML workload spec")
         p.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE",
                        help="dotted override, e.g. -o train.epochs=1 (repeatable)")
         p.set_defaults(command=func)
         return p
 
-    spec_command("validate", cmd_validate, "check a spec without starting anything")
+    validate = spec_command("validate", cmd_validate, "check a spec without starting anything")
+    validate.add_argument("--print", action="store_true", help="print the resolved spec (defaults filled in)")
     run = spec_command("run", cmd_run, "run a spec as a Ray Train job, or its stages as a pipeline "
                        "(a local Ray when no cluster is given)")
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)")
@@ -226,48 +276,51 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working directory (default .)")
     submit.add_argument("--wait", action="store_true", help="wait for the job and exit non-zero if it fails")
 
-    stat = sub.add_parser("status", help="runs and sweeps alive on a Ray cluster, with their latest metrics")
+    stat = command(sub, "status", help="runs and sweeps alive on a Ray cluster, with their latest metrics")
     stat.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else the local cluster)")
     stat.set_defaults(command=cmd_status)
 
-    report = sub.add_parser("report", help="curves and summary.json of finished runs")
+    listing = command(sub, "list", help="the workloads, the networks each builds and their shipped specs")
+    listing.set_defaults(command=cmd_list)
+
+    report = command(sub, "report", help="curves and summary.json of finished runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", help="output folder (default: the first run's folder)")
     report.set_defaults(command=cmd_report)
 
-    exp = sub.add_parser("export", help="export a finished run's model with its workload's exporter")
+    exp = command(sub, "export", help="export a finished run's model with its workload's exporter")
     exp.add_argument("run_dir", metavar="RUN_DIR")
     exp.add_argument("--out", required=True, help="output file")
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
 
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint (or an exported engine) on a split of its data")
+    ev = command(sub, "eval", help="evaluate a run's checkpoint, or an exported engine, on a split of its data")
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT",
                       help="a run folder (its best checkpoint) or one of its checkpoints; a path or a URI")
-    what.add_argument("--engine", metavar="FILE", help="an engine file written by `bitfleet export`")
+    what.add_argument("--engine", metavar="FILE", help="an engine file written by `bitfleet export` (no run folder)")
     ev.add_argument("--split", choices=["test", "val", "train"], default="test", help="default: test")
     ev.add_argument("-o", "--override", action="append", default=[], metavar="data.FIELD=VALUE",
-                    help="change the run's data section, e.g. -o data.root=DIR (repeatable)")
-    ev.add_argument("--out", help="where to write eval.json (default: into the run's folder)")
+                    help="change the recorded data section, e.g. -o data.root=DIR (repeatable)")
+    ev.add_argument("--out", help="where to write eval.json (default: into the run's folder, or next to the engine)")
     ev.set_defaults(command=cmd_eval)
 
-    data = sub.add_parser("data", help="data sets: download, prepare, check, synthetic files")
+    data = command(sub, "data", help="data sets: download, prepare, check, synthetic files")
     data_sub = data.add_subparsers(required=True, metavar="ACTION")
-    dl = data_sub.add_parser("download", help="download with torchvision (needs internet)")
+    dl = command(data_sub, "download", help="download with torchvision (needs internet)")
     dl.add_argument("name", choices=["mnist", "cifar10", "cifar100"])
     dl.add_argument("--root", required=True)
     dl.set_defaults(command=cmd_data_download)
-    prep = data_sub.add_parser("prepare", help="sort an official validation folder into class folders")
+    prep = command(data_sub, "prepare", help="sort an official validation folder into class folders")
     prep.add_argument("name", choices=["imagenet", "tinyimagenet"])
     prep.add_argument("root", help="the data set folder (holding train/ and val/)")
     prep.add_argument("--val-labels", help="imagenet: LOC_val_solution.csv, or lines of `<file> <wnid>`")
     prep.set_defaults(command=cmd_data_prepare)
-    chk = data_sub.add_parser("check", help="count classes/images of a JPEG folder data set, find unreadable files")
+    chk = command(data_sub, "check", help="count classes/images of a JPEG folder data set, find unreadable files")
     chk.add_argument("root")
     chk.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     chk.set_defaults(command=cmd_data_check)
-    syn = data_sub.add_parser("synth", help="write a small synthetic data set in the real on-disk format")
+    syn = command(data_sub, "synth", help="write a small synthetic data set in the real on-disk format")
     syn.add_argument("name", choices=["mnist", "cifar10", "cifar100", "image_folder", "imagenet", "tinyimagenet"])
     syn.add_argument("root")
     syn.add_argument("--train", type=int, default=512)

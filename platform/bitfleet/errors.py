@@ -11,6 +11,12 @@ class SpecError(ValueError):
     """A spec the user wrote is wrong; the message names the field and what was expected."""
 
 
+def one_line(message: str) -> str:
+    """`message` as one printable line: what a spec holds (a key with a newline, a terminal escape sequence)
+    is shown escaped, never written to the terminal as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
     """The first pydantic error as `field.path: what was expected (got ...)`."""
     err = exc.errors()[0]
@@ -26,8 +32,9 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
     elif own:  # our own validators name the field, relative to where they sit
         loc.append(own.group(1))
         msg = own.group(2)
-    elif err["type"] != "missing":
-        msg = f"{msg} (got {err['input']!r})"
+    elif err["type"] != "missing" and err["loc"]:  # a model's own check names what is wrong without the input
+        got = repr(err["input"])
+        msg = f"{msg} (got {got if len(got) <= 100 else got[:97] + '...'})"
     return f"{'.'.join(loc)}: {msg}" if loc else msg
 
 

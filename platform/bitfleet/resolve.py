@@ -12,15 +12,14 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
-from bitfleet import registry, storage
+from bitfleet import registry, storage, strict_yaml
 from bitfleet.data import check_available
 from bitfleet.engine.checkpoint import NO_SHARDS, fetched, has_shards
 from bitfleet.errors import SpecError, format_validation_error
 from bitfleet.spec import RunSpec, StageSpec, leaves, result_fields, set_path
-from bitfleet.sweeps import check_sweep, parse_sweep
+from bitfleet.sweeps import SweepSpec, apply_config, check_sweep, parse_sweep
 
 CONFIG_FILE = "config.json"  # a run's resolved spec (and the history of those it ran with), by the scheduler
 
@@ -34,30 +33,19 @@ def load_spec(path: str | Path, overrides: list[str] = (), fresh: bool = False) 
 
 
 def read_spec_file(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = strict_yaml.load_file(path) or {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping of spec fields at the top level")
     return raw
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Set `train.epochs=3` in a raw spec dict; the value is parsed as YAML (numbers, lists, bools)."""
+    """Set `train.epochs=3` in a raw spec dict; the value is YAML (numbers, lists, bools), read as a spec is."""
     key, sep, value = item.partition("=")
+    key = key.strip()
     if not sep or not key:
         raise SpecError(f"override {item!r}: expected dotted.path=value, e.g. train.epochs=1")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpecError(f"override {key}: cannot parse value {value!r}") from None
-    set_path(raw, key.strip(), parsed, f"override {key}")
+    set_path(raw, key, strict_yaml.load_text(value, f"override {key}", field=key, lines=False), f"override {key}")
 
 
 def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: bool = False) -> RunSpec:
@@ -66,18 +54,7 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
     `pending_checkpoints`: folders that earlier pipeline stages will write; not required to exist yet.
     `fresh`: the run will start anew (`--fresh`), so an existing run of that name is not compared with it.
     """
-    try:
-        spec = RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(format_validation_error(exc, RunSpec)) from None
-    spec = registry.workload_class(spec.workload).resolve_sections(spec)
-    workload = registry.get(spec.workload, spec.options)
-    workload.validate(spec)
-    _check_checkpoint_metric(spec, workload)
-    if spec.sweep is not None:
-        sweep = parse_sweep(spec.sweep)
-        check_sweep(sweep, spec.model_dump(mode="json"))
-        spec = spec.model_copy(update={"sweep": sweep})
+    spec = parse(raw)
     if spec.stages:
         validate_stages(spec)
     if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
@@ -94,6 +71,41 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
     if not fresh:
         check_existing_run(spec)
     return spec
+
+
+def parse(raw: dict) -> RunSpec:
+    """The typed spec of a raw spec dict: each field checked alone, each section parsed by its own model, the
+    whole checked by its workload and its sweep. No data set, run folder or `init_from` is looked at (only
+    what a workload's own check reads, such as rbnn's teacher): cheap enough to repeat for every value a sweep
+    can give."""
+    if isinstance(raw.get("workload"), str):
+        registry.workload_class(raw["workload"])  # an unknown workload is named as such, before its section
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, RunSpec)) from None
+    spec = registry.workload_class(spec.workload).resolve_sections(spec)
+    if spec.sweep is not None:
+        spec = spec.model_copy(update={"sweep": parse_sweep(spec.sweep)})
+    workload = registry.get(spec.workload, spec.options)
+    workload.validate(spec)
+    _check_checkpoint_metric(spec, workload)
+    if spec.sweep is not None:
+        check_sweep(spec.sweep, spec.model_dump(mode="json"))
+        check_swept_values(spec, spec.sweep)
+    return spec
+
+
+def check_swept_values(spec: RunSpec, sweep: SweepSpec) -> None:
+    """Every value the sweep can give a field is one the field takes: each listed value and each end of each
+    range, set into the spec as a trial's values are (`apply_config`) and parsed, now rather than when the
+    trial that draws it starts."""
+    base = spec.model_dump(mode="json", exclude={"sweep"})
+    for where, path, value in sweep.bounding_values():
+        try:
+            parse(apply_config(base, {path: value}))
+        except SpecError as exc:
+            raise SpecError(f"sweep.{where}.{path}: the value {value!r} is refused: {exc}") from None
 
 
 def check_existing_run(spec: RunSpec) -> None:
@@ -156,9 +168,18 @@ def existing_checkpoint(path: str, field: str) -> bool:
         raise SpecError(f"{field}: {exc}") from None
 
 
-def recorded_spec(run_dir: str, overrides: list[str] = ()) -> RunSpec:
+def apply_data_overrides(raw: dict, overrides: list[str], command: str) -> None:
+    """`-o data.FIELD=VALUE` items (where a trained model's data is, how it loads) into a raw spec holding a
+    `data:` section; a SpecError for an override of any other field, which would not be the trained model's."""
+    for item in overrides:
+        if not item.startswith("data."):
+            raise SpecError(f"override {item!r}: {command} takes data.* overrides only")
+        apply_override(raw, item)
+
+
+def recorded_spec(run_dir: str, data_overrides: list[str] = ()) -> RunSpec:
     """The resolved spec a run recorded in its folder (`config.json`; a local path or an object-store URI),
-    with `overrides` applied; a SpecError naming the folder when it holds no run."""
+    with `data.*` overrides applied; a SpecError naming the folder when it holds no run."""
     config = storage.join(str(run_dir), CONFIG_FILE)
     try:
         raw = json.loads(storage.read_text(config))["spec"]
@@ -168,8 +189,7 @@ def recorded_spec(run_dir: str, overrides: list[str] = ()) -> RunSpec:
         raise SpecError(f"{run_dir}: cannot read {CONFIG_FILE}: {exc}") from None
     except (ValueError, KeyError, TypeError):
         raise SpecError(f"{config} is unreadable (a truncated write?)") from None
-    for item in overrides:
-        apply_override(raw, item)
+    apply_data_overrides(raw, data_overrides, "eval")
     try:
         spec = RunSpec.model_validate(raw)
     except ValidationError as exc:

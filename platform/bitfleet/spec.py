@@ -10,8 +10,9 @@ import graphlib
 import hashlib
 import json
 import os
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
@@ -25,13 +26,59 @@ def absolute_path(path: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(path))
 
 
+# Upper bounds of the counts a spec sets: far above any real run, low enough that no count overflows or
+# exhausts memory before the run starts (a batch of 2**64 samples, 10**100 epochs).
+MAX_EPOCHS = 100_000
+MAX_BATCH = 1 << 20  # samples in one (global) batch
+MAX_WORKERS = 4096  # Ray Train workers of one run
+MAX_STEPS = 10**9  # steps of an epoch, steps between checkpoints
+Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
 Section = SerializeAsAny[BaseModel]  # a typed section of another module's model, dumped with all its fields
 
 
 class Strict(BaseModel):
-    """Base of every spec section: unknown keys are errors, not silently ignored."""
+    """Base of every spec section: unknown keys are errors, not silently ignored, and a boolean is not a
+    number (pydantic reads `true` as 1 where a number is expected: `epochs: true` would train one epoch)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, raw: Any) -> Any:
+        for name, value in raw.items() if isinstance(raw, dict) else ():
+            field = cls.model_fields.get(name)
+            if field is not None and _bool_as_number(field.annotation, value):
+                raise ValueError(f"{name}: expected a number, not a boolean (got {value!r})")
+        return raw
+
+
+def _bool_as_number(annotation: Any, value: Any) -> bool:
+    """Whether validating `value` as `annotation` would read a boolean in it (or in its items) as a number."""
+    members = _members(annotation)
+    if isinstance(value, bool):
+        kinds = {type(v) for m in members if get_origin(m) is Literal for v in get_args(m)}
+        kinds |= {m for m in members if get_origin(m) is not Literal}
+        return bool(kinds & {int, float}) and not kinds & {bool, Any}
+    for member in members:
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
+            items = args if origin is tuple and args[-1] is not Ellipsis else [args[0]] * len(value)
+            if any(_bool_as_number(item, v) for item, v in zip(items, value)):
+                return True
+        if isinstance(value, dict) and origin is dict and any(_bool_as_number(args[1], v) for v in value.values()):
+            return True
+    return False
+
+
+def _members(annotation: Any) -> tuple:
+    """The types a value of `annotation` may be: a union's members, each unwrapped of `Annotated`."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return tuple(m for arg in get_args(annotation) for m in _members(arg))
+    return (annotation,)
 
 
 class ParamGroup(Strict):
@@ -49,7 +96,7 @@ class OptimizerSpec(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Fraction, Fraction] = (0.9, 0.999)
     param_groups: list[ParamGroup] = []
 
 
@@ -57,11 +104,11 @@ class LRScheduleSpec(Strict):
     """Learning-rate schedule over epochs; applied per step so warmup and cosine are smooth."""
 
     type: Literal["constant", "step", "multistep", "cosine", "linear"] = "multistep"  # linear: decay to min_lr
-    milestones: list[int] = [100, 150]  # multistep, in epochs
-    step_size: int = Field(30, ge=1)  # step, in epochs
+    milestones: list[Epochs] = [100, 150]  # multistep, in epochs
+    step_size: int = Field(30, ge=1, le=MAX_EPOCHS)  # step, in epochs
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)  # cosine and linear floor
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     warmup_start_factor: float = Field(0.01, gt=0, le=1)
 
 
@@ -93,13 +140,14 @@ DEEPSPEED_OWNED = {  # DeepSpeed config key -> the spec field it comes from
     "gradient_accumulation_steps": "train.batch_size", "optimizer": "train.optimizer",
     "scheduler": "train.lr_schedule", "gradient_clipping": "train.grad_clip", "fp16": "train.amp",
     "bf16": "train.amp", "torch_autocast": "train.amp", "zero_optimization.stage": "train.deepspeed.zero_stage",
+    "checkpoint": "bitfleet's checkpoints (engine/checkpoint.py)",
 }
 
 
 class TrainSpec(Strict):
-    epochs: int = Field(200, ge=1)
-    batch_size: int = Field(128, ge=1)  # global: split evenly over the workers
-    eval_batch_size: int = Field(512, ge=1)
+    epochs: int = Field(200, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH)  # global: split evenly over the workers
+    eval_batch_size: int = Field(512, ge=1, le=MAX_BATCH)
     optimizer: OptimizerSpec = OptimizerSpec()
     lr_schedule: LRScheduleSpec = LRScheduleSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -107,8 +155,9 @@ class TrainSpec(Strict):
     amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
     grad_clip: float | None = Field(None, gt=0)  # max global grad norm
     ema: EMASpec | None = None
-    max_steps_per_epoch: int | None = Field(None, ge=1)  # quick checks
-    max_eval_steps: int | None = Field(None, ge=1)
+    print_freq: int = Field(100, ge=1, le=MAX_STEPS)  # a progress line (loss, lr, images/s, ETA) every N steps
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=MAX_STEPS)  # quick checks
+    max_eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSpec | None = None  # strategy deepspeed: its settings (default: ZeRO stage 1)
     init_from: str | None = None  # a checkpoint folder, or a run folder (its best checkpoint): initial weights
@@ -133,11 +182,11 @@ class DataSpec(Strict):
     root: str | None = None  # required for every dataset but the embedded mnist_sample
     loader: Literal["torchvision", "dali"] = "torchvision"  # dali: JPEG folders only, `pip install bitfleet[dali]`
     augment: bool = True
-    loader_workers: int = Field(0, ge=0)  # DataLoader processes (or DALI threads) per training worker
-    crop_size: int | None = Field(None, ge=8)  # folder data sets: train and eval crop (224; tinyimagenet 64)
-    resize_size: int | None = Field(None, ge=8)  # eval: shorter side before the centre crop (crop / 0.875)
+    loader_workers: int = Field(0, ge=0, le=256)  # DataLoader processes (or DALI threads) per training worker
+    crop_size: int | None = Field(None, ge=8, le=8192)  # folder data sets: train and eval crop (224; tinyimagenet 64)
+    resize_size: int | None = Field(None, ge=8, le=8192)  # eval: shorter side before the centre crop (crop / 0.875)
     crop_area: tuple[float, float] = (0.08, 1.0)  # train: random-resized-crop area fraction
-    val_size: int = Field(0, ge=0)  # images held out of the training set and evaluated as `val/*`
+    val_size: int = Field(0, ge=0, le=10**9)  # images held out of the training set and evaluated as `val/*`
     split_seed: int = 42
     stratified: bool = True  # the held-out images in proportion to each class
 
@@ -177,17 +226,18 @@ class ScalingSpec(Strict):
     # a number, or [min, max]: elastic. Ray Train starts the group with as many workers as fit, restarts it
     # smaller after a node is lost, and grows it back (from the latest checkpoint) when room returns.
     num_workers: int | tuple[int, int] = 1
-    resize_check_s: float = Field(60.0, gt=0)  # elastic: how often a healthy group looks for room to grow
+    resize_check_s: float = Field(60.0, gt=0, le=86_400)  # elastic: how often a healthy group looks for room to grow
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    resources_per_worker: dict[str, float] = {}  # extra custom resources
+    cpus_per_worker: float = Field(1.0, gt=0, le=1024)
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0)]] = {}  # extra custom resources
 
     @field_validator("num_workers")
     @classmethod
     def _workers(cls, value):
         low, high = (value, value) if isinstance(value, int) else value
-        if not 1 <= low <= high:
-            raise ValueError(f"{value}: expected a number of workers >= 1, or [min, max] with 1 <= min <= max")
+        if not 1 <= low <= high <= MAX_WORKERS:
+            raise ValueError(f"expected a number of workers from 1 to {MAX_WORKERS}, or [min, max] with "
+                             f"1 <= min <= max <= {MAX_WORKERS}")
         return value
 
     @property
@@ -200,18 +250,30 @@ class ScalingSpec(Strict):
 
 
 class FailureSpec(Strict):
-    max_failures: int = Field(3, ge=-1)  # worker-group restarts before the run fails; -1: unlimited
-    checkpoint_every: int = Field(1, ge=1)  # epochs
+    max_failures: int = Field(3, ge=-1, le=10_000)  # worker-group restarts before the run fails; -1: unlimited
+    checkpoint_every: int = Field(1, ge=1, le=MAX_EPOCHS)  # epochs
     # mid-epoch checkpoints too: every N global steps, and after N minutes without one (None: off)
-    checkpoint_every_steps: int | None = Field(None, ge=1)
-    checkpoint_every_minutes: float | None = Field(30.0, gt=0, allow_inf_nan=False)
-    preemption_grace_s: float = Field(30.0, gt=0, allow_inf_nan=False)  # a SIGTERMed worker exits by then
+    checkpoint_every_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    checkpoint_every_minutes: float | None = Field(30.0, gt=0, le=7 * 24 * 60)
+    preemption_grace_s: float = Field(30.0, gt=0, le=3600)  # a SIGTERMed worker exits by then
     # async: Ray uploads a checkpoint to storage while training goes on (sync for the last one, a stop, a
     # preemption: the group is about to end); sync: training waits for every upload
     upload: Literal["async", "sync"] = "async"
-    keep: int = Field(2, ge=1)  # checkpoints kept: the best by checkpoint_metric, and always the latest
+    keep: int = Field(2, ge=1, le=1000)  # checkpoints kept: the best by checkpoint_metric, and always the latest
     checkpoint_metric: str | None = None  # ranks checkpoints; None: the objective's own, on val if held out
     checkpoint_mode: Literal["max", "min"] | None = None  # None: the direction the objective knows
+
+
+class MLflowSpec(Strict):
+    """Each run (and each trial of a sweep) as an MLflow run: its resolved spec as params, its metrics."""
+
+    uri: str = Field(min_length=1)  # MLflow's tracking URI: http://host:5000, sqlite:///mlflow.db, a folder
+    experiment: str | None = None  # default: the run's name (a sweep's: the sweep's name)
+
+
+class TrackingSpec(Strict):
+    tensorboard: bool = True  # event files in <run>/tensorboard: epoch metrics, progress, histograms
+    mlflow: MLflowSpec | None = None  # `pip install bitfleet[mlflow]`
 
 
 class StageSpec(Strict):
@@ -251,7 +313,8 @@ class RunSpec(Strict):
     storage_path: str = Field("~/bitfleet_results", validate_default=True)
     seed: int = Field(0, ge=0)
     targets: dict[str, float | tuple[float, float]] = {}  # the paper's numbers (or expected [low, high]), for reports
-    stages: list[StageSpec] = []  # a pipeline: `bitfleet run` runs these in dependency order
+    tracking: TrackingSpec = TrackingSpec()
+    stages: list[StageSpec] = Field([], max_length=100)  # a pipeline: `bitfleet run` runs them in order
     inputs: dict[str, str] = {}  # set by the pipeline: needed stage -> its run folder (artifacts)
     trial_of: TrialOf | None = None
     sweep: dict[str, Any] | Section | None = None  # `bitfleet sweep`; resolved: a bitfleet.sweeps.SweepSpec
@@ -297,8 +360,8 @@ class RunSpec(Strict):
 
 # what a rerun of a run may change without changing its result: where and how it runs, what it is compared
 # with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run)
-NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "stages", "inputs", "trial_of", "sweep",
-           "train.epochs", "train.init_from", "train.resume_from", "data.root")
+NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "tracking", "stages", "inputs", "trial_of",
+           "sweep", "train.epochs", "train.print_freq", "train.init_from", "train.resume_from", "data.root")
 
 
 def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:

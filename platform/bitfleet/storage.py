@@ -36,6 +36,17 @@ def run_path(spec) -> str:
     return join(spec.storage_path, spec.name)
 
 
+def inside(root: str | Path, name: str, source: str) -> Path:
+    """`root/name` for a relative path that a file lists (`source`: an annotation file, a label file, a
+    manifest), resolved; a ValueError naming `source` when it leads out of `root` (`..`, an absolute path,
+    a symbolic link out): such a file does not decide what is read, moved or loaded."""
+    root = Path(root).resolve()
+    path = (root / name).resolve() if "\0" not in name else root
+    if path == root or not path.is_relative_to(root):
+        raise ValueError(f"{source}: {name!r} is not a path inside {root}")
+    return path
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
@@ -119,6 +130,7 @@ def download(uri: str, names: Iterable[str], local: Path) -> None:
     filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri)
     for name in names:
         target = local / name
+        inside(local, name, uri)  # a listing names no file outside the copy
         target.parent.mkdir(parents=True, exist_ok=True)
         with filesystem.open_input_stream(f"{inner.rstrip('/')}/{name}") as source, open(target, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 24)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
 from bitfleet.errors import SpecError, format_validation_error
-from bitfleet.spec import Strict, set_path
+from bitfleet.spec import MAX_EPOCHS, MAX_WORKERS, Strict, set_path
 
 RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")
@@ -97,9 +98,9 @@ class Asha(Strict):
     """Asynchronous successive halving: the worst trials stop at grace_period * reduction_factor^k epochs."""
 
     type: Literal["asha"] = "asha"
-    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it may be stopped
-    reduction_factor: float = Field(3.0, gt=1)
-    max_t: int | None = Field(None, ge=1)  # epochs; None: the spec's train.epochs (checked by check_sweep)
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS)  # epochs every trial runs before it may be stopped
+    reduction_factor: float = Field(3.0, gt=1, le=1000)
+    max_t: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # epochs; None: the spec's train.epochs (check_sweep)
 
 
 class Pbt(Strict):
@@ -110,7 +111,7 @@ class Pbt(Strict):
     latest scores, and one that started late may never be compared."""
 
     type: Literal["pbt"] = "pbt"
-    perturbation_interval: int = Field(ge=1)  # epochs
+    perturbation_interval: int = Field(ge=1, le=MAX_EPOCHS)  # epochs
     mutations: dict[str, Distribution] = Field(min_length=1)  # dotted path -> distribution, or a plain list
     quantile_fraction: float = Field(0.25, ge=0, le=0.5)
     resample_probability: float = Field(0.25, ge=0, le=1)
@@ -137,7 +138,7 @@ class Pb2(Strict):
     """PB2: PBT whose new values come from a Gaussian-process bandit over the real-valued `bounds`."""
 
     type: Literal["pb2"] = "pb2"
-    perturbation_interval: int = Field(ge=1)  # epochs
+    perturbation_interval: int = Field(ge=1, le=MAX_EPOCHS)  # epochs
     bounds: dict[str, tuple[float, float]] = Field(min_length=1)  # dotted path -> [low, high]
     quantile_fraction: float = Field(0.25, ge=0, le=0.5)
     synch: bool = False  # as PBT's
@@ -176,8 +177,8 @@ class SweepSpec(Strict):
 
     metric: str = Field("test/acc", min_length=1)
     mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)  # trials; under grid search, repeats of the whole grid (default 1)
-    max_concurrent: int | None = Field(None, ge=1)  # None: as many trials as the cluster's resources fit
+    num_samples: int = Field(8, ge=1, le=100_000)  # trials; under grid search, repeats of the whole grid (default 1)
+    max_concurrent: int | None = Field(None, ge=1, le=MAX_WORKERS)  # None: as many as the cluster's resources fit
     space: dict[str, Distribution] = {}  # dotted spec path -> distribution
     scheduler: Scheduler = Fifo()
     search: Search = Search()
@@ -217,6 +218,24 @@ class SweepSpec(Strict):
         if isinstance(self.scheduler, Pb2):
             for path in self.scheduler.bounds:
                 yield "scheduler.bounds", path, "bounds"
+
+    def bounding_values(self) -> Iterator[tuple[str, str, Any]]:
+        """(where in the sweep section, dotted spec path, value) of the values that bound what a trial can get:
+        every listed value and both ends of every range (of a range that excludes its high, the last value
+        below it). Constraints on a field are intervals, so a field that takes these takes every draw."""
+        distributions = [("space", path, dist) for path, dist in self.space.items()]
+        if isinstance(self.scheduler, Pbt):
+            distributions += [("scheduler.mutations", path, dist) for path, dist in self.scheduler.mutations.items()]
+        for where, path, dist in distributions:
+            if dist.kind in LISTS:
+                yield from ((where, path, value) for value in dist.values)
+                continue
+            low, high = dist.values
+            yield where, path, low
+            yield where, path, high - 1 if dist.kind == "randint" else math.nextafter(high, low)
+        if isinstance(self.scheduler, Pb2):
+            for path, (low, high) in self.scheduler.bounds.items():
+                yield from (("scheduler.bounds", path, low), ("scheduler.bounds", path, high))
 
 
 def _search_type(raw: Any) -> Any:

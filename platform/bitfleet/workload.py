@@ -10,8 +10,9 @@ shape, `setup` and `callbacks` a `RunContext`. The engine never reads `spec.mode
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
@@ -47,6 +48,12 @@ class Workload:
         self.options = options if options is not None else self.Options()
 
     # ---- configuration (driver side, before Ray)
+    @classmethod
+    def models(cls) -> tuple[str, ...]:
+        """The networks `model.arch` names (`bitfleet list`); a workload built from parts lists none."""
+        arch = cls.ModelConfig.model_fields.get("arch")
+        return tuple(getattr(arch.annotation, "__args__", ())) if arch is not None else ()
+
     @classmethod
     def resolve_sections(cls, spec: RunSpec) -> RunSpec:
         """The spec with `model:` and this workload's section parsed into `ModelConfig` and `Options`."""
@@ -95,9 +102,20 @@ class Workload:
         folders), writes its files under `spec.run_dir` and returns a JSON-able summary."""
         return {}
 
-    def export(self, model: nn.Module, config: BaseModel, data: DataInfo, path) -> dict:
-        """Write a trained model in the workload's deployment format; returns what was written."""
+    def export(self, model: nn.Module, config: BaseModel, data: DataInfo) -> dict[str, np.ndarray]:
+        """A trained model (eval mode, CPU) as the named arrays its engine runs on (`bitfleet export`)."""
         raise SpecError(f"workload {self.name!r} has no exporter")
+
+    def load_engine(self, arrays: dict[str, np.ndarray], input_lut: np.ndarray) -> Engine:
+        """The engine of arrays `export` wrote; `input_lut` (channels, 256) normalises pixel codes as the
+        data loader does."""
+        raise SpecError(f"workload {self.name!r} has no engine")
+
+
+class Engine(Protocol):
+    """An exported model: uint8 images (N, C, H, W), as the data set stores them, in; logits out."""
+
+    def logits(self, images: np.ndarray) -> np.ndarray: ...
 
 
 def parse_section(model: type[BaseModel], raw: Any, section: str) -> BaseModel:

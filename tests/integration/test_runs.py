@@ -5,6 +5,7 @@ assert outcomes (epochs, files, restores), never timings.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,11 +23,13 @@ from tests.integration.conftest import read_metrics, wait_until
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def bitfleet(cluster, log: Path, *args) -> subprocess.Popen:
-    """`bitfleet ARGS` in its own process group, its output in `log` (readable while it runs)."""
+def bitfleet(cluster, log: Path, *args, verbose: bool = True) -> subprocess.Popen:
+    """`bitfleet ARGS` in its own process group, its output in `log` (readable while it runs). `verbose`
+    (-v): Ray forwards its processes' output too, where the tests find the workers' pids."""
+    command = [sys.executable, "-m", "bitfleet.cli", *args, *(["-v"] if verbose else [])]
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "bitfleet.cli", *args], env=cluster.env, stdout=out,
-                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        process = subprocess.Popen(command, env=cluster.env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
     process.log = log
     return process
 
@@ -87,8 +90,8 @@ def test_worker_sigkilled_mid_epoch_finishes_from_checkpoint_with_the_uninterrup
     # optimizer state (model, optimizer, scheduler, EMA, per-epoch reseeding and sampler order restored).
     twin = write_spec(tmp_path, "uninterrupted", mnist_root, tmp_path / "results", **recipe)
     finish(bitfleet(ray_cluster, tmp_path / "twin.log", "run", str(twin), "--address", ray_cluster.address))
-    killed, clean = (checkpoint.load(checkpoint.find(tmp_path / "results" / name))
-                     for name in ("workerkill", "uninterrupted"))
+    killed, clean = (checkpoint.load(json.loads((tmp_path / "results" / name / "result.json").read_text())
+                                     ["last_checkpoint"]) for name in ("workerkill", "uninterrupted"))
     assert killed["epoch"] == clean["epoch"] == 4 and killed["restores"] >= 1 and clean["restores"] == 0
     for part in ("model", "ema"):
         assert killed[part].keys() == clean[part].keys()

@@ -65,7 +65,7 @@ def current_workers(log: Path) -> list[int]:
 
 def restores(log: Path) -> int:
     """How many worker groups have restored (their rank 0 says so; Ray may forward a line twice)."""
-    return len(set(re.findall(r"pid=(\d+)\)[^\n]*restored from checkpoint", log.read_text())))
+    return len(set(re.findall(r"restored from checkpoint at epoch [^\n]*\(pid (\d+)\)", log.read_text())))
 
 
 @pytest.fixture(scope="module")

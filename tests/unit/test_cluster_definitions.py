@@ -11,6 +11,7 @@ of KubeRay's ray.io/v1 API types, listed below.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import re
 import shutil
@@ -92,9 +93,9 @@ def test_dockerfile_installs_the_project_like_the_readme():
     assert any(req.startswith("deepspeed") for req in extras["deepspeed"])
 
 
-def test_dockerfile_base_matches_the_cuda_builds():
+def test_dockerfile_base_matches_the_cuda_builds_and_is_pinned_by_digest():
     (base,) = _instr("FROM")
-    m = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-(?:cudnn-)?runtime-ubuntu\d\d\.\d\d", base)
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-(?:cudnn-)?runtime-ubuntu\d\d\.\d\d@sha256:[0-9a-f]{64}", base)
     assert m, base
     extras = _pyproject()["project"]["optional-dependencies"]
     cuda_major = m.group(1)
@@ -110,6 +111,13 @@ def test_dockerfile_ports_user_and_workdir():
     text = (ROOT / "Dockerfile").read_text()
     assert "/opt/venv/bin" in text and "/etc/profile.d/" in text  # ray/bitfleet on PATH, login shells too
     assert "wget" in text  # KubeRay's default probes
+
+
+def test_image_user_cannot_become_root():
+    (apt,) = [args for args in _instr("RUN") if "apt-get install" in args]
+    assert "sudo" not in apt.split()
+    text = "\n".join(args for word, args in _dockerfile_instructions())  # comments dropped
+    assert "sudoers" not in text and "NOPASSWD" not in text
 
 
 def _dockerignore_patterns() -> list[str]:
@@ -157,6 +165,56 @@ def test_compose_builds_and_runs_this_image():
         assert f"--metrics-export-port={METRICS_PORT}" in service["command"]
 
 
+def _interpolate(value, env: dict[str, str]):
+    """Compose's variable interpolation (`${VAR}`, `${VAR:-default}`, `${VAR:?error}`) of a loaded file."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op == "?":
+            raise KeyError(f"{name}: {arg}")
+        return arg if op == "-" else ""
+    return re.sub(r"\$\{(\w+)(?::([-?])([^}]*))?\}", one, value)
+
+
+def test_compose_listens_on_localhost_unless_told_otherwise():
+    compose = _load(CLUSTER / "docker-compose.yml")
+    env = {"GRAFANA_ADMIN_PASSWORD": "x"}
+    published = [p for s in _interpolate(compose, env)["services"].values() for p in s.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    wide = _interpolate(compose, {**env, "BITFLEET_BIND_ADDRESS": "0.0.0.0"})["services"]
+    assert all(p.startswith("0.0.0.0:") for s in wide.values() for p in s.get("ports", []))
+
+
+def test_compose_grafana_needs_an_admin_password_and_has_no_anonymous_editor():
+    compose = _load(CLUSTER / "docker-compose.yml")
+    with pytest.raises(KeyError, match="GRAFANA_ADMIN_PASSWORD"):
+        _interpolate(compose, {})
+    grafana = _interpolate(compose, {"GRAFANA_ADMIN_PASSWORD": "s3cret"})["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret" and grafana["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"  # anonymous access only when asked for ...
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # ... and then read-only
+
+
+def test_compose_containers_hold_no_privileges_and_the_token_is_a_secret_file():
+    compose = _load(CLUSTER / "docker-compose.yml")
+    for name, service in compose["services"].items():
+        assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"], name
+        assert "RAY_AUTH_TOKEN" not in (service.get("environment") or {}), name  # never an environment variable
+    assert compose["secrets"]["ray_auth_token"] == {"environment": "RAY_AUTH_TOKEN"}
+    for name in ("ray-head", "ray-worker"):
+        service = compose["services"][name]
+        assert service["secrets"] == ["ray_auth_token"]
+        assert service["environment"]["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token"
+
+
 # ---------------------------------------------------------------- ray up
 
 def _ray_up() -> dict:
@@ -202,3 +260,30 @@ def test_ray_up_head_gpu_workers_metrics_token_storage():
     assert len(mounts) == 1 and mounts[0].split()[-1] == host_dir
     # The checkout is synced over the image's editable install.
     assert config["file_mounts"]["/app"] == "." and _instr("WORKDIR")[-1] == "/app"
+
+
+def _rsync_excluded(path: str, patterns: list[str]) -> bool:
+    """rsync's exclude rule: `/x` matches from the transfer's root, `x` the end of the path at any depth,
+    and a match on a folder excludes what it holds."""
+    parts = path.split("/")
+    for pattern in patterns:
+        anchored, pattern = pattern.startswith("/"), pattern.lstrip("/")
+        for end in range(1, len(parts) + 1):
+            for start in ([0] if anchored else range(end)):
+                if fnmatch.fnmatch("/".join(parts[start:end]), pattern.replace("**/", "")):
+                    return True
+    return False
+
+
+def test_ray_up_syncs_every_source_file_and_holds_no_privileges():
+    config = _ray_up()
+    patterns = config["rsync_exclude"]
+    for unwanted in (".git/config", "data/cifar10/x", "bench/results/x.json", "platform/bitfleet/__pycache__/a.pyc"):
+        assert _rsync_excluded(unwanted, patterns), unwanted
+    sources = [str(p.relative_to(ROOT)) for d in ("platform", "workloads") for p in (ROOT / d).rglob("*.py")
+               if "__pycache__" not in p.parts]
+    assert "platform/bitfleet/data/cifar.py" in sources
+    assert [f for f in sources if _rsync_excluded(f, patterns)] == []
+    options = config["docker"]["run_options"]
+    assert "--security-opt no-new-privileges" in options and "--cap-drop ALL" in options
+    assert not any("--dashboard-host" in c for c in config["head_start_ray_commands"])  # the head's localhost only

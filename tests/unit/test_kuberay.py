@@ -52,17 +52,41 @@ def _groups(spec: dict):
         yield group["groupName"], group
 
 
-def _assert_token_env(env: list[dict], where: str):
-    by_name = {e["name"]: e for e in env}
-    assert by_name["RAY_AUTH_MODE"]["value"] == "token", where
-    assert by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == TOKEN_SECRET, where
+def _assert_token_file(container: dict, volumes: list[dict], where: str):
+    """Token auth, the token read from the Secret's key mounted read-only as a file (RAY_AUTH_TOKEN_PATH),
+    readable by the pod's group only: never an environment variable that every process inherits."""
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token", where
+    assert "RAY_AUTH_TOKEN" not in env, where
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(token.parent)]
+    assert mount["readOnly"] is True and token.name == TOKEN_SECRET["key"], where
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == TOKEN_SECRET["name"], where
+    assert volume["secret"]["defaultMode"] & 0o007 == 0, where  # nothing for other users
+
+
+def _assert_least_privilege(pod: dict, container: dict, where: str, writable=("/tmp",)):
+    """Not root, no way to become root, no capability, a read-only root filesystem; `writable`: volumes."""
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0, where
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+    context = container["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False, where
+    assert context["capabilities"] == {"drop": ["ALL"]}, where
+    assert context["readOnlyRootFilesystem"] is True, where
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for path in writable:
+        assert mounts.get(path) in empty_dirs, (where, path)
 
 
 def _check_cluster_spec(spec: dict):
     assert set(spec) <= RAYCLUSTER_SPEC, set(spec) - RAYCLUSTER_SPEC
     assert set(spec["autoscalerOptions"]) <= AUTOSCALER
     assert spec["rayVersion"].startswith("2.") and tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52)
-    _assert_token_env(spec["autoscalerOptions"]["env"], "autoscaler")
+    autoscaler, head_pod = spec["autoscalerOptions"], spec["headGroupSpec"]["template"]["spec"]
+    _assert_token_file(autoscaler, head_pod["volumes"], "autoscaler")  # a container of the head pod
+    _assert_least_privilege(head_pod, autoscaler, "autoscaler", writable=("/tmp", "/home/ray"))
     image = _ray_up()["docker"]["image"]
     gpu_groups = 0
     for name, group in _groups(spec):
@@ -75,7 +99,9 @@ def _check_cluster_spec(spec: dict):
         (container,) = pod["containers"]
         assert container["image"] == image, name
         assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"], name
-        _assert_token_env(container["env"], name)
+        _assert_token_file(container, pod["volumes"], name)
+        # Ray writes /tmp/ray and caches under the home folder; the object store and results have their volumes
+        _assert_least_privilege(pod, container, name, writable=("/tmp", "/home/ray"))
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
@@ -110,7 +136,9 @@ def test_rayjob_fields_and_inline_cluster_equals_the_raycluster():
         (submitter,) = spec["submitterPodTemplate"]["spec"]["containers"]
         assert "command" not in submitter  # KubeRay supplies `ray job submit ... -- <entrypoint>`
         assert submitter["image"] == _ray_up()["docker"]["image"]
-        _assert_token_env(submitter["env"], "submitter")
+        pod = spec["submitterPodTemplate"]["spec"]
+        _assert_token_file(submitter, pod["volumes"], "submitter")
+        _assert_least_privilege(pod, submitter, "submitter")
 
 
 def _entrypoint_commands() -> list[list[str]]:
@@ -214,8 +242,12 @@ def test_pod_templates_and_pvc_are_valid_kubernetes_objects():
     templates["rayjob.submitter"] = job["submitterPodTemplate"]
     for where, template in templates.items():
         _k8s_model("V1PodTemplateSpec", template, where)
-    for i, env in enumerate(cluster["autoscalerOptions"]["env"]):
+    autoscaler = cluster["autoscalerOptions"]
+    for i, env in enumerate(autoscaler["env"]):
         _k8s_model("V1EnvVar", env, f"autoscalerOptions.env[{i}]")
+    for i, mount in enumerate(autoscaler["volumeMounts"]):
+        _k8s_model("V1VolumeMount", mount, f"autoscalerOptions.volumeMounts[{i}]")
+    _k8s_model("V1SecurityContext", autoscaler["securityContext"], "autoscalerOptions.securityContext")
     _k8s_model("V1PersistentVolumeClaim", _load(KUBERAY / "storage.yaml"), "storage.yaml")
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
-    {"errors"},
+    {"errors", "strict_yaml"},
     {"spec"},
-    {"registry", "storage", "schedules", "data", "metrics", "sweeps"},
+    {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy"},
     {"engine"},
     {"workload"},
-    {"resolve", "report", "export", "evaluation", "status"},
+    {"resolve", "report", "export", "evaluation", "status", "listing"},
     {"scheduler"},
     {"cli", "__main__"},
 ]

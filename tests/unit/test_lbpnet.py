@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bitfleet.data import info
-from bitfleet.spec import DataSpec
-from workloads.lbpnet import intengine, paper_metrics
+from workloads.lbpnet import paper_metrics
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.layers import LBPLayer, RPFusion, hard_step
 from workloads.lbpnet.models import LBPNet
@@ -146,32 +143,3 @@ def test_paper_metrics_match_the_seed_for_its_full60k_network():
     assert (k8["size_bytes"], k8["add"], round(k8["gops"], 6)) == (5_472, 571_536, 0.000677)
     one = paper_metrics.measure(build("residual", blocks={"fusion_type": "conv1x1"}), 28)
     assert one["mul"] > 0 and one["size_bytes"] > k8["size_bytes"]
-
-
-@pytest.mark.parametrize("pool", ["gap", "flatten"])
-def test_integer_engine_predicts_what_the_hard_path_predicts(tmp_path, pool):
-    from bitfleet.data import mnist
-
-    model = build("macfree", head={"pool": pool})
-    with torch.no_grad():  # a model that is not all-open: random gates and BN statistics
-        for block in model.blocks:
-            block.fusion.gate_logits.normal_()
-        model.head.bn.running_mean.normal_()
-        model.head.bn.running_var.uniform_(0.5, 2.0)
-    model.eval()
-    _, (codes, _) = mnist.embedded_sample()
-    normalised = (codes.float() / 255 - 0.1307) / 0.3081
-    with torch.no_grad():
-        expected = model(normalised)
-    intengine.export(model, info(DataSpec(dataset="mnist_sample")), tmp_path / "lbpnet.npz")
-    engine = intengine.IntegerLBPNet(tmp_path / "lbpnet.npz")
-    logits = engine.logits(codes.numpy())
-    assert np.array_equal(logits.argmax(1), expected.argmax(1).numpy())
-    assert np.allclose(logits, expected.numpy(), atol=1e-4)
-
-
-def test_integer_export_refuses_networks_with_float_feature_paths(tmp_path):
-    from bitfleet.errors import SpecError
-
-    with pytest.raises(SpecError, match="block: macfree"):
-        intengine.export(build("residual"), info(DataSpec(dataset="mnist", root="unused")), tmp_path / "x.npz")

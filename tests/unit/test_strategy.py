@@ -138,6 +138,39 @@ def test_shards_restore_weights_optimizer_and_masters_exactly(group, tmp_path):
     assert restored_scheduler.get_last_lr() == scheduler.get_last_lr()
 
 
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_shard_that_would_run_code_is_refused_naming_the_file(group, tmp_path):
+    """DeepSpeed's own loads unpickle with weights_only=False; the strategy's go through `load_weights_only`."""
+    model, scheduler, ds = _run(seed=0)
+    ds.save_shard(tmp_path)
+    shard = tmp_path / checkpoint.SHARDS / checkpoint.TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, shard)
+    restored, _, restored_ds = _run(seed=1)
+    with pytest.raises(ValueError, match=f"{shard}: refused: .* names posix.system"):
+        restored_ds.load({"model": model.state_dict()}, tmp_path)
+    assert not marker.exists()
+
+
+def test_the_fp16_loss_scaler_of_a_gpu_shard_loads_weights_only(tmp_path):
+    """Under `amp` fp16 (CUDA, not run here) a shard holds DeepSpeed's DynamicLossScaler: allowed, as data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=1,
+                               consecutive_hysteresis=False)
+    scaler.cur_iter, scaler.last_overflow_iter = 7, 3
+    torch.save({"loss_scaler": scaler}, tmp_path / "shard.pt")
+    loaded = strategy.load_weights_only(str(tmp_path / "shard.pt"))["loss_scaler"]
+    assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler)
+
+
 def test_restoring_a_checkpoint_without_shards_says_what_it_needs(group, tmp_path):
     model, _, ds = _run(seed=0)
     with pytest.raises(ValueError, match="no DeepSpeed shards.*train.init_from"):

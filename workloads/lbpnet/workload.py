@@ -2,8 +2,6 @@
 block, RP or 1x1 fusion, with the seed's temperature, freeze, hard fine-tune and stability schedules."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from bitfleet.errors import SpecError
@@ -64,10 +62,15 @@ class LBPNetWorkload(Workload):
         logits = model(images)
         return loss(logits, labels) + regularisation(getattr(model, "module", model), self.options), logits
 
-    def export(self, model, config: ModelConfig, data, path: Path) -> dict:
-        from workloads.lbpnet import intengine
+    def export(self, model, config: ModelConfig, data):
+        from workloads.lbpnet import intexport
 
-        return intengine.export(model, data, path)
+        return intexport.export(model, data)
+
+    def load_engine(self, arrays, input_lut):
+        from workloads.lbpnet.intengine import IntegerLBPNet
+
+        return IntegerLBPNet(arrays, input_lut)
 
 
 def regularisation(model, options: Options) -> torch.Tensor:

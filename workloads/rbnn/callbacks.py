@@ -100,6 +100,7 @@ class Telemetry(Callback):
             state.metrics["rbnn/weight_near_zero"] = (values.abs() < 0.1).float().mean().item()
             if state.rank == 0:
                 self._plot(values, state.epoch)
+                state.histograms["rbnn/rotated_weights"] = values  # to TensorBoard, through the driver
 
     def _plot(self, values: torch.Tensor, epoch: int) -> None:
         import matplotlib

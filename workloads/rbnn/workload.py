@@ -74,6 +74,16 @@ class RBNN(Workload):
             BNRecalibration(options.bn_recalibration_batches),
         ]
 
+    def export(self, model, config: ModelConfig, data):
+        from workloads.rbnn import export
+
+        return export.export(model, data)
+
+    def load_engine(self, arrays, input_lut):
+        from workloads.rbnn.packed import PackedRBNN
+
+        return PackedRBNN(arrays, input_lut)
+
     def train_step(self, model, images, labels, loss):
         mixup = self.options.mixup
         if mixup:

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from bitfleet.data import cifar, folders, mnist
+from bitfleet.data.transforms import without_normalise
+from bitfleet.errors import SpecError
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,29 @@ def build_datasets(spec) -> Datasets:
     plain, _ = module.load(spec, augment=False)  # validation images are not augmented
     train_idx, val_idx = split_indices(plain.targets, spec.val_size, spec.split_seed, spec.stratified)
     return Datasets(Subset(train, train_idx), test, info(spec), val=Subset(plain, val_idx))
+
+
+NO_VAL = "--split: 'val' needs images held out of the training set (data.val_size > 0)"
+
+
+def eval_split(spec, split: str) -> Dataset:
+    """One split as evaluation reads it: val and test as a run's evaluation reads them, the training split
+    through the same evaluation transforms (no augmentation). A SpecError for val when none is held out."""
+    sets = build_datasets(spec.model_copy(update={"augment": False}))
+    dataset = {"train": sets.train, "val": sets.val, "test": sets.test}[split]
+    if dataset is None:
+        raise SpecError(NO_VAL)
+    return dataset
+
+
+def raw_split(spec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, C, H, W), labels) of a split as evaluation sees it before normalising: resized and
+    cropped for folder data sets. What an exported engine takes (it normalises by its own table)."""
+    dataset = eval_split(spec, split)
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    base.transform = without_normalise(base.transform)
+    images, labels = zip(*DataLoader(dataset, batch_size=512))
+    return torch.cat(images), torch.cat(labels)
 
 
 def split_indices(labels, val_size: int, seed: int, stratified: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from bitfleet.data.transforms import normalise
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, used for every folder data set
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 CHECK_FILE = "bitfleet-check.json"  # written by `bitfleet data check`: counts and unreadable files
@@ -102,7 +104,7 @@ def transforms(spec, *, train: bool) -> v2.Compose:
         steps = [v2.RandomResizedCrop(spec.crop, scale=spec.crop_area, antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps = [v2.Resize(spec.eval_resize, antialias=True), v2.CenterCrop(spec.crop)]
-    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    return v2.Compose([v2.ToImage(), *steps, *normalise(MEAN, STD).transforms])
 
 
 class FolderImages(torch.utils.data.Dataset):

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from bitfleet.data import DataInfo, build_datasets, folders, info, split_indices
+from bitfleet.data import NO_VAL, DataInfo, build_datasets, eval_split, folders, info, split_indices
+from bitfleet.errors import SpecError
 from bitfleet.spec import DataSpec, RunSpec
 
 
@@ -149,12 +150,12 @@ def split_loader(data: DataSpec, split: str, batch_size: int, device: torch.devi
     """All of one split in order, for one process (`bitfleet eval`): val and test as a run's evaluation reads
     them, the training split through the same evaluation transforms (no augmentation)."""
     plain = data.model_copy(update={"augment": False})
-    if data.loader == "dali":
-        from bitfleet.data.dali import DaliLoader
+    if data.loader != "dali":
+        return DataLoader(eval_split(plain, split), batch_size, num_workers=data.loader_workers,
+                          pin_memory=device.type == "cuda")
+    from bitfleet.data.dali import DaliLoader
 
-        return DaliLoader(_folder_splits(plain)[split], plain, train=False, batch_size=batch_size, rank=0, world=1,
-                          seed=0, device=device)
-    sets = build_datasets(plain)
-    dataset = {"train": sets.train, "val": sets.val, "test": sets.test}[split]
-    assert dataset is not None, f"no {split} split (data.val_size is 0)"
-    return DataLoader(dataset, batch_size, num_workers=data.loader_workers, pin_memory=device.type == "cuda")
+    images = _folder_splits(plain)
+    if split not in images:
+        raise SpecError(NO_VAL)
+    return DaliLoader(images[split], plain, train=False, batch_size=batch_size, rank=0, world=1, seed=0, device=device)

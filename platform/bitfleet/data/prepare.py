@@ -26,8 +26,10 @@ def read_imagenet_val_labels(path: Path) -> dict[str, str]:
     lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     labels = {}
     if lines and lines[0].startswith("ImageId,"):
-        for line in lines[1:]:
-            image_id, prediction = line.split(",", 1)
+        for number, line in enumerate(lines[1:], 2):
+            image_id, _, prediction = line.partition(",")
+            if not prediction.split():
+                raise ValueError(f"{path}:{number}: expected `ImageId,PredictionString`, got {line!r}")
             labels[image_id] = prediction.split()[0]  # "<wnid> x y x y [<wnid> ...]": one class per image
     else:
         for number, line in enumerate(lines, 1):
@@ -58,11 +60,16 @@ def prepare_tinyimagenet(root: Path) -> int:
     if not annotations.is_file():
         raise ValueError(f"{annotations} not found: is {root} an unpacked tiny-imagenet-200?")
     moves = []
-    for line in annotations.read_text().splitlines():
-        if line.strip():
-            name, wnid = line.split("\t")[:2]
-            if (val / "images" / name).is_file():
-                moves.append((val / "images" / name, wnid))
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{annotations}:{number}"
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise ValueError(f"{where}: expected `<file>\\t<wnid>\\t...`, got {line!r}")
+        image = storage.inside(val / "images", fields[0], where)  # nothing from outside is moved in
+        if image.is_file():
+            moves.append((image, fields[1]))
     moved = _move(val, moves, class_names(Path(root)))
     if (val / "images").is_dir() and not any((val / "images").iterdir()):
         (val / "images").rmdir()
@@ -70,6 +77,7 @@ def prepare_tinyimagenet(root: Path) -> int:
 
 
 def _move(val: Path, moves: list[tuple[Path, str]], classes: list[str]) -> int:
+    """Every move checked before the first is made: a wrong label file moves nothing."""
     unknown = sorted({wnid for _, wnid in moves} - set(classes))
     if unknown:
         raise ValueError(f"validation labels name classes that train/ does not have: {', '.join(unknown[:5])}")

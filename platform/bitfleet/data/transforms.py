@@ -12,8 +12,26 @@ def image_transform(size: int, mean, std, *, augment: bool, pad: int, flip: bool
         steps.append(v2.RandomCrop(size, padding=pad))
         if flip:
             steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
+    return v2.Compose([*steps, *normalise(mean, std).transforms])
+
+
+def normalise(mean, std) -> v2.Compose:
+    """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel: the last steps of every data set's transform."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def without_normalise(transform: v2.Compose) -> v2.Compose:
+    """`transform` up to its `normalise` steps: what it makes of an image as uint8 (resized, cropped)."""
+    steps = transform.transforms
+    assert [type(t) for t in steps[-2:]] == [v2.ToDtype, v2.Normalize], steps
+    return v2.Compose(steps[:-2])
+
+
+def input_lut(mean, std) -> torch.Tensor:
+    """(channels, 256) float32: what `normalise` makes of each pixel code, channel by channel. An element-wise
+    transform, so a table of it gives the loader's floats bit for bit."""
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(len(mean), 1, 256)
+    return normalise(mean, std)(codes).view(len(mean), 256)
 
 
 class TensorImages(torch.utils.data.Dataset):

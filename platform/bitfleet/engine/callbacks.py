@@ -45,6 +45,7 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     metrics: dict[str, float] = field(default_factory=dict)  # extra telemetry for this epoch
+    histograms: dict[str, torch.Tensor] = field(default_factory=dict)  # values to histogram this epoch (rank 0)
     eval_model: nn.Module | None = None  # what evaluation runs: the EMA's module or `model`
     train_loader: Any = None  # this rank's training batches (BN recalibration reads a few)
 

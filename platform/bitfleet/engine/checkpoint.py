@@ -84,7 +84,10 @@ def problem(directory: str | Path) -> str | None:
         if isinstance(part, str):
             return part
         for name, expected in part["files"].items():
-            path = directory / name
+            try:
+                path = storage.inside(directory, name, _part(rank))
+            except ValueError:
+                return f"{_part(rank)} names {name!r}, a file outside the checkpoint"
             if not path.is_file():
                 return f"{name} is missing"
             if path.stat().st_size != expected["size"] or _fingerprint(path)["sha256"] != expected["sha256"]:
@@ -141,9 +144,15 @@ def _read_part(directory: Path, rank: int) -> dict | str:
     if not path.is_file():
         return f"no {path.name} (its write did not finish)"
     try:
-        return json.loads(path.read_text())
+        part = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{path.name} is unreadable (truncated)"
+    files = part.get("files") if isinstance(part, dict) else None
+    if not (isinstance(files, dict) and all(isinstance(f, dict) and isinstance(f.get("size"), int)
+                                            and isinstance(f.get("sha256"), str) for f in files.values())
+            and isinstance(part.get("parts", 1), int)):
+        return f"{path.name} is not a manifest (files with their size and sha256)"
+    return part
 
 
 def _fingerprint(path: Path) -> dict[str, Any]:
@@ -209,21 +218,37 @@ def find(path: str | Path, fetch: Fetch | None = None, shown: str | None = None)
         if why is not None:
             raise FileNotFoundError(f"{shown}: an incomplete or corrupt checkpoint: {why}")
         return path
-    result = path / "result.json"
-    best = None
-    if result.is_file():
-        try:
-            best = json.loads(result.read_text()).get("best_checkpoint")
-        except json.JSONDecodeError:
-            log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
-    if best:  # the run's own folder of that name: the recorded path may be another machine's or a URI's
-        best = path / PurePosixPath(best).name if (path / PurePosixPath(best).name).is_dir() else Path(best)
-        if best.is_dir() and _checked(best, fetch) is None:
-            return best
+    best = _recorded_best(path)
+    if best is not None and _checked(best, fetch) is None:
+        return best
     found = newest(path.glob("checkpoint_*"), fetch)
     if found is None:
         raise FileNotFoundError(f"{shown}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
     return found
+
+
+def _recorded_best(run_folder: Path) -> Path | None:
+    """The best checkpoint a run folder's `result.json` names: the run's own folder of that name (the path
+    was recorded by the driver, perhaps on another machine or in an object store); never one outside it."""
+    result = run_folder / "result.json"
+    if not result.is_file():
+        return None
+    try:
+        best = json.loads(result.read_text()).get("best_checkpoint")
+    except (ValueError, AttributeError):
+        log.warning("bitfleet: %s is unreadable (truncated); taking the newest complete checkpoint", result)
+        return None
+    if not isinstance(best, str):
+        return None
+    try:
+        own = storage.inside(run_folder, PurePosixPath(best).name, str(result))
+    except ValueError:
+        own = None
+    if own is None or not own.is_dir():
+        log.warning("bitfleet: %s names %s, outside the run folder or gone; taking its newest complete checkpoint",
+                    result, best)
+        return None
+    return own
 
 
 def _checked(folder: Path, fetch: Fetch | None) -> str | None:

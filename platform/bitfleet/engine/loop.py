@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import random
 import sys
@@ -34,22 +35,24 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bitfleet import registry, storage
 from bitfleet.data import loaders
-from bitfleet.engine import checkpoint, preemption, strategy
+from bitfleet.engine import checkpoint, events, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
 from bitfleet.engine.evaluate import batch_sums, evaluate
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
-from bitfleet.metrics import SPLITS, WorkerMetrics, run_labels
+from bitfleet.metrics import WorkerMetrics, run_labels
 from bitfleet.spec import RunSpec, spec_digest
 
+log = logging.getLogger(__name__)
 HANDED = "<the checkpoint Ray handed over>"  # rank 0's choice of it, which each rank opens on its own node
 STEP_CHECKPOINT = "step_checkpoint"  # marks a mid-epoch report: no epoch's metrics, not a Tune iteration
 
 
 def train_worker(config: dict) -> None:
     """Entry point inside each Ray Train worker; `config["spec"]` is the resolved RunSpec, its workload's
-    sections already typed; `config["checkpoint_score"]` the (metric, mode) Ray ranks checkpoints by."""
-    Trainer(config["spec"], config.get("checkpoint_score")).fit()
+    sections already typed; `config["checkpoint_score"]` the (metric, mode) Ray ranks checkpoints by;
+    `config["events"]` the driver's queue for what the run tells it (engine/events.py)."""
+    Trainer(config["spec"], config.get("checkpoint_score"), config.get("events")).fit()
 
 
 def seed_everything(seed: int, epoch: int, rank: int) -> None:
@@ -86,10 +89,12 @@ def worker_part(rank: int) -> str:
 class Trainer:
     """The state of one worker's training and the steps that advance it."""
 
-    def __init__(self, spec: RunSpec, checkpoint_score: tuple[str, str] | None = None):
+    def __init__(self, spec: RunSpec, checkpoint_score: tuple[str, str] | None = None, event_queue=None):
         context = ray.train.get_context()
         self.spec, self.train_spec = spec, spec.train
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.events = events.Events(event_queue, spec.name, self.rank)
+        self.events.forward_warnings()
         self.device = ray.train.torch.get_device()
         self.run_path = storage.run_path(spec)
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
@@ -128,12 +133,17 @@ class Trainer:
         self.spec_digest = spec_digest(spec)
         self.checkpoint_score = checkpoint_score
         self.control = preemption.Control(spec.failure, self.run_path, self.rank, self.world, self.device)
+        self.meter = events.Meter(self.train_spec.print_freq, self.steps_per_epoch, self.train_spec.epochs)
         self.resume: dict | None = None  # this rank's part of a mid-epoch checkpoint, until its epoch resumes
 
     # ------------------------------------------------------------------ run
     def fit(self) -> None:
         preemption.watch_sigterm(self.spec.failure.preemption_grace_s)
         self.restore()
+        if self.rank == 0:
+            self.events.emit("start", run_path=self.run_path, epochs=self.train_spec.epochs,
+                             steps_per_epoch=self.steps_per_epoch, epoch=self.state.epoch,
+                             step_in_epoch=self.state.step_in_epoch, workers=self.world, restores=self.restores)
         while self.state.epoch < self.train_spec.epochs:
             metrics = self.run_epoch()
             if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
@@ -156,11 +166,13 @@ class Trainer:
         if trained is None:
             return None
         metrics = {"epoch": state.epoch + 1, **trained, "lr": self.optimizer.param_groups[0]["lr"]}
+        evaluating = time.perf_counter()
         broadcast_buffers(self.model, self.ema)  # every rank evaluates, and rank 0 saves, the same BN statistics
         self.callbacks.on_eval_start(state)
         for split, loader in self.eval_loaders.items():
             metrics.update(self.evaluate(split, loader))
         self.callbacks.on_eval_end(state, metrics)
+        self.meter.evaluated(time.perf_counter() - evaluating)
         state.epoch, state.step_in_epoch = state.epoch + 1, 0
         self.callbacks.on_epoch_end(state, metrics)
         return {**metrics, **state.metrics, "restores": self.restores, "workers": self.world}
@@ -173,6 +185,7 @@ class Trainer:
         if resume is not None:
             sums, earlier = resume["sums"].to(self.device), resume["elapsed"]
         start = clock = time.perf_counter()
+        self.meter.start_epoch()
         steps = self.steps_per_epoch - state.step_in_epoch
         for images, labels in itertools.islice(self.train_loader, steps):  # no batch past the last
             loaded = time.perf_counter()
@@ -184,6 +197,8 @@ class Trainer:
             self.callbacks.on_step_end(state)
             now = time.perf_counter()
             self.metrics.step(now - clock, data_wait_s=loaded - clock, samples=len(labels))
+            if self.meter.step(state.step_in_epoch, now - clock, loaded - clock, len(labels)) and self.rank == 0:
+                self._progress(sums)
             action = self.control.after_step(state.global_step)
             if action == preemption.CHECKPOINT and state.step_in_epoch == self.steps_per_epoch \
                     and self._checkpoints_at_epoch_end(state.epoch + 1):
@@ -201,6 +216,14 @@ class Trainer:
         loss_sum, seen, *rest = self._all_reduce(sums).tolist()
         return {**self.objective.metrics("train", loss_sum, seen, rest, train=True),
                 "images_per_s": seen / elapsed, "epoch_time_s": elapsed}
+
+    def _progress(self, sums: torch.Tensor) -> None:
+        """Rank 0's progress event: its own running loss of the epoch (no all-reduce mid-epoch)."""
+        loss_sum, seen = sums[:2].tolist()
+        state = self.state
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.events.emit("progress", **self.meter.snapshot(state.epoch, state.step_in_epoch, state.global_step,
+                                                           loss_sum / max(seen, 1), lr))
 
     def train_step(self, images, labels):
         with self.strategy.autocast():
@@ -233,7 +256,9 @@ class Trainer:
         epoch, epochs = self.state.epoch, self.train_spec.epochs
         if self.rank == 0:
             self._write_metrics()
-            print(_progress_line(self.spec.name, metrics, epochs), flush=True)
+            histograms = {tag: values.numpy() for tag, values in self.state.histograms.items()}
+            self.events.emit("epoch", metrics=metrics, epochs=epochs, histograms=histograms)
+        self.state.histograms = {}
         if self._checkpoints_at_epoch_end(epoch) and (self.rank == 0 or self.strategy.sharded):
             parts = self.world if self.strategy.sharded else 1  # every rank adds its shard and manifest part
             self._report_with_checkpoint(metrics, self.strategy.save_shard, parts, wait=epoch == epochs)
@@ -313,9 +338,8 @@ class Trainer:
         self.metrics.checkpoint("restore", time.perf_counter() - start)
         self.metrics.epoch({**(self.history or [{}])[-1], "restores": self.restores})  # dashboards carry on
         if self.rank == 0:
-            step, epoch = self.state.step_in_epoch, self.state.epoch
-            where = f", step {step} of epoch {epoch + 1}" if step else ""
-            print(f"[{self.spec.name}] restored from checkpoint at epoch {self.state.epoch}{where}", flush=True)
+            self.events.emit("restored", epoch=self.state.epoch, step_in_epoch=self.state.step_in_epoch,
+                             checkpoint=str(directory))
 
     def _restore_point(self, handed: str | None) -> str | None:
         """Rank 0's choice: the newest complete checkpoint among Ray's and the run folder's (a local one)."""
@@ -326,7 +350,7 @@ class Trainer:
             candidates += Path(self.run_path).glob("checkpoint_*")
         chosen = checkpoint.newest(candidates)
         if chosen is None and candidates:
-            print(f"[{self.spec.name}] no complete checkpoint left: starting from scratch", flush=True)
+            log.warning("%s: no complete checkpoint left: starting from scratch", self.spec.name)
         if chosen is not None and handed and chosen == Path(handed).resolve():
             return HANDED
         return str(chosen) if chosen is not None else None
@@ -364,19 +388,9 @@ class Trainer:
         if parts == self.world and path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
         if self.rank == 0:
-            print(f"[{self.spec.name}] warning: {directory.name} was written mid-epoch by {parts} workers, "
-                  f"resumed by {self.world}: the epoch continues in its order, not bit for bit", flush=True)
+            log.warning("%s: %s was written mid-epoch by %d workers, resumed by %d: the epoch continues in its "
+                        "order, not bit for bit", self.spec.name, directory.name, parts, self.world)
         seed_everything(self.spec.seed, self.state.global_step, self.rank)
         sums = torch.zeros(2 + len(self.objective.sums))
         return {"rng": rng_states(), "sums": sums, "elapsed": 0.0}
 
-
-def _progress_line(name: str, m: dict, epochs: int) -> str:
-    """`[run] epoch 3/8  train loss 0.41 acc 87.5  test loss 0.38 acc 88.9  lr 0.05  530 img/s`: every
-    split's objective metrics, whatever the workload's objective measures."""
-    splits = "  ".join(
-        f"{split} " + " ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in m.items()
-                              if key.startswith(split + "/"))
-        for split in SPLITS if f"{split}/loss" in m
-    )
-    return f"[{name}] epoch {m['epoch']}/{epochs}  {splits}  lr {m['lr']:.4g}  {m['images_per_s']:.0f} img/s"

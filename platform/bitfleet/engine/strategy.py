@@ -4,11 +4,15 @@ A strategy owns the backward pass and optimizer step, the mixed precision around
 optimizer's part of a checkpoint. DDP keeps a full optimizer on every rank, saved once (by rank 0) in
 `state.pt`. DeepSpeed ZeRO partitions the optimizer state (stage 1), and the gradients too (stage 2), over
 the ranks: every rank writes its own shard under `deepspeed/` in the same Ray checkpoint, and reads it
-back on restore. Either way `state.pt` keeps the model's full weights, so every reader of checkpoints
+back on restore, unpickling no code: DeepSpeed's own loads run whatever a shard's pickle names (it passes
+`weights_only=False`), ours admit tensors, plain data and the few DeepSpeed types a shard holds.
+Either way `state.pt` keeps the model's full weights, so every reader of checkpoints
 (init_from, export, reports) sees one format.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -91,6 +95,7 @@ class DeepSpeed(_Precision):
         super().__init__(spec, device)
         config = deepspeed_config(spec.deepspeed or DeepSpeedSpec(), spec, per_worker_batch, self.dtype)
         self.model, *_ = deepspeed.initialize(model=model.to(device), optimizer=optimizer, config=config)
+        self.model.checkpoint_engine.load = load_weights_only  # every shard DeepSpeed reads goes through it
 
     def step(self, loss: torch.Tensor) -> None:
         self.model.backward(loss)  # gradients reduced (stage 2: reduce-scattered) over the ranks
@@ -111,6 +116,23 @@ class DeepSpeed(_Precision):
         path, _ = self.model.load_checkpoint(str(Path(directory) / SHARDS), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         assert path is not None, f"DeepSpeed could not load {directory}"
+
+
+def load_weights_only(path: str, map_location=None):
+    """A DeepSpeed checkpoint file, loaded as `torch.load(weights_only=True)` loads: tensors and plain data,
+    and of DeepSpeed's own types only the plain ones its optimizer shards hold; a file that names anything
+    else (a function to call, another class to build) is refused, naming it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"GLOBAL (\S+)", str(exc))
+            raise ValueError(f"{path}: refused: a DeepSpeed shard holds tensors and plain data, this file names "
+                             f"{named.group(1) if named else 'more'}") from None
 
 
 def deepspeed_config(ds: DeepSpeedSpec, spec: TrainSpec, per_worker_batch: int, dtype: torch.dtype | None) -> dict:

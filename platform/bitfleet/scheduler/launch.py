@@ -6,9 +6,11 @@ the same spec finds the run there and resumes it from its latest checkpoint (Ray
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,9 +19,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 import bitfleet
-from bitfleet import metrics, registry, storage
+from bitfleet import console, metrics, registry, storage
 from bitfleet.engine import loop, preemption
 from bitfleet.resolve import CONFIG_FILE
+from bitfleet.scheduler.watch import Watch, show_summary
 from bitfleet.spec import RunSpec
 
 
@@ -31,8 +34,9 @@ def checkpoint_score(spec: RunSpec) -> tuple[str, str]:
     return metric, spec.failure.checkpoint_mode or objective.modes[metric.split("/", 1)[1]]
 
 
-def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
-    """The TorchTrainer of a run; `callbacks`: Ray Train user callbacks (a sweep's bridge to Tune)."""
+def build_trainer(spec: RunSpec, callbacks: tuple = (), events=None) -> TorchTrainer:
+    """The TorchTrainer of a run; `callbacks`: Ray Train user callbacks (a sweep's bridge to Tune);
+    `events`: the driver's queue for what the workers tell it (scheduler/watch.py)."""
     scaling = spec.scaling
     resources = {"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker}
     if scaling.use_gpu:
@@ -40,7 +44,7 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
     metric, mode = checkpoint_score(spec)
     return TorchTrainer(
         loop.train_worker,
-        train_loop_config={"spec": spec, "checkpoint_score": (metric, mode)},  # typed: not parsed again
+        train_loop_config={"spec": spec, "checkpoint_score": (metric, mode), "events": events},  # typed
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources,
                                      elastic_resize_monitor_interval_s=scaling.resize_check_s),
@@ -59,7 +63,10 @@ def build_trainer(spec: RunSpec, callbacks: tuple = ()) -> TorchTrainer:
 def connect(address: str | None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS, or a new local Ray), once per driver process."""
     if not ray.is_initialized():
-        ray.init(address=address)
+        # the workers' output reaches the console through their events (scheduler/watch.py); Ray's own
+        # forwarding of every process's output, and its info lines, only with -v
+        verbose = console.verbose()
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
         preemption.claim_sigterm()  # Ray's core took SIGTERM over
 
 
@@ -68,24 +75,28 @@ def run_training(spec: RunSpec, address: str | None = None):
     connect(address)
     storage.check_shared(spec.storage_path)
     record_config(spec)
-    with metrics.run_state(metrics.run_labels(spec)), preemption.driving(storage.run_path(spec)):
-        result = build_trainer(spec).fit()
-    at = result.metrics or {}
-    if preemption.STOP_REQUESTED.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it had finished before it heard
-        raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
-                                 f"step {at['step_in_epoch']}; rerun the same command to continue")
     metric, mode = checkpoint_score(spec)
+    with metrics.run_state(metrics.run_labels(spec)), preemption.driving(storage.run_path(spec)), \
+            Watch(spec.tracking) as watch:
+        result = build_trainer(spec, events=watch.queue).fit()
+        at = result.metrics or {}
+        if preemption.STOP_REQUESTED.is_set() and at.get(loop.STEP_CHECKPOINT):  # else it finished before it heard
+            raise preemption.Stopped(f"run {spec.name} stopped at a checkpoint in epoch {at['epoch'] + 1}, after "
+                                     f"step {at['step_in_epoch']}; rerun the same command to continue")
     scored = [(ckpt, values) for ckpt, values in result.best_checkpoints or []
               if not values.get(loop.STEP_CHECKPOINT) and metric in values]
-    best = (max if mode == "max" else min)(scored, key=lambda scored: scored[1][metric], default=None)
+    sign = 1 if mode == "max" else -1  # a tie goes to the later checkpoint: trained longer for the same score
+    best = max(scored, key=lambda pair: (sign * pair[1][metric], pair[1].get("epoch", 0)), default=None)
     summary = {
         "run_dir": storage.run_path(spec),
         "final": result.metrics,
         "last_checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": best[0].path if best else None,
         "best": best[1] if best else None,
+        "wall_s": time.monotonic() - watch.started,
     }
     storage.write_text(storage.join(storage.run_path(spec), "result.json"), json.dumps(summary, indent=1, default=str))
+    show_summary(spec, summary, summary["wall_s"], metric)
     return summary
 
 

@@ -1,0 +1,146 @@
+"""RBNN's packed engine: an exported network (`export.py`) run as XNOR-popcount on packed sign bits.
+
+The program is a list of layer operations on named values: float maps (B, H, W, C) — channels last, so
+a pixel's signs pack into consecutive bits —, the integer sums of a binarized convolution, or packed
+signs (`Signs`). A binarized layer's result feeds the next layer as signs straight from its thresholds
+(no float in between) where torch only takes its sign, else as float32 computed as torch computes it.
+
+Exactness: the sums are exact integers; thresholds are torch's signs; every float operation of the
+feature path repeats torch's rounding — the first convolution as oneDNN sums it (fused multiply-adds
+over kernel rows, columns, channels), BN as torch's fused multiply-add (checked at export on every value
+the layer can receive), the residual adds as single IEEE additions, pools in torch's order. What is left
+is float rounding in the head (global average pool, classifier: BLAS), and in the ImageNet networks'
+downsampling shortcuts (real 1x1 convolutions whose blocked summation order oneDNN chooses); the arrays'
+`exact` flags record which checks held at export, and predictions are compared (tests, bench).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from bitfleet import deploy
+from workloads.rbnn import xnor
+
+
+class Signs(NamedTuple):
+    """Binarized activations: packed sign bits (B, H, W, ceil(C/8)) and where they are exactly 0 (or None)."""
+
+    packed: np.ndarray
+    zeros: np.ndarray | None
+
+
+class PackedRBNN:
+    """`logits(uint8 images (N, C, H, W))`; `source`: an engine file, or its arrays and the input table."""
+
+    def __init__(self, source: str | Path | dict, input_lut: np.ndarray | None = None):
+        if not isinstance(source, dict):
+            _, source = deploy.load(source)
+            input_lut = source.pop("input_lut")
+        self.input_lut = input_lut.astype(np.float32)
+        self.ops = json.loads(str(source["program"]))
+        self.params = [{k.split(".", 1)[1]: v for k, v in source.items() if k.startswith(f"op{i}.")}
+                       for i in range(len(self.ops))]
+        self.convs = {i: _binary_conv(op, self.params[i]) for i, op in enumerate(self.ops) if op["op"] == "binary_conv"}
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        codes = np.asarray(images, np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, C)
+        channels = np.arange(codes.shape[-1])
+        values = {"x": self.input_lut[channels, codes]}  # the loader's normalisation, bit for bit
+        for i, (op, params) in enumerate(zip(self.ops, self.params)):
+            inputs = [values[name] for name in op["in"]]
+            if op["op"] == "binary_conv":
+                x = inputs[0]
+                signs = x if isinstance(x, Signs) else Signs(*xnor.pack_signs(x))
+                values[op["out"]] = self.convs[i](signs.packed, signs.zeros)
+            else:
+                values[op["out"]] = OPS[op["op"]](op, params, *inputs)
+        return values["x"]
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.logits(images).argmax(1)
+
+
+def _binary_conv(op: dict, params: dict) -> xnor.BinaryConv:
+    k, bits = op["k"], params["bits"]
+    channels = int(params["channels"])
+    nbytes = -(-channels // 8)
+    planes = np.unpackbits(bits.view(np.uint8)[:, : k * k * nbytes].reshape(len(bits), k, k, nbytes), axis=-1,
+                           bitorder="little")[..., :channels]
+    return xnor.BinaryConv(bits, 1 - 2 * planes.astype(np.int8), k, op["stride"], op["pad"], params["zero_weights"])
+
+
+def _max_pool(x: np.ndarray, k: int, stride: int, pad: int, fill) -> np.ndarray:
+    """k x k max pool of (B, H, W, C), `fill` outside the map (floor mode)."""
+    if pad:
+        x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=fill)
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride]
+    return windows.max(axis=(-2, -1))
+
+
+def _max_pool_sums(op, params, dots):
+    """2x2 max pool of fl(d·s) taken on d: the max of d, or its min where the channel's scale is negative."""
+    sign = np.where(params["descending"], -1, 1).astype(np.int32)
+    return _max_pool(dots * sign, 2, 2, 0, 0) * sign
+
+
+def _sign(op, params, dots):
+    t1, t2, increasing = params["t1"], params["t2"], params["increasing"]
+    negative = np.where(increasing, dots < t1, dots >= t2)
+    zeros = (dots >= t1) & (dots < t2)
+    return Signs(np.packbits(negative, axis=-1, bitorder="little"), zeros if zeros.any() else None)
+
+
+def _scale_bn(op, params, dots):
+    if op["rounding"] == "fma":
+        return xnor.scale_bn(dots, params["scale"], params["bn_scale"], params["bn_shift"])
+    scaled = dots.astype(np.float32) * params["scale"]  # the conv's output times its scale, as torch rounds it
+    return _bn("mul_add", scaled, params["bn_scale"], params["bn_shift"])
+
+
+def _bn(rounding: str, x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Eval-mode BN over the last axis: one fused multiply-add (torch's CPU kernel), or a product and a sum."""
+    return xnor.affine(x, scale, shift) if rounding == "fma" else x * scale + shift
+
+
+def _shortcut_a(op, params, x):
+    """He et al.'s option A: subsample, zero channels on both sides."""
+    stride, pad = op["stride"], op["pad"]
+    x = x[:, ::stride, ::stride] if stride > 1 else x
+    return np.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2))) if pad else x
+
+
+def _avg_pool_ceil(op, params, x):
+    """k x k average pool, ceil mode: edge windows average what they cover; summed row by row as torch does."""
+    k = op["k"]
+    b, h, w, c = x.shape
+    oh, ow = -(-h // k), -(-w // k)
+    padded = np.zeros((b, oh * k, ow * k, c), np.float32)
+    padded[:, :h, :w] = x
+    total = padded[:, 0::k, 0::k]
+    for t in range(1, k * k):  # adding 0.0 for the positions outside leaves a sum unchanged
+        total = total + padded[:, t // k::k, t % k::k]
+    rows = np.minimum(k, h - np.arange(oh) * k)
+    cols = np.minimum(k, w - np.arange(ow) * k)
+    return total / (rows[:, None] * cols[None, :]).astype(np.float32)[None, :, :, None]
+
+
+OPS = {
+    "conv": lambda op, p, x: xnor.conv_fma(x, p["weight"], op["stride"], op["pad"]),
+    "bn": lambda op, p, x: _bn(op["rounding"], x, p["scale"], p["shift"]),
+    "hardtanh": lambda op, p, x: np.clip(x, -1, 1),
+    "relu": lambda op, p, x: np.maximum(x, 0),
+    "max_pool": lambda op, p, x: _max_pool(x, op["k"], op["stride"], op["pad"], -np.inf),
+    "max_pool_sums": _max_pool_sums,
+    "sign": _sign,
+    "scale_bn": _scale_bn,
+    "add": lambda op, p, a, b: a + b,
+    "copy": lambda op, p, x: x,
+    "shortcut_a": _shortcut_a,
+    "avg_pool_ceil": _avg_pool_ceil,
+    "global_avg_pool": lambda op, p, x: x.mean((1, 2), dtype=np.float64).astype(np.float32),
+    "flatten": lambda op, p, x: x.transpose(0, 3, 1, 2).reshape(len(x), -1),  # torch's order: C, H, W
+    "linear": lambda op, p, x: x @ p["weight"].T + p["bias"],
+}
