@@ -207,6 +207,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.engine:
+        return engine_eval(args)
+    from bitfleet import evaluation
+
+    result = evaluation.evaluate_run(args.path, args.split, args.override, args.out)
+    print(evaluation.describe(result))
+    return 0
+
+
+def engine_eval(args) -> int:
+    """`bitfleet eval --engine FILE`: an exported engine on a split of its data set (no run folder)."""
     from bitfleet import export
 
     result = export.evaluate_engine(args.engine, args.split, args.override, args.out)
@@ -353,12 +364,15 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--checkpoint", help="checkpoint folder (default: the run's best)")
     exp.set_defaults(command=cmd_export)
 
-    ev = command(sub, "eval", help="evaluate an exported engine on a split of its data set (no run folder needed)")
-    ev.add_argument("--engine", required=True, metavar="FILE", help="an engine file written by `bitfleet export`")
-    ev.add_argument("--split", choices=["test", "val", "train"], default="test")
+    ev = command(sub, "eval", help="evaluate a run's checkpoint, or an exported engine, on a split of its data")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("path", nargs="?", metavar="RUN_DIR|CHECKPOINT",
+                      help="a run folder (its best checkpoint) or one of its checkpoints; a path or a URI")
+    what.add_argument("--engine", metavar="FILE", help="an engine file written by `bitfleet export` (no run folder)")
+    ev.add_argument("--split", choices=["test", "val", "train"], default="test", help="default: test")
     ev.add_argument("-o", "--override", action="append", default=[], metavar="data.FIELD=VALUE",
                     help="change the recorded data section, e.g. -o data.root=DIR (repeatable)")
-    ev.add_argument("--out", help="where to write eval.json (default: next to the engine file)")
+    ev.add_argument("--out", help="where to write eval.json (default: into the run's folder, or next to the engine)")
     ev.set_defaults(command=cmd_eval)
 
     data = command(sub, "data", help="data sets: download, prepare, check, synthetic files")

@@ -2,45 +2,73 @@
 that engine evaluated on a split of its data set without the run folder.
 
 The run's recorded spec (config.json) rebuilds the model; the weights are the checkpoint's EMA when the
-run kept one (what it evaluated), else the model's; the best checkpoint unless another is named. The
-engine file (`deploy`) holds the workload's arrays, the table that normalises pixel codes as the loader
-does, and a header naming the workload and the data section, which is all `evaluate_engine` needs.
+run evaluated one (`train.ema.evaluate`), else the model's; the best checkpoint unless another is named.
+The run folder and the checkpoint may be local or in object storage (s3://, gs://, file://). The engine
+file (`deploy`) holds the workload's arrays, the table that normalises pixel codes as the loader does, and
+a header naming the workload and the data section, which is all `evaluate_engine` needs.
 """
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
+import torch
 
-from bitfleet import deploy, registry
+from bitfleet import deploy, registry, storage
 from bitfleet.data import check_available, info, raw_split
 from bitfleet.data.transforms import input_lut
 from bitfleet.engine import checkpoint as ckpt
 from bitfleet.errors import SpecError
-from bitfleet.resolve import apply_override
+from bitfleet.resolve import apply_data_overrides, recorded_spec
 from bitfleet.spec import DataSpec, RunSpec
 from bitfleet.workload import parse_section
 
 EVAL_BATCH = 1000  # images per engine call: bounds the engine's memory
 
 
+@dataclass
+class Loaded:
+    spec: RunSpec  # the run's recorded spec
+    workload: Any
+    model: torch.nn.Module  # in eval mode, on the CPU, with the weights the run evaluated
+    state: dict  # the checkpoint's whole state (its epoch, history, ...)
+    ema: bool  # the weights are the EMA's
+    checkpoint: str  # where the checkpoint is: a folder or a URI
+
+
+def load_checkpoint(spec: RunSpec, source: str | Path) -> Loaded:
+    """The model of a run (`spec`: its recorded spec) with the weights of the checkpoint `source` names
+    (a checkpoint, or the run's folder: its best one)."""
+    source = str(source)
+    try:
+        with ckpt.fetched(source) as directory:
+            state = ckpt.load(directory)
+    except OSError as exc:  # FileNotFoundError naming the damage, or an object store that cannot be read
+        raise SpecError(str(exc)) from None
+    ema = bool(spec.train.ema and spec.train.ema.evaluate and state.get("ema"))
+    workload = registry.get(spec.workload, spec.options)
+    torch.manual_seed(spec.seed)  # as the run built it
+    model = workload.build_model(spec.model, info(spec.data))
+    model.load_state_dict(ckpt.weights_of(state, ema=ema))
+    return Loaded(spec, workload, model.eval(), state, ema, _origin(source, directory))
+
+
+def _origin(source: str, directory: Path) -> str:
+    """Where the checkpoint `source` named lies: `directory` itself, or in object storage (of which
+    `directory` was a temporary copy) `source` or its folder of that name."""
+    if not storage.is_uri(source):
+        return str(directory)
+    return source if directory.name == PurePosixPath(source).name else storage.join(source, directory.name)
+
+
 def load_model(run_dir: str | Path, checkpoint: str | Path | None = None):
     """(spec, workload, model in eval mode on the CPU) of a run, from `checkpoint` or its best one."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise SpecError(f"{run_dir}: not a bitfleet run folder (no config.json)")
-    raw = RunSpec.model_validate(json.loads((run_dir / "config.json").read_text())["spec"])
-    spec = registry.workload_class(raw.workload).resolve_sections(raw)
-    try:
-        directory = ckpt.find(checkpoint or run_dir)
-    except FileNotFoundError as exc:
-        raise SpecError(str(exc)) from None
-    workload = registry.get(spec.workload, spec.options)
-    model = workload.build_model(spec.model, info(spec.data))
-    model.load_state_dict(ckpt.weights(directory))
-    return spec, workload, model.eval()
+    loaded = load_checkpoint(recorded_spec(str(run_dir)), checkpoint or run_dir)
+    return loaded.spec, loaded.workload, loaded.model
 
 
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None) -> dict:
@@ -72,10 +100,7 @@ def evaluate_engine(path: str | Path, split: str = "test", overrides: list[str] 
     data.root=DIR on another machine); writes eval.json (next to the engine unless `out`), returns the metrics."""
     engine, header = load_engine(path)
     raw = {"data": header["data"]}
-    for item in overrides:
-        if not item.startswith("data."):
-            raise SpecError(f"override {item!r}: an engine's evaluation takes data.* overrides only")
-        apply_override(raw, item)
+    apply_data_overrides(raw, overrides, "an engine's evaluation")
     data = parse_section(DataSpec, raw["data"], "data")
     missing = check_available(data.model_copy(update={"loader": "torchvision"}))  # decoded here, not by DALI
     if missing:

@@ -4,9 +4,11 @@ Runs: reads each run's `config.json` (resolved spec, with the paper's numbers in
 `metrics.json` (one entry per epoch); writes `train_loss.png`, `test_accuracy.png` and `summary.json`.
 A sweep folder (it holds `trials.json`): the metric against the epoch for every trial, and the metric
 against each searched parameter (`sweep_<metric>_by_epoch.png`, `sweep_<metric>_vs_<path>.png`).
+Folders may be object-store URIs (s3://, gs://, file://): read and written through pyarrow, as runs are.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -19,12 +21,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load_run(run_dir: str | Path) -> dict:
-    run_dir = Path(run_dir)
-    missing = [f for f in ("config.json", "metrics.json") if not (run_dir / f).is_file()]
+    run_dir = str(run_dir)
+    missing = [f for f in ("config.json", "metrics.json") if not storage.exists(storage.join(run_dir, f))]
     if missing:
         raise FileNotFoundError(f"{run_dir}: not a bitfleet run directory (missing {', '.join(missing)})")
-    config = json.loads((run_dir / "config.json").read_text())
-    return {"dir": run_dir, "spec": config["spec"], "metrics": json.loads((run_dir / "metrics.json").read_text())}
+    config = _read_json(run_dir, "config.json")
+    return {"dir": run_dir, "spec": config["spec"], "metrics": _read_json(run_dir, "metrics.json")}
+
+
+def _read_json(folder: str, name: str):
+    return json.loads(storage.read_text(storage.join(folder, name)))
 
 
 def summarize(run: dict) -> dict:
@@ -65,7 +71,7 @@ def against_targets(values: dict[str, float], targets: dict) -> dict[str, dict]:
     return rows
 
 
-def plot(runs: list[dict], key: str, ylabel: str, path: Path) -> None:
+def plot(runs: list[dict], key: str, ylabel: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         epochs = [m["epoch"] for m in run["metrics"]]
@@ -74,37 +80,44 @@ def plot(runs: list[dict], key: str, ylabel: str, path: Path) -> None:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def _save(fig, path: str) -> None:
+    """A figure as a PNG file, local or in object storage."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
 
 
-def write(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
-    if len(run_dirs) == 1 and (Path(run_dirs[0]) / "trials.json").is_file():
-        return write_sweep(Path(run_dirs[0]), out)
+def write(run_dirs: list[str | Path], out: str | Path | None = None) -> str:
+    """The report of runs (or of one sweep) into `out`, by default the first one's folder; any of them may
+    be an object-store URI. Returns `out`."""
+    if len(run_dirs) == 1 and storage.exists(storage.join(str(run_dirs[0]), "trials.json")):
+        return write_sweep(str(run_dirs[0]), out)
     runs = [load_run(d) for d in run_dirs]
-    out = Path(out) if out else runs[0]["dir"]
-    out.mkdir(parents=True, exist_ok=True)
-    plot(runs, "train/loss", "training loss", out / "train_loss.png")
-    plot(runs, "test/acc", "test accuracy (%)", out / "test_accuracy.png")
+    out = str(out or runs[0]["dir"])
+    plot(runs, "train/loss", "training loss", storage.join(out, "train_loss.png"))
+    plot(runs, "test/acc", "test accuracy (%)", storage.join(out, "test_accuracy.png"))
     summary = [summarize(r) for r in runs]
-    storage.write_text(str(out / "summary.json"), json.dumps(summary, indent=1))
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=1))
     return out
 
 
-def write_sweep(sweep_dir: Path, out: str | Path | None = None) -> Path:
+def write_sweep(sweep_dir: str | Path, out: str | Path | None = None) -> str:
     """Plots of a finished sweep from its `trials.json` (written by `bitfleet sweep`)."""
-    trials = json.loads((sweep_dir / "trials.json").read_text())
-    config = json.loads((sweep_dir / "sweep.json").read_text())
+    sweep_dir = str(sweep_dir)
+    trials, config = _read_json(sweep_dir, "trials.json"), _read_json(sweep_dir, "sweep.json")
     metric, paths = config["metric"], config["paths"]
-    out = Path(out) if out else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out or sweep_dir)
     name = metric.replace("/", "_")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for trial in trials:
         points = [h for h in trial["history"] if h.get(metric) is not None]
         ax.plot([h["epoch"] for h in points], [h[metric] for h in points], marker=".", label=trial["trial"])
-    _finish(fig, ax, "epoch", metric, out / f"sweep_{name}_by_epoch.png", legend=len(trials) <= 12)
+    _finish(fig, ax, "epoch", metric, storage.join(out, f"sweep_{name}_by_epoch.png"), legend=len(trials) <= 12)
     for path in paths:
         fig, ax = plt.subplots(figsize=(5, 4))
         done = [t for t in trials if t[metric] is not None]
@@ -113,16 +126,14 @@ def write_sweep(sweep_dir: Path, out: str | Path | None = None) -> Path:
         ax.scatter(values if numeric else [str(v) for v in values], [t[metric] for t in done])
         if numeric and values and min(values) > 0 and max(values) / min(values) > 50:
             ax.set_xscale("log")
-        _finish(fig, ax, path, metric, out / f"sweep_{name}_vs_{path}.png", legend=False)
+        _finish(fig, ax, path, metric, storage.join(out, f"sweep_{name}_vs_{path}.png"), legend=False)
     return out
 
 
-def _finish(fig, ax, xlabel: str, ylabel: str, path: Path, legend: bool) -> None:
+def _finish(fig, ax, xlabel: str, ylabel: str, path: str, legend: bool) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if legend:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from bitfleet import registry, storage, strict_yaml
 from bitfleet.data import check_available
-from bitfleet.engine.checkpoint import NO_SHARDS, find, has_shards
+from bitfleet.engine.checkpoint import NO_SHARDS, fetched, has_shards
 from bitfleet.errors import SpecError, format_validation_error, spec_warning
 from bitfleet.spec import RunSpec, StageSpec, leaves, result_fields, set_path
 from bitfleet.sweeps import SweepSpec, apply_config, check_sweep, parse_sweep
@@ -61,9 +61,9 @@ def validate_spec(raw: dict, pending_checkpoints: tuple[str, ...] = (), fresh: b
     if spec.train.init_from and spec.train.init_from not in pending_checkpoints:
         existing_checkpoint(spec.train.init_from, "train.init_from")
     if spec.train.resume_from:
-        found = existing_checkpoint(spec.train.resume_from, "train.resume_from")
-        if spec.train.strategy == "deepspeed" and not has_shards(found):
-            raise SpecError(f"train.resume_from: {found} has {NO_SHARDS}")
+        sharded = existing_checkpoint(spec.train.resume_from, "train.resume_from")
+        if spec.train.strategy == "deepspeed" and not sharded:
+            raise SpecError(f"train.resume_from: {spec.train.resume_from} has {NO_SHARDS}")
     if spec.train.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise SpecError("train.strategy: deepspeed needs DeepSpeed: `pip install bitfleet[deepspeed]` (on every node)")
     missing = check_available(spec.data)
@@ -175,12 +175,43 @@ def set_aside(spec: RunSpec) -> str | None:
     return str(aside)
 
 
-def existing_checkpoint(path: str, field: str) -> Path:
-    """The checkpoint folder a spec field names (a checkpoint or a run folder), or a SpecError naming the field."""
+def existing_checkpoint(path: str, field: str) -> bool:
+    """Check that a spec field names a complete checkpoint (a checkpoint or a run folder; a local path or an
+    object-store URI), or raise a SpecError naming the field; returns whether it holds DeepSpeed shards."""
     try:
-        return find(path)
-    except FileNotFoundError as exc:
+        with fetched(path) as found:
+            return has_shards(found)
+    except OSError as exc:  # FileNotFoundError, or an object store that cannot be read
         raise SpecError(f"{field}: {exc}") from None
+
+
+def apply_data_overrides(raw: dict, overrides: list[str], command: str) -> None:
+    """`-o data.FIELD=VALUE` items (where a trained model's data is, how it loads) into a raw spec holding a
+    `data:` section; a SpecError for an override of any other field, which would not be the trained model's."""
+    for item in overrides:
+        if not item.startswith("data."):
+            raise SpecError(f"override {item!r}: {command} takes data.* overrides only")
+        apply_override(raw, item)
+
+
+def recorded_spec(run_dir: str, data_overrides: list[str] = ()) -> RunSpec:
+    """The resolved spec a run recorded in its folder (`config.json`; a local path or an object-store URI),
+    with `data.*` overrides applied; a SpecError naming the folder when it holds no run."""
+    config = storage.join(str(run_dir), CONFIG_FILE)
+    try:
+        raw = json.loads(storage.read_text(config))["spec"]
+    except FileNotFoundError:
+        raise SpecError(f"{run_dir}: not a bitfleet run folder (no {CONFIG_FILE})") from None
+    except OSError as exc:
+        raise SpecError(f"{run_dir}: cannot read {CONFIG_FILE}: {exc}") from None
+    except (ValueError, KeyError, TypeError):
+        raise SpecError(f"{config} is unreadable (a truncated write?)") from None
+    apply_data_overrides(raw, data_overrides, "eval")
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, RunSpec)) from None
+    return registry.workload_class(spec.workload).resolve_sections(spec)
 
 
 def _check_checkpoint_metric(spec: RunSpec, workload) -> None:

@@ -12,6 +12,8 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bitfleet.errors import SpecError
@@ -105,6 +107,48 @@ def exists(path: str) -> bool:
 
     filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
     return filesystem.get_file_info(inner).type != pyarrow.fs.FileType.NotFound
+
+
+def list_files(uri: str) -> list[str]:
+    """The files under a folder URI, as '/'-separated paths relative to it. FileNotFoundError when there is
+    no such folder."""
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    inner = inner.rstrip("/")
+    if filesystem.get_file_info(inner).type != pyarrow.fs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such folder")
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(inner, recursive=True))
+    return sorted(info.path[len(inner) + 1:] for info in found if info.type == pyarrow.fs.FileType.File)
+
+
+def download(uri: str, names: Iterable[str], local: Path) -> None:
+    """Copy the files `names` (relative to the folder URI `uri`) into the local folder `local`, keeping
+    their layout."""
+    import pyarrow.fs
+
+    filesystem, inner = pyarrow.fs.FileSystem.from_uri(uri)
+    for name in names:
+        target = local / name
+        inside(local, name, uri)  # a listing names no file outside the copy
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with filesystem.open_input_stream(f"{inner.rstrip('/')}/{name}") as source, open(target, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 24)
+
+
+@contextmanager
+def local_folder(path: str, select: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
+    """A run's folder (or any folder) as a local one for the block: `path` itself when it is local; for an
+    object-store URI a temporary copy of the files under it that `select(relative path)` accepts, removed
+    when the block ends."""
+    if not is_uri(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="bitfleet-") as scratch:
+        local = Path(scratch) / path.rstrip("/").rsplit("/", 1)[-1]
+        local.mkdir()
+        download(path, [name for name in list_files(path) if select(name)], local)
+        yield local
 
 
 def remove(path: str) -> None:

@@ -95,6 +95,13 @@ class Workload:
         outputs = model(images)
         return loss(outputs, labels), outputs
 
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        """What `bitfleet eval` measures, given the model a run evaluated (its EMA when it kept and evaluated
+        one) with a checkpoint's weights, in eval mode: by default that model, as the run's evaluation ran
+        it; a workload whose trained model is deployed in another form returns that form (an INT8 network).
+        Batches go to the device of its parameters; one without any (a quantized network) runs on the CPU."""
+        return model
+
     # ---- pipeline stages that are not training runs (driver side, on the cluster)
     def tasks(self) -> dict[str, Callable[[RunSpec], dict]]:
         """Stage tasks by name: each gets the stage's resolved spec (its `inputs` name the needed stages'

@@ -10,6 +10,7 @@ import signal
 import pytest
 import yaml
 
+from bitfleet import evaluation
 from bitfleet.data import synthetic
 from tests.integration.conftest import read_metrics, wait_until
 from tests.integration.test_runs import bitfleet, finish, stage_states
@@ -69,6 +70,11 @@ def test_four_stages_run_a_killed_search_continues_and_a_rerun_skips_them(ray_cl
 
     result = json.loads((folder / "eval" / "eval.json").read_text())
     assert result["drop"] == pytest.approx(result["teacher_int8/acc"] - result["student_tap/acc"])
+    # `bitfleet eval` of the QAT stage measures its INT8 network: the eval stage's teacher, the calibration's
+    int8 = evaluation.evaluate_run(str(folder / "qat"), out=str(tmp_path / "int8.json"))
+    assert int8["measured"] == "deployed form" and int8["test/acc"] == result["teacher_int8/acc"]
+    calibration = evaluation.evaluate_run(str(folder / "qat"), "val", out=str(tmp_path / "int8.json"))
+    assert calibration["val/acc"] == qat[-1]["qat/int8_calib_acc"] == stats["int8_calib_acc"]
     assert set(result["targets"]) == {"teacher_int8/acc", "student_tap/acc"}
     assert result["levels"] == {name: c["levels"] for name, c in best["layers"].items()}
 

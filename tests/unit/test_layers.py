@@ -17,7 +17,7 @@ LAYERS = [  # bottom to top; a module may import from its own layer or below, ne
      "address"},
     {"engine"},
     {"workload"},
-    {"resolve", "report", "export", "status", "listing"},
+    {"resolve", "report", "export", "evaluation", "status", "listing"},
     {"scheduler"},
     {"cli", "__main__"},
 ]

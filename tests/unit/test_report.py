@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ def write_run(folder, name="lbp", accs=(90.0, 97.0, 96.5)):
 
 def test_report_writes_curves_and_a_summary_with_the_gap_to_the_paper(tmp_path):
     run = write_run(tmp_path / "lbp")
-    out = report.write([run])
+    out = Path(report.write([run]))
     assert (out / "train_loss.png").stat().st_size > 0 and (out / "test_accuracy.png").stat().st_size > 0
     (row,) = json.loads((out / "summary.json").read_text())
     assert (row["best_test_acc"], row["best_epoch"], row["final_test_error"]) == (97.0, 2, 3.5)

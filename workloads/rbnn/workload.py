@@ -160,5 +160,6 @@ def _load_teacher(teacher: Teacher, info: DataInfo) -> torch.nn.Module:
                                              **({} if weights else {"num_classes": info.num_classes}))
         return model.eval().requires_grad_(False)
     model = registry.get(teacher.workload).build_model(_teacher_model_config(teacher), info)
-    model.load_state_dict(checkpoint.weights(checkpoint.find(teacher.checkpoint)))
+    with checkpoint.fetched(teacher.checkpoint) as found:  # a folder or an object-store URI
+        model.load_state_dict(checkpoint.weights(found))
     return model.eval().requires_grad_(False)

@@ -8,6 +8,7 @@ stages are this workload's tasks.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from bitfleet.errors import SpecError
@@ -61,6 +62,13 @@ class TapPPO(Workload):
         if self.qat:  # float weights: load them into the float network, then make its QAT copy
             weights = quant.qat_from_float(self.arch, weights).state_dict()
         model.load_state_dict(weights)
+
+    def eval_model(self, model):
+        """The QAT stage deploys its network as INT8 (what the PPO and eval stages take as their teacher):
+        `bitfleet eval` measures that, on the CPU, with the checkpoint's observer ranges."""
+        if not self.qat:
+            return model
+        return quant.convert_int8(quant.freeze(copy.deepcopy(model).cpu()))
 
     def callbacks(self, run):
         return [int8.Int8Snapshot(run.data, Path(run.run_path), self.options.calibration_batch)] if self.qat else []

@@ -67,13 +67,23 @@ def build_datasets(spec) -> Datasets:
     return Datasets(Subset(train, train_idx), test, info(spec), val=Subset(plain, val_idx))
 
 
-def raw_split(spec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 images (N, C, H, W), labels) of a split as evaluation sees it before normalising: resized and
-    cropped for folder data sets. What an exported engine takes (it normalises by its own table)."""
+NO_VAL = "--split: 'val' needs images held out of the training set (data.val_size > 0)"
+
+
+def eval_split(spec, split: str) -> Dataset:
+    """One split as evaluation reads it: val and test as a run's evaluation reads them, the training split
+    through the same evaluation transforms (no augmentation). A SpecError for val when none is held out."""
     sets = build_datasets(spec.model_copy(update={"augment": False}))
     dataset = {"train": sets.train, "val": sets.val, "test": sets.test}[split]
     if dataset is None:
-        raise SpecError("--split: 'val' needs images held out of the training set (data.val_size > 0)")
+        raise SpecError(NO_VAL)
+    return dataset
+
+
+def raw_split(spec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images (N, C, H, W), labels) of a split as evaluation sees it before normalising: resized and
+    cropped for folder data sets. What an exported engine takes (it normalises by its own table)."""
+    dataset = eval_split(spec, split)
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     base.transform = without_normalise(base.transform)
     images, labels = zip(*DataLoader(dataset, batch_size=512))

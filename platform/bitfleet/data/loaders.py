@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from bitfleet.data import DataInfo, build_datasets, folders, info, split_indices
+from bitfleet.data import NO_VAL, DataInfo, build_datasets, eval_split, folders, info, split_indices
+from bitfleet.errors import SpecError
 from bitfleet.spec import DataSpec, RunSpec
 
 
@@ -126,15 +127,35 @@ def _torchvision(data: DataSpec, batches: Batches, per_worker: int, rank: int, w
 def _dali(data: DataSpec, batches: Batches, per_worker: int, rank: int, world: int, device) -> Loaders:
     from bitfleet.data.dali import DaliLoader  # DALI is an extra: imported only when a spec asks for it
 
-    root = Path(data.root)
-    train_images, test_images = folders.scan(root, "train"), folders.scan(root, "test")
-    splits = {"test": test_images}
-    if data.val_size:
-        train_idx, val_idx = split_indices(train_images.labels, data.val_size, data.split_seed, data.stratified)
-        train_images, splits = train_images.subset(train_idx), {"val": train_images.subset(val_idx), **splits}
+    images = _folder_splits(data)
     common = dict(spec=data, rank=rank, world=world, seed=batches.seed, device=device)
-    train = DaliLoader(train_images, train=True, batch_size=per_worker, **common)
-    evals = {split: DaliLoader(images, train=False, batch_size=batches.eval_batch_size, **common)
-             for split, images in splits.items()}
-    return Loaders(train, evals, info(data), steps_per_epoch(len(train_images.files), world, per_worker),
+    train = DaliLoader(images["train"], train=True, batch_size=per_worker, **common)
+    evals = {split: DaliLoader(images[split], train=False, batch_size=batches.eval_batch_size, **common)
+             for split in ("val", "test") if split in images}
+    return Loaders(train, evals, info(data), steps_per_epoch(len(images["train"].files), world, per_worker),
                    train.set_epoch)
+
+
+def _folder_splits(data: DataSpec) -> dict[str, folders.ImageList]:
+    """A folder data set's image lists: train (less the images `val_size` holds out), val, test."""
+    root = Path(data.root)
+    train, test = folders.scan(root, "train"), folders.scan(root, "test")
+    if not data.val_size:
+        return {"train": train, "test": test}
+    train_idx, val_idx = split_indices(train.labels, data.val_size, data.split_seed, data.stratified)
+    return {"train": train.subset(train_idx), "val": train.subset(val_idx), "test": test}
+
+
+def split_loader(data: DataSpec, split: str, batch_size: int, device: torch.device) -> Iterable:
+    """All of one split in order, for one process (`bitfleet eval`): val and test as a run's evaluation reads
+    them, the training split through the same evaluation transforms (no augmentation)."""
+    plain = data.model_copy(update={"augment": False})
+    if data.loader != "dali":
+        return DataLoader(eval_split(plain, split), batch_size, num_workers=data.loader_workers,
+                          pin_memory=device.type == "cuda")
+    from bitfleet.data.dali import DaliLoader
+
+    images = _folder_splits(plain)
+    if split not in images:
+        raise SpecError(NO_VAL)
+    return DaliLoader(images[split], plain, train=False, batch_size=batch_size, rank=0, world=1, seed=0, device=device)

@@ -22,10 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ FILE = "state.pt"
 MANIFEST = "manifest.json"
 SHARDS = "deepspeed"  # the sub-folder of a sharded strategy's per-rank files (DeepSpeed ZeRO)
 TAG = "state"  # their DeepSpeed tag: one checkpoint per Ray checkpoint folder
+Fetch = Callable[[Path], None]  # completes a candidate checkpoint folder of a local copy before it is checked
 NO_SHARDS = (f"no DeepSpeed shards ({SHARDS}/{TAG}); a DeepSpeed run resumes only a DeepSpeed checkpoint "
              "(train.init_from takes the weights of any checkpoint)")
 
@@ -100,13 +101,14 @@ def manifest(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
-def newest(candidates: Iterable[str | Path]) -> Path | None:
+def newest(candidates: Iterable[str | Path], fetch: Fetch | None = None) -> Path | None:
     """The newest complete checkpoint among `candidates`, by its recorded epoch and step, warning about each
     damaged one passed over on the way; None when none is complete. Only the candidates down to the first
-    complete one are hashed: a run's older checkpoints (hundreds of MB each on ImageNet) are not read."""
+    complete one are hashed (and fetched, see `fetched`): a run's older checkpoints (hundreds of MB each on
+    ImageNet) are not read."""
     folders = {Path(p).resolve() for p in candidates if Path(p).is_dir()}  # not Ray's snapshot file
     for candidate in sorted(folders, key=_recorded_position, reverse=True):
-        why = problem(candidate)
+        why = _checked(candidate, fetch)
         if why is None:
             return candidate
         log.warning("bitfleet: skipping checkpoint %s: %s", candidate, why)
@@ -185,8 +187,14 @@ def weights(directory: str | Path) -> dict[str, torch.Tensor]:
     (`train.ema.evaluate`; runs of older bitfleets have no flag and always did), else the model's."""
     state = load(directory)
     ema = state.get("ema")
-    if ema and ema.get(IS_RESULT, True):
-        return {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    return weights_of(state, ema=bool(ema) and ema.get(IS_RESULT, True))
+
+
+def weights_of(state: dict[str, Any], ema: bool = True) -> dict[str, torch.Tensor]:
+    """A loaded checkpoint's weights: its EMA's when it holds one and `ema`, else the model's."""
+    averaged = state.get("ema") if ema else None
+    if averaged:
+        return {k.removeprefix("module."): v for k, v in averaged.items() if k.startswith("module.")}
     return state["model"]
 
 
@@ -201,26 +209,31 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def find(path: str | Path) -> Path:
+def find(path: str | Path, fetch: Fetch | None = None, shown: str | None = None) -> Path:
     """The complete checkpoint `path` names: itself, or a run folder's best one (`result.json`), else its
-    newest complete one. FileNotFoundError naming what is wrong otherwise."""
+    newest complete one. FileNotFoundError naming what is wrong otherwise (`path` named as `shown`).
+
+    `fetch(folder)`, when given, completes a candidate checkpoint folder before it is checked: `path` is a
+    local copy of a run's small files (see `fetched`)."""
     path = Path(path)
+    shown = shown or str(path)
     if (path / FILE).is_file() or (path / MANIFEST).is_file():
         why = problem(path)
         if why is not None:
-            raise FileNotFoundError(f"{path}: an incomplete or corrupt checkpoint: {why}")
+            raise FileNotFoundError(f"{shown}: an incomplete or corrupt checkpoint: {why}")
         return path
     best = _recorded_best(path)
-    if best is not None and best.is_dir() and problem(best) is None:
+    if best is not None and _checked(best, fetch) is None:
         return best
-    found = newest(path.glob("checkpoint_*"))
+    found = newest(path.glob("checkpoint_*"), fetch)
     if found is None:
-        raise FileNotFoundError(f"{path}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
+        raise FileNotFoundError(f"{shown}: neither a checkpoint ({FILE}) nor a run folder with complete checkpoints")
     return found
 
 
 def _recorded_best(run_folder: Path) -> Path | None:
-    """The best checkpoint a run folder's `result.json` names, if it is a folder of that run."""
+    """The best checkpoint a run folder's `result.json` names: the run's own folder of that name (the path
+    was recorded by the driver, perhaps on another machine or in an object store); never one outside it."""
     result = run_folder / "result.json"
     if not result.is_file():
         return None
@@ -232,8 +245,41 @@ def _recorded_best(run_folder: Path) -> Path | None:
     if not isinstance(best, str):
         return None
     try:
-        return storage.inside(run_folder, os.path.relpath(best, run_folder), str(result))
+        own = storage.inside(run_folder, PurePosixPath(best).name, str(result))
     except ValueError:
-        log.warning("bitfleet: %s names %s, outside the run folder; taking its newest complete checkpoint",
+        own = None
+    if own is None or not own.is_dir():
+        log.warning("bitfleet: %s names %s, outside the run folder or gone; taking its newest complete checkpoint",
                     result, best)
         return None
+    return own
+
+
+def _checked(folder: Path, fetch: Fetch | None) -> str | None:
+    if fetch is not None:
+        fetch(folder)
+    return problem(folder)
+
+
+@contextmanager
+def fetched(path: str | Path) -> Iterator[Path]:
+    """`find(path)` as a local folder for the block: for a local path, the checkpoint itself; for an
+    object-store URI (s3://, gs://, file://, ... through pyarrow, as runs write them), a temporary copy
+    chosen by the same rules, removed when the block ends. The copy starts with the run's small files (its
+    JSON files and every checkpoint's manifests), then takes the files of each checkpoint as `find` comes
+    to check it: the chosen one, and any damaged one passed over on the way, are the only ones read."""
+    path = str(path)
+    if not storage.is_uri(path):
+        yield find(path)
+        return
+    names = storage.list_files(path)
+    whole = FILE in names or MANIFEST in names  # a checkpoint itself, not a run folder
+    with storage.local_folder(path, lambda name: whole or (name.endswith(".json") and name.count("/") <= 1)) as local:
+        for name in names:  # every checkpoint folder, even one without a manifest (passed over, with a warning)
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+
+        def fetch(folder: Path) -> None:
+            prefix = f"{folder.resolve().relative_to(local.resolve()).as_posix()}/"
+            storage.download(path, [n for n in names if n.startswith(prefix) and not (local / n).is_file()], local)
+
+        yield find(local, fetch, shown=path)

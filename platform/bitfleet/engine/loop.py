@@ -35,6 +35,7 @@ from bitfleet.data import loaders
 from bitfleet.engine import checkpoint, early_stopping, ema, events, preemption, strategy
 from bitfleet.engine.batchnorm import broadcast_buffers
 from bitfleet.engine.callbacks import Callbacks, RunContext, TrainState
+from bitfleet.engine.evaluate import batch_sums, evaluate
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.engine.rng import rng_states, seed_everything, set_rng_states
 from bitfleet.metrics import WorkerMetrics, run_labels
@@ -79,8 +80,8 @@ class Trainer:
         torch.manual_seed(spec.seed)  # identical initial weights on every rank
         self.model = self.workload.build_model(spec.model, self.data.info)
         if self.train_spec.init_from:  # a restored checkpoint (below, in `restore`) overrides these weights
-            self.workload.load_initial_weights(self.model,
-                                               checkpoint.weights(checkpoint.find(self.train_spec.init_from)))
+            with checkpoint.fetched(self.train_spec.init_from) as initial:  # a folder or an object-store URI
+                self.workload.load_initial_weights(self.model, checkpoint.weights(initial))
         self.optimizer = build_optimizer(self.model, self.train_spec.optimizer)
         self.scheduler = build_lr_scheduler(
             self.optimizer, self.train_spec.lr_schedule, self.train_spec.epochs, self.steps_per_epoch
@@ -214,25 +215,14 @@ class Trainer:
         return {key: value for split, loader in self.eval_loaders.items()
                 for key, value in self.evaluate(split, loader, model).items()}
 
-    @torch.no_grad()
     def evaluate(self, split: str, loader, model: torch.nn.Module) -> dict[str, float]:
         """The objective's metrics of `model` (the bare model or its EMA) on this rank's shard of `split`,
         summed over ranks."""
-        model.eval()
-        sums = torch.zeros(2 + len(self.objective.sums), device=self.device)
-        for step, (images, labels) in enumerate(loader):
-            if step == self.train_spec.max_eval_steps:
-                break
-            images, labels = images.to(self.device), labels.to(self.device)
-            with self.strategy.autocast():
-                outputs = model(images).float()
-            sums += self._batch_sums(self.objective.eval_loss_sum(outputs, labels), outputs, labels, train=False)
-        loss_sum, seen, *rest = self._all_reduce(sums).tolist()
-        return self.objective.metrics(split, loss_sum, max(seen, 1), rest, train=False)
+        return evaluate(model, loader, self.objective, split, self.device, autocast=self.strategy.autocast,
+                        max_steps=self.train_spec.max_eval_steps, reduce=self._all_reduce)
 
     def _batch_sums(self, loss_sum, outputs, labels, train: bool) -> torch.Tensor:
-        seen = loss_sum.new_tensor(len(labels), dtype=torch.float32)
-        return torch.cat([torch.stack([loss_sum.float(), seen]), self.objective.batch_sums(outputs, labels, train)])
+        return batch_sums(self.objective, loss_sum, outputs, labels, train)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -326,12 +316,13 @@ class Trainer:
         scratch. An incomplete or corrupt checkpoint is passed over with a warning naming it."""
         start = time.perf_counter()
         ckpt = ray.train.get_checkpoint()
-        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as handed:
+        with contextlib.ExitStack() as opened:
+            handed = opened.enter_context(ckpt.as_directory()) if ckpt is not None else None
             directory = self._agree(self._restore_point(handed))
             if directory == HANDED:  # each rank's own copy: downloaded per node from an object store
                 directory = handed
-            if directory is None and self.train_spec.resume_from:
-                directory = checkpoint.find(self.train_spec.resume_from)
+            if directory is None and self.train_spec.resume_from:  # a folder or an object-store URI
+                directory = opened.enter_context(checkpoint.fetched(self.train_spec.resume_from))
             if directory is None:
                 return
             self.load(directory)
