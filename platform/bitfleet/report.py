@@ -72,15 +72,26 @@ def against_targets(values: dict[str, float], targets: dict) -> dict[str, dict]:
 
 
 def plot(runs: list[dict], key: str, ylabel: str, path: str) -> None:
+    """`key` by epoch, one curve per run, each with its spec's target for `key` in the curve's colour."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         epochs = [m["epoch"] for m in run["metrics"]]
-        ax.plot(epochs, [m[key] for m in run["metrics"]], label=run["spec"]["name"])
+        name = run["spec"]["name"]
+        (curve,) = ax.plot(epochs, [m[key] for m in run["metrics"]], label=name)
+        _draw_target(ax, run["spec"].get("targets", {}).get(key), curve.get_color(), name)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
+
+
+def _draw_target(ax, target, color: str, name: str) -> None:
+    """A paper's number as a dashed line; an expected [low, high] range as a band; no target, nothing."""
+    if isinstance(target, (list, tuple)):
+        ax.axhspan(target[0], target[1], color=color, alpha=0.12, label=f"{name} expected")
+    elif isinstance(target, (int, float)):
+        ax.axhline(target, color=color, linestyle="--", linewidth=1, label=f"{name} paper")
 
 
 def _save(fig, path: str) -> None:

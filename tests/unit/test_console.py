@@ -35,6 +35,30 @@ def test_meter_etas_count_the_rest_of_the_epoch_its_evaluation_and_the_later_epo
     assert not meter.step(100, 0.5, 0.0, 32)  # the epoch's last step: its epoch line follows instead
 
 
+def test_the_epoch_line_shows_every_evaluated_model_of_each_split_and_no_telemetry():
+    metrics = {"epoch": 3, "lr": 0.05, "images_per_s": 530.4, "test/loss": 0.38, "test/acc": 88.9,
+               "train/loss": 0.41, "train/acc": 87.5, "ema/test/acc": 89.2, "uncalibrated/test/acc": 80.0,
+               "rbnn/flip_ratio": 0.01, "restores": 0}
+    assert progress.epoch_line("r", metrics, 8) == (
+        "[r] epoch 3/8  train loss 0.41 acc 87.5  test loss 0.38 acc 88.9  ema/test acc 89.2  "
+        "uncalibrated/test acc 80  lr 0.05  530 img/s")
+
+
+def test_the_summary_puts_each_target_beside_its_value(tmp_path, capsys):
+    from bitfleet.resolve import validate_spec
+    from bitfleet.scheduler.watch import show_summary
+
+    (tmp_path / "metrics.json").write_text(json.dumps([{"epoch": 2, "images_per_s": 100.0, "restores": 1,
+                                                        "test/acc": 60.0, "ema/test/acc": 62.5}]))
+    spec = validate_spec({"name": "s", "workload": "resnet_cifar", "data": {"dataset": "mnist_sample"},
+                          "train": {"epochs": 2},
+                          "targets": {"test/acc": 91.25, "ema/test/acc": [60, 70], "test/acc5": None}})
+    show_summary(spec, {"run_dir": str(tmp_path), "best": None}, 12.0, "test/acc")
+    out = capsys.readouterr().out
+    assert "60 vs paper 91.25 (gap -31.25)" in out and "62.5 vs expected [60, 70] (within)" in out
+    assert "final ema/test" in out and "restores" in out
+
+
 def test_a_workers_error_is_the_last_line_of_its_traceback():
     ray_style = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call "
                  "last):\n  File \"x.py\", line 3, in f\n    raise ValueError('bad')\nValueError: data.root: gone")

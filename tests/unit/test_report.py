@@ -34,3 +34,21 @@ def test_report_writes_curves_and_a_summary_with_the_gap_to_the_paper(tmp_path):
 def test_report_names_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing config.json"):
         report.write([tmp_path])
+
+
+def test_the_curves_draw_each_runs_target_in_its_colour():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    report._draw_target(ax, 91.25, "C0", "plain20")  # a paper's number: a dashed line at it
+    report._draw_target(ax, [96.0, 97.0], "C1", "quick")  # an expected range: a band over it
+    report._draw_target(ax, None, "C2", "cifar100")  # no published figure: nothing
+    (line,) = ax.lines
+    assert list(line.get_ydata()) == [91.25, 91.25] and line.get_linestyle() == "--" and line.get_color() == "C0"
+    (band,) = ax.patches
+    corners = band.get_path().transformed(band.get_patch_transform()).vertices[:, 1]
+    assert {round(y, 6) for y in corners} == {96.0, 97.0}
+    plt.close(fig)

@@ -96,18 +96,21 @@ def show_summary(spec: RunSpec, summary: dict, wall_s: float, metric: str) -> No
             ("wall time", progress.duration(wall_s)),
             ("images/s (mean)", f"{sum(m['images_per_s'] for m in history) / max(len(history), 1):.0f}"),
             ("restores", str(final.get("restores", 0)))]
-    for split in ("train", "val", "test"):
-        values = "  ".join(f"{key.split('/', 1)[1]} {value:.4g}" for key, value in final.items()
-                           if key.startswith(split + "/") and isinstance(value, (int, float)))
-        if values:
-            rows.append((f"final {split}", values))
+    rows += [(f"final {group}", values) for group, values in progress.metric_groups(final)]
     best = summary.get("best") or {}
     if metric in best:
         rows.append(("best", f"{metric} {best[metric]:.4g} at epoch {best.get('epoch')}"))
-    for key, row in against_targets(final, spec.targets).items():
-        rows.append((f"target {key}", f"{row['value']:.4g} vs paper {row['paper']} (gap {row['gap']:+.2f})"
-                     if "paper" in row else
-                     f"{row['value']:.4g} vs expected {row['expected']} ({'within' if row['within'] else 'outside'})"))
+    rows += [(f"target {key}", _against(row)) for key, row in against_targets(final, spec.targets).items()]
     rows += [("best checkpoint", str(summary.get("best_checkpoint"))),
              ("last checkpoint", str(summary.get("last_checkpoint")))]
     console.print_table(console.summary_table(spec.name, rows))
+
+
+def _against(row: dict) -> str:
+    """A value beside its target: the paper's number and the gap, the expected range, or no figure."""
+    if "expected" in row:
+        low, high = row["expected"]
+        return f"{row['value']:.4g} vs expected [{low:g}, {high:g}] ({'within' if row['within'] else 'outside'})"
+    if row["paper"] is None:
+        return f"{row['value']:.4g} (no published figure)"
+    return f"{row['value']:.4g} vs paper {row['paper']} (gap {row['gap']:+.2f})"
