@@ -8,10 +8,13 @@
    the loader's own end (with a shorter max_steps_per_epoch the bitfleet loop would load, and time, one
    batch past the last step). An epoch is timed alike on both sides: from the loader's iterator to the
    end of the last step (bitfleet's `epoch_time_s` in metrics.json, which excludes eval and checkpoints).
-   The first epoch is warm-up; the ratio compares the later epochs' seconds per step. The plain loop runs
-   before and after the bitfleet run (their mean is the reference), so drift of a shared machine shows,
-   in a fresh process at the niceness Ray gives its workers (15), so that on a shared machine both
-   compete for the cores at the same priority. Both parts run on one standing local cluster,
+   The first epoch is warm-up; the ratio compares the later epochs' seconds per step. Three sides: the
+   plain loop in a fresh process at the niceness Ray gives its workers (15, so that on a shared machine
+   all compete for the cores at the same priority), the same plain loop as the train function of a
+   one-worker Ray Train run (Ray's worker process, its threads and its process group: Ray's part), and a
+   bitfleet run (ours on top). `--rounds` rounds, the sides' order turned around every round; each ratio
+   is the median of the rounds' ratios, with its range. This part runs on a cluster with Ray's default
+   metrics flush interval, as users run. Both parts run on a standing local cluster,
    `ray start --head --block --num-cpus=2` as our child (token auth, own temp dir and ports), driven by
    `bitfleet run --address` in a subprocess: Ray's own processes share the cores, as they do in use.
 2. Recovery: the seconds from SIGKILL of the worker to its replacement's first training step. Once epoch
@@ -22,7 +25,7 @@
    REPORT_MS + POLL_S (the "resolution" in the JSON). The moment the driver log says "restored from
    checkpoint" (rank 0 prints it after loading; same polling) splits the restart from the restore.
 
-    python bench/overhead.py [--steps 20] [--batch 128] [--threads 2] [--parts step recovery]
+    python bench/overhead.py [--steps 20] [--batch 128] [--threads 2] [--rounds 3] [--parts step recovery]
                              [--out bench/results/overhead.json]
 """
 from __future__ import annotations
@@ -58,7 +61,7 @@ GCS_PORT, DASHBOARD_PORT, METRICS_PORT = 27379, 27265, 27385  # not the tests' 2
 _OTHER_PORTS = {"--ray-client-server-port": 27380, "--node-manager-port": 27381, "--object-manager-port": 27382,
                 "--dashboard-agent-grpc-port": 27383, "--dashboard-agent-listen-port": 27384,
                 "--runtime-env-agent-port": 27386}
-REPORT_MS, POLL_S = 250, 0.1  # metrics flush interval of our cluster; how often we read the endpoint
+REPORT_MS, POLL_S = 250, 0.1  # metrics flush interval of the recovery part's cluster; how often we read it
 WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))  # Ray's default for its worker processes
 
 
@@ -107,38 +110,97 @@ def steady_step_s(epoch_times: list[float], steps: int) -> float:
     return sum(epoch_times[1:]) / (steps * (len(epoch_times) - 1))
 
 
-def plain_niced(raw: dict, epochs: int) -> dict:
-    """`plain_loop` in a fresh process at the niceness Ray gives its workers: on a shared machine both sides
-    then compete for the cores at the same priority (on an idle machine niceness changes nothing)."""
+def plain_in_ray_train(raw: dict, epochs: int, storage: Path) -> dict:
+    """`plain_loop` as the train function of a one-worker Ray Train run (TorchTrainer, the same CPUs per
+    worker): the plain loop in Ray's worker process, so Ray's own part of the difference stands apart.
+    Run in a fresh process whose environment holds the cluster's address and token (read by Ray on import)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_fn(config: dict) -> None:
+        from overhead import plain_loop  # this file, shipped to the worker as its working_dir
+
+        Path(config["out"]).write_text(json.dumps(plain_loop(config["raw"], config["epochs"])))
+
+    here = Path(__file__).parent
+    ray.init(logging_level="ERROR", log_to_driver=False,
+             runtime_env={"working_dir": str(here), "excludes": ["results/", "__pycache__/"]})
+    cpus = raw["scaling"]["cpus_per_worker"]
+    out = storage / f"{raw['name']}-ray.json"  # the worker's figures (Ray Train 2 keeps only checkpointed ones)
+    trainer = TorchTrainer(train_fn, train_loop_config={"raw": raw, "epochs": epochs, "out": str(out)},
+                           scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": cpus}),
+                           run_config=RunConfig(name=f"{raw['name']}-ray", storage_path=str(storage)))
+    trainer.fit()
+    return json.loads(out.read_text())
+
+
+def in_fresh_process(function, *args, env: dict | None = None, niceness: int = 0):
+    """`function(*args)` in a spawned process (environment `env` added, at `niceness`), its result back."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=os.nice, initargs=(WORKER_NICENESS,)) as pool:
-        return pool.submit(plain_loop, raw, epochs).result()
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # a spawned process starts with the parent's environment of that moment
+    try:
+        with ProcessPoolExecutor(1, mp_context=context, initializer=os.nice, initargs=(niceness,)) as pool:
+            return pool.submit(function, *args).result()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
-def step_overhead(tmp: Path, args, env: dict) -> dict:
-    raw = spec_dict("overhead-steps", tmp / "cifar10", tmp / "results", args, args.epochs)
-    before = plain_niced(raw, args.epochs)
-    log = tmp / "steps.log"
+def bitfleet_epochs(raw: dict, tmp: Path, env: dict) -> list[float]:
+    """The epochs' seconds of a `bitfleet run` of `raw` (its metrics.json's epoch_time_s)."""
+    log = tmp / f"{raw['name']}.log"
     driver = bitfleet_run(raw, tmp, log, env)
     driver.wait(timeout=1200)
     assert driver.returncode == 0, log.read_text()[-4000:]
     history = json.loads((tmp / "results" / raw["name"] / "metrics.json").read_text())
-    after = plain_niced(raw, args.epochs)
-    assert before["steps"] == after["steps"] == args.steps, "the data set must hold exactly steps x batch images"
-    bitfleet_s = steady_step_s([m["epoch_time_s"] for m in history], args.steps)
-    plain_each = [steady_step_s(p["epoch_time_s"], args.steps) for p in (before, after)]
-    plain_s = statistics.mean(plain_each)
-    return {"bitfleet_step_s": bitfleet_s, "plain_step_s": plain_s, "ratio": bitfleet_s / plain_s,
-            "plain_step_s_before_after": plain_each,
-            "plain_median_step_s_before_after": [before["median_step_s"], after["median_step_s"]],
-            "bitfleet_epoch_time_s": [m["epoch_time_s"] for m in history],
-            "plain_epoch_time_s_before_after": [before["epoch_time_s"], after["epoch_time_s"]]}
+    return [m["epoch_time_s"] for m in history]
+
+
+SIDES = ("plain", "ray_train_plain", "bitfleet")
+
+
+def epoch_seconds(side: str, raw: dict, tmp: Path, env: dict) -> list[float]:
+    epochs = raw["train"]["epochs"]
+    if side == "plain":
+        # at the niceness Ray gives its workers: on a shared machine all sides then compete for the cores
+        # at the same priority (on an idle machine niceness changes nothing)
+        return in_fresh_process(plain_loop, raw, epochs, niceness=WORKER_NICENESS)["epoch_time_s"]
+    if side == "ray_train_plain":
+        return in_fresh_process(plain_in_ray_train, raw, epochs, tmp / "ray", env=env)["epoch_time_s"]
+    return bitfleet_epochs(raw, tmp, env)
+
+
+def step_overhead(tmp: Path, args, env: dict) -> dict:
+    """Rounds of three sides, their order turned around every round (ABC, CBA, ...) so that drift of a shared
+    machine falls on each alike: the plain loop in a fresh process, the plain loop inside a Ray Train worker,
+    and a bitfleet run. The ratios are each round's, summarized by their median and range."""
+    rounds = []
+    for number in range(args.rounds):
+        raw = spec_dict(f"overhead-steps-{number}", tmp / "cifar10", tmp / "results", args, args.epochs)
+        order = list(SIDES) if number % 2 == 0 else list(SIDES)[::-1]
+        step_s = {side: steady_step_s(epoch_seconds(side, raw, tmp, env), args.steps) for side in order}
+        rounds.append({**step_s, "order": order})
+        print(f"round {number + 1}: " + ", ".join(f"{side} {step_s[side]:.4f} s" for side in SIDES)
+              + f" -> bitfleet/plain {step_s['bitfleet'] / step_s['plain']:.3f}x", flush=True)
+    ratios = {"bitfleet/plain": ("bitfleet", "plain"), "ray_train_plain/plain": ("ray_train_plain", "plain"),
+              "bitfleet/ray_train_plain": ("bitfleet", "ray_train_plain")}
+    summary = {}
+    for name, (top, bottom) in ratios.items():
+        each = [r[top] / r[bottom] for r in rounds]
+        summary[name] = {"median": statistics.median(each), "min": min(each), "max": max(each), "rounds": each}
+    return {"ratios": summary, "rounds": rounds,
+            "median_step_s": {side: statistics.median(r[side] for r in rounds) for side in SIDES}}
 
 
 # ---------------------------------------------------------------- recovery on a standing cluster
-def start_cluster(temp_dir: str) -> tuple[subprocess.Popen, dict]:
+def start_cluster(temp_dir: str, report_ms: int | None) -> tuple[subprocess.Popen, dict]:
+    """Our standing cluster; `report_ms` a metrics flush interval other than Ray's default (10 s), which
+    only the recovery part asks for: flushing 40 times as often costs the step part CPU time."""
+    flush = {"RAY_metrics_report_interval_ms": str(report_ms)} if report_ms else {}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONUNBUFFERED": "1",
-           "RAY_metrics_report_interval_ms": str(REPORT_MS), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           **flush, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            # inherited by Ray's own processes: its helpers that look a cluster up (Train's placement-group
            # cleaner) find ours, not whichever of the machine's other clusters /tmp/ray names
            "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}"}
@@ -258,11 +320,23 @@ def recovery(tmp: Path, args, env: dict, ray_tmp: str) -> dict:
             "epochs": [m["epoch"] for m in history], "restores": history[-1]["restores"]}
 
 
+def on_cluster(report_ms: int | None, part):
+    """`part(env, ray_tmp)` on a standing cluster of its own, stopped after it."""
+    ray_tmp = tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    cluster, env = start_cluster(ray_tmp, report_ms)
+    try:
+        return part(env, ray_tmp)
+    finally:
+        stop_cluster(cluster)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per epoch")
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs of the step-time comparison (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three step-time sides")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parts", nargs="+", choices=["step", "recovery"], default=["step", "recovery"])
@@ -272,28 +346,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bf-overhead-") as tmp:
         tmp = Path(tmp)
         synthetic.write("cifar10", tmp / "cifar10", n_train=args.steps * args.batch, n_test=args.batch, seed=0)
-        ray_tmp = tempfile.mkdtemp(prefix="bf-oh-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-        cluster, env = start_cluster(ray_tmp)
         steps = rec = None
-        try:
-            if "step" in args.parts:
-                steps = step_overhead(tmp, args, env)
-                print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, "
-                      f"epochs 2-{args.epochs} of {args.steps} steps: "
-                      f"bitfleet {steps['bitfleet_step_s']:.3f} s, plain PyTorch {steps['plain_step_s']:.3f} s "
-                      f"(before {steps['plain_step_s_before_after'][0]:.3f}, "
-                      f"after {steps['plain_step_s_before_after'][1]:.3f}) "
-                      f"-> bitfleet/plain {steps['ratio']:.3f}x", flush=True)
-            if "recovery" in args.parts:
-                rec = recovery(tmp, args, env, ray_tmp)
-                print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
-                      f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s "
-                      f"(upper bound, resolution {rec['resolution_s']:.2f} s); Ray's restart: "
-                      + ", ".join(f"{phase} {seconds}" for phase, seconds in rec["phases"].items()), flush=True)
-        finally:
-            stop_cluster(cluster)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        if "step" in args.parts:
+            steps = on_cluster(None, lambda env, ray_tmp: step_overhead(tmp, args, env))
+            print(f"step time, resnet20 batch {args.batch}, {args.threads} threads, epochs 2-{args.epochs} of "
+                  f"{args.steps} steps, {args.rounds} rounds: " + ", ".join(
+                      f"{name} {r['median']:.3f}x ({r['min']:.3f}-{r['max']:.3f})"
+                      for name, r in steps["ratios"].items()), flush=True)
+        if "recovery" in args.parts:
+            rec = on_cluster(REPORT_MS, lambda env, ray_tmp: recovery(tmp, args, env, ray_tmp))
+            print(f"recovery: SIGKILL of the worker -> restore logged {rec['kill_to_restore_logged_s']:.1f} s, "
+                  f"-> first step after restore {rec['kill_to_first_step_s']:.1f} s "
+                  f"(upper bound, resolution {rec['resolution_s']:.2f} s); Ray's restart: "
+                  + ", ".join(f"{phase} {seconds}" for phase, seconds in rec["phases"].items()), flush=True)
     result = {"threads": args.threads, "batch": args.batch, "steps_per_epoch": args.steps, "epochs": args.epochs,
+              "rounds": args.rounds,
               "step_time": steps, "recovery": rec}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
