@@ -261,7 +261,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bf-faults-", dir="/tmp") as tmp:
-        cluster, env = overhead.start_cluster(str(Path(tmp) / "ray"))
+        cluster, env = overhead.start_cluster(str(Path(tmp) / "ray"), overhead.REPORT_MS)
         env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])}
         try:
             for workload in args.workloads:

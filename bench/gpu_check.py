@@ -169,7 +169,7 @@ def check_run_with_a_kill(args, tmp: Path) -> dict:
     raw["train"].update(epochs=3, batch_size=32, eval_batch_size=32, max_steps_per_epoch=6, max_eval_steps=2)
     raw["scaling"] = {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 1}  # the check cluster has 2 CPUs
     raw["failure"] = {"max_failures": 2, "checkpoint_every": 1, "keep": 2}
-    cluster, env = overhead.start_cluster(str(tmp / "ray"))
+    cluster, env = overhead.start_cluster(str(tmp / "ray"), overhead.REPORT_MS)
     run_dir, log = tmp / "results" / raw["name"], tmp / "run.log"
     try:
         driver = overhead.bitfleet_run(raw, tmp, log, env)
