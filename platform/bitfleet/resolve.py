@@ -17,9 +17,10 @@ from pydantic import ValidationError
 
 from bitfleet import registry, storage, strict_yaml
 from bitfleet.data import check_available
+from bitfleet.dotted import leaves, set_path
 from bitfleet.engine.checkpoint import NO_SHARDS, fetched, has_shards
 from bitfleet.errors import SpecError, format_validation_error, spec_warning
-from bitfleet.spec import RunSpec, StageSpec, leaves, result_fields, set_path
+from bitfleet.spec import RunSpec, StageSpec, result_fields
 from bitfleet.sweeps import SweepSpec, apply_config, check_sweep, parse_sweep
 
 CONFIG_FILE = "config.json"  # a run's resolved spec (and the history of those it ran with), by the scheduler

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from bitfleet.errors import SpecError, unknown_key_message
+from bitfleet.dotted import leaves
+from bitfleet.errors import unknown_key_message
 from bitfleet.paths import absolute_path, data_path
 
 # Upper bounds of the counts a spec sets: far above any real run, low enough that no count overflows or
@@ -391,15 +392,6 @@ def spec_digest(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def leaves(tree: dict[str, Any], prefix: str = ""):
-    """(dotted path, value) of every leaf; an empty mapping and a list are leaves."""
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            yield from leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
 def _check_stages(stages: list[StageSpec]) -> None:
     names = [stage.name for stage in stages]
     for i, stage in enumerate(stages):
@@ -415,15 +407,3 @@ def _check_stages(stages: list[StageSpec]) -> None:
         tuple(graphlib.TopologicalSorter({s.name: s.needs for s in stages}).static_order())
     except graphlib.CycleError as exc:
         raise ValueError(f"stages: the needs form a cycle ({' -> '.join(exc.args[1])})") from None
-
-
-def set_path(raw: dict, key: str, value: Any, where: str) -> None:
-    """raw[a][b][c] = value for the dotted key `a.b.c`, creating sections on the way."""
-    *parents, leaf = key.split(".")
-    node = raw
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"{where}: {part!r} is not a section")
-        node = child
-    node[leaf] = value

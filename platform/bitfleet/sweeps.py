@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_serializer, model_validator
 
+from bitfleet.dotted import set_path
 from bitfleet.errors import SpecError, format_validation_error
-from bitfleet.spec import MAX_EPOCHS, MAX_WORKERS, Strict, set_path
+from bitfleet.spec import MAX_EPOCHS, MAX_WORKERS, Strict
 
 RANGES = ("uniform", "loguniform", "randint")
 LISTS = ("choice", "grid")

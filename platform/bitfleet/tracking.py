@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from bitfleet import storage
-from bitfleet.spec import TrackingSpec, leaves
+from bitfleet.dotted import leaves
+from bitfleet.spec import TrackingSpec
 
 log = logging.getLogger(__name__)
 MLFLOW_FILE = "mlflow.json"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
-    {"errors", "strict_yaml", "paths"},
+    {"errors", "strict_yaml", "paths", "dotted"},
     {"spec"},
     {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy",
      "address"},

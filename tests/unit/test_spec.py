@@ -360,7 +360,7 @@ def test_every_workload_and_the_data_commands_resolve_data_roots_alike(tmp_path,
 
 def test_each_workloads_defaults_are_spec_fields_that_resolve_to_themselves(tmp_path):
     from bitfleet import registry
-    from bitfleet.spec import leaves
+    from bitfleet.dotted import leaves
 
     for name in registry.names():
         defaults = registry.workload_class(name).defaults
