@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.highlighter import NullHighlighter
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Column, Table
 
 from bitfleet import progress
 
@@ -28,8 +28,12 @@ log = logging.getLogger("bitfleet")
 QUIET, NORMAL, VERBOSE = -1, 0, 1
 _state = {"verbosity": NORMAL, "live": False}
 _console = Console()
-_bars = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                 TextColumn("{task.fields[stats]}"), console=_console, transient=True)
+# on a narrow terminal the stats give way (cut short at the right), never the bar or where the run is
+_where = Column(no_wrap=True)  # `[run] epoch 3/120 step 500/5005`: its min_width grows to the longest shown
+_bars = Progress(TextColumn("{task.description}", table_column=_where),
+                 BarColumn(bar_width=20, table_column=Column(no_wrap=True, min_width=20)),
+                 TextColumn("{task.fields[stats]}", table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                 console=_console, transient=True)
 _tasks: dict[str, int] = {}
 _lock = threading.Lock()
 
@@ -84,11 +88,13 @@ def show_progress(event: dict) -> None:
     if not _state["live"]:
         log.info(progress.progress_line(event))
         return
-    stats = (f"loss {event['loss']:.4g}  lr {event['lr']:.3g}  {event['images_per_s']:.0f} img/s  "
-             f"data {100 * event['data_wait']:.0f}%  ETA {progress.duration(event['eta_epoch_s'])} "
-             f"/ run {progress.duration(event['eta_run_s'])}")
-    description = escape(f"[{event['run']}] epoch {event['epoch']}/{event['epochs']}")
+    stats = (f"ETA {progress.duration(event['eta_epoch_s'])} / run {progress.duration(event['eta_run_s'])}  "
+             f"loss {event['loss']:.4g}  lr {event['lr']:.3g}  {event['images_per_s']:.0f} img/s  "
+             f"data {100 * event['data_wait']:.0f}%")
+    where = f"[{event['run']}] epoch {event['epoch']}/{event['epochs']} step {event['step']}/{event['steps']}"
+    description = escape(where)
     with _lock:
+        _where.min_width = max(_where.min_width or 0, len(where))
         if not _tasks:
             _bars.start()
         if event["run"] not in _tasks:

@@ -61,7 +61,7 @@ def evaluate_run(path: str, split: str = "test", overrides: list[str] = (), out:
         "run": spec.name, "workload": spec.workload, "checkpoint": loaded.checkpoint, "epoch": state["epoch"],
         "global_step": state["global_step"], "weights": "ema" if loaded.ema else "model", "split": split,
         "measured": "deployed form" if deployed else "model", **metrics,
-        "reported": None if deployed else reported(state, split), "device": str(device),
+        "reported": None if deployed else reported(state, split, loaded.ema), "device": str(device),
         "seconds": round(time.perf_counter() - start, 3),
     }
     target = out or storage.join(run_dir, EVAL_FILE)
@@ -81,14 +81,16 @@ def run_folder(path: str) -> str:
     raise SpecError(f"{path}: neither a bitfleet run folder ({CONFIG_FILE}) nor a checkpoint inside one")
 
 
-def reported(state: dict, split: str) -> dict[str, float] | None:
-    """What the run's evaluation reported on `split` at this checkpoint: its epoch's metrics, when it was
-    written at an epoch's end (a mid-epoch one holds weights no evaluation has seen). None for the training
-    split: its figures are running averages over the epoch's training steps, not an evaluation."""
+def reported(state: dict, split: str, ema: bool) -> dict[str, float] | None:
+    """What the run's evaluation reported on `split` at this checkpoint for the weights evaluated here (the
+    EMA's are reported as `ema/<split>/...`), as `<split>/...`: its epoch's metrics, when it was written at
+    an epoch's end (a mid-epoch one holds weights no evaluation has seen). None for the training split: its
+    figures are running averages over the epoch's training steps, not an evaluation."""
     if split == "train" or state.get("step_in_epoch") or not state.get("history"):
         return None
+    source = f"ema/{split}/" if ema else f"{split}/"
     last = state["history"][-1]
-    return {key: value for key, value in last.items() if key.startswith(f"{split}/")} or None
+    return {key.removeprefix("ema/"): value for key, value in last.items() if key.startswith(source)} or None
 
 
 def describe(result: dict) -> str:

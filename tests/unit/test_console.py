@@ -4,6 +4,7 @@ real local MLflow store."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -143,3 +144,26 @@ def test_an_unreachable_cluster_fails_at_once_naming_the_address():
         reachable(f"127.0.0.1:{port}")
     assert time.monotonic() - start < 5
     reachable("auto")  # left to Ray: a local cluster's address file, or a new one
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_a_live_bar_keeps_where_the_run_is_and_then_the_bar_on_a_narrow_terminal(width, monkeypatch):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from bitfleet import console
+
+    text = io.StringIO()
+    terminal = Console(file=text, width=width, force_terminal=True, color_system=None)
+    monkeypatch.setattr(console, "_bars", Progress(*console._bars.columns, console=terminal))
+    monkeypatch.setitem(console._state, "live", True)
+    console.show_progress({"run": "a-longer-run-name", "epoch": 3, "epochs": 120, "step": 500, "steps": 5005,
+                           "loss": 2.3, "lr": 0.0987, "images_per_s": 812.0, "data_wait": 0.04,
+                           "eta_epoch_s": 3720.0, "eta_run_s": 442000.0})
+    console.end_progress("a-longer-run-name")
+    drawn = [line.replace("\x1b[2K", "") for line in re.split(r"[\r\n]", text.getvalue()) if "500/5005" in line][-1]
+    assert drawn.startswith("[a-longer-run-name] epoch 3/120 step 500/5005 ") and len(drawn) <= width
+    assert ("━" in drawn and "ETA 1h02m" in drawn) == (width >= 80)  # the stats are cut short first
+    assert ("ETA 1h02m / run 5d02h  loss 2.3" in drawn) == (width > 80)
