@@ -21,9 +21,10 @@ from bitfleet.resolve import load_spec
 from bitfleet.spec import spec_digest
 
 SPEC = Path(__file__).parents[2] / "workloads" / "tap_ppo" / "specs" / "lenet5.yaml"
-TINY = ["stages=[]", "tap_ppo.stage=float", "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
-        "train.max_eval_steps=1", "train.eval_batch_size=8", "data.val_size=16", "data.loader_workers=0",
-        "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.ema={decay: 0.9}"]
+TINY = ["stages=[]", "tap_ppo.stage=float", "train.epochs=2", "train.max_steps_per_epoch=2",
+        "train.lr_schedule={type: constant}", "train.batch_size=8", "train.max_eval_steps=1",
+        "train.eval_batch_size=8", "data.val_size=16", "data.loader_workers=0", "scaling.num_workers=1",
+        "scaling.cpus_per_worker=1", "train.ema={decay: 0.9}"]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,9 @@ def test_the_fields_default_off_validate_and_leave_the_run_the_same(cifar_root, 
     assert "\n" not in str(raised.value)
 
 
-def train_briefly(spec) -> dict:
-    """Two training steps of `spec` in Ray Train's local mode: what each step saw, the checkpoint written."""
+def train_briefly(spec, epochs: int | None = None) -> dict:
+    """`spec`'s run in Ray Train's local mode (its first `epochs` only, when given, as a run stopped there):
+    what each step saw, and the checkpoint it would end with."""
     seen: dict = {"batches": [], "forwards": []}
     saved = Path(spec.storage_path, "saved")
     saved.mkdir(parents=True)
@@ -69,7 +71,10 @@ def train_briefly(spec) -> dict:
 
         trainer.workload.train_step = recording
         seen["initial"], seen["info"] = conv_weight(trainer.model).detach().clone(), trainer.data.info
-        trainer.fit()
+        if epochs is None:
+            trainer.fit()
+        for _ in range(epochs or 0):
+            trainer.report(trainer.run_epoch())
         seen["conv"] = conv_weight(trainer.model).is_contiguous(memory_format=torch.channels_last)
         seen["ema_conv"] = conv_weight(trainer.ema.module).is_contiguous(memory_format=torch.channels_last)
         checkpoint.save(saved, trainer.state_dict())  # local mode keeps Ray's checkpoints in no run folder
@@ -82,7 +87,7 @@ def train_briefly(spec) -> dict:
 def test_channels_last_batches_and_weights_in_the_step_the_plain_checkpoint(cifar_root, tmp_path):
     plain = train_briefly(spec_of(cifar_root, tmp_path / "plain"))
     nhwc = train_briefly(spec_of(cifar_root, tmp_path / "nhwc", "train.channels_last=true"))
-    assert plain["batches"] == [False, False] and nhwc["batches"] == [True, True]
+    assert plain["batches"] == [False] * 4 and nhwc["batches"] == [True] * 4
     assert not plain["conv"] and nhwc["conv"] and nhwc["ema_conv"]  # the EMA's copy too
     for part in ("model", "ema"):
         assert list(nhwc["checkpoint"][part]) == list(plain["checkpoint"][part])
@@ -94,18 +99,37 @@ def test_compiled_training_writes_the_plain_checkpoint_whose_weights_run(cifar_r
     plain = train_briefly(spec_of(cifar_root, tmp_path / "plain"))
     compiled = train_briefly(spec_of(cifar_root, tmp_path / "compiled", "train.compile=true",
                                      "train.channels_last=true"))
-    assert plain["forwards"] == ["LeNet5", "LeNet5"]
-    assert compiled["forwards"] == ["OptimizedModule", "OptimizedModule"] and compiled["batches"] == [True, True]
+    assert plain["forwards"] == ["LeNet5"] * 4
+    assert compiled["forwards"] == ["OptimizedModule"] * 4 and compiled["batches"] == [True] * 4
     for part in ("model", "ema"):
         assert list(compiled["checkpoint"][part]) == list(plain["checkpoint"][part])
         assert not any("_orig_mod" in key for key in compiled["checkpoint"][part])
     # the EMA averaged the trained (compiled-through) parameters: off the initial weights and not equal to
-    # the trained ones (decay 0.9 over two steps)
+    # the trained ones (decay 0.9 over four steps)
     name = next(k for k, v in compiled["checkpoint"]["model"].items() if v.dim() == 4)
     trained, averaged = compiled["checkpoint"]["model"][name], compiled["checkpoint"]["ema"]["module." + name]
     assert not torch.equal(trained, compiled["initial"])
     assert not torch.equal(averaged, compiled["initial"]) and not torch.equal(averaged, trained)
     assert_weights_run(spec_of(cifar_root, tmp_path), compiled)
+
+    # stopped after its first epoch and resumed, compiled, the run ends with the uninterrupted run's state
+    flags = ["train.compile=true", "train.channels_last=true"]
+    train_briefly(spec_of(cifar_root, tmp_path / "first", *flags), epochs=1)
+    resumed = train_briefly(spec_of(cifar_root, tmp_path / "rest", *flags, f"train.resume_from={tmp_path}/first/saved"))
+    assert len(resumed["forwards"]) == 2  # the second epoch's steps only
+    for part in ("model", "ema", "optimizer"):
+        assert_equal(resumed["checkpoint"][part], compiled["checkpoint"][part])
+
+
+def assert_equal(got, expected) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(got, expected)
+    elif isinstance(expected, dict):
+        assert list(got) == list(expected)
+        for key in expected:
+            assert_equal(got[key], expected[key])
+    else:
+        assert got == expected
 
 
 def conv_weight(model: torch.nn.Module) -> torch.Tensor:
