@@ -17,12 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# a fresh Inductor cache: the warm-up is a cold compile, as a worker pays it on a node that never compiled the
+# model (on the same node, a restarted worker finds the cache and pays a fraction)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bf-inductor-"))
+
+import torch  # noqa: E402  (after the cache is chosen)
 
 from bitfleet import registry
 from bitfleet.data import info as data_info
@@ -97,13 +102,21 @@ def measure(name: str, rounds: int, steps: int) -> dict:
         for v in order[r % len(order):] + order[:r % len(order)]:
             times[v].append(statistics.median(variants[v].step() for _ in range(steps)))
     result = {**shape, "variants": {}}
+    plain = statistics.median(times["plain"])
     for v in order:
         ratios = [t / p for t, p in zip(times[v], times["plain"])]
-        result["variants"][v] = {"median_s": statistics.median(times[v]), "low_s": min(times[v]),
-                                 "high_s": max(times[v]), "ratio": statistics.median(ratios),
-                                 "ratio_low": min(ratios), "ratio_high": max(ratios),
-                                 "warmup_s": warmup[v]}
+        median = statistics.median(times[v])
+        result["variants"][v] = {"median_s": median, "low_s": min(times[v]), "high_s": max(times[v]),
+                                 "ratio": statistics.median(ratios), "ratio_low": min(ratios),
+                                 "ratio_high": max(ratios), "warmup_s": warmup[v],
+                                 "break_even_steps": break_even(warmup[v], median, plain)}
     return result
+
+
+def break_even(warmup_s: float, step_s: float, plain_s: float) -> float | None:
+    """The steps a run needs before a variant's one-off warm-up is paid back by its faster steps: N where
+    warmup_s + (N - WARMUP_STEPS)·step_s = N·plain_s; None when its steps are not faster."""
+    return (warmup_s - WARMUP_STEPS * step_s) / (plain_s - step_s) if step_s < plain_s else None
 
 
 def main() -> None:
