@@ -171,6 +171,8 @@ class TrainSpec(Strict):
     max_eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     deepspeed: DeepSpeedSpec | None = None  # strategy deepspeed: its settings (default: ZeRO stage 1)
+    compile: bool = False  # torch.compile the training forward; checkpoints keep the module's own keys
+    channels_last: bool = False  # conv weights and 4-D training batches in torch.channels_last (NHWC) layout
     init_from: str | None = None  # a checkpoint folder, or a run folder (its best checkpoint): initial weights
     resume_from: str | None = None  # a checkpoint folder whose whole state (epoch, optimizer, ...) a new run
     #                                  continues, with this spec's values (PBT exploits, sweep trial restarts)
@@ -181,6 +183,9 @@ class TrainSpec(Strict):
     def _strategy(self):
         if self.deepspeed is not None and self.strategy != "deepspeed":
             raise ValueError(f"deepspeed: settings for `strategy: deepspeed`, but strategy is {self.strategy!r}")
+        if self.compile and self.strategy == "deepspeed":  # its engine's forward runs DeepSpeed's own hooks
+            raise ValueError("compile: not with strategy deepspeed (its engine wraps the forward in ZeRO's hooks, "
+                             "which bitfleet does not compile): use strategy ddp, or compile: false")
         return self
 
 
@@ -375,9 +380,12 @@ class RunSpec(Strict):
 
 
 # what a rerun of a run may change without changing its result: where and how it runs, what it is compared
-# with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run)
+# with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run).
+# compile and channels_last only change how the same model executes (its sums' order, to the last bits; the
+# checkpoint's keys and layout are the same), so a run resumes with either toggled
 NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "tracking", "stages", "inputs", "trial_of",
-           "sweep", "train.epochs", "train.print_freq", "train.init_from", "train.resume_from", "data.root")
+           "sweep", "train.epochs", "train.print_freq", "train.init_from", "train.resume_from", "data.root",
+           "train.compile", "train.channels_last")
 
 
 def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:

@@ -182,6 +182,13 @@ def for_ray(state: dict[str, Any] | None, write_shard=None, *, rank: int = 0, pa
     return folder
 
 
+def dense(state: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with its tensors in the default (contiguous) layout: a checkpoint holds the same layout
+    whatever the run's `train.channels_last`, for readers that `view` weights (export, engines). A tensor
+    already contiguous is returned itself: without channels_last nothing changes."""
+    return {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
 def weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The weights a user wants from a checkpoint: the EMA's when the run kept one as its result
     (`train.ema.evaluate`; runs of older bitfleets have no flag and always did), else the model's."""

@@ -166,7 +166,8 @@ class Trainer:
         steps = self.steps_per_epoch - state.step_in_epoch
         for images, labels in itertools.islice(self.train_loader, steps):  # no batch past the last
             loaded = time.perf_counter()
-            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            images = strategy.to_device(self.train_spec, images, self.device)
+            labels = labels.to(self.device, non_blocking=True)
             loss, outputs = self.train_step(images, labels)
             sums += self._batch_sums(loss.detach() * len(labels), outputs, labels, train=True)
             state.global_step += 1
@@ -296,10 +297,10 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "model": self.model.state_dict(),
+            "model": checkpoint.dense(self.model.state_dict()),
             **self.strategy.state_dict(),  # DDP: optimizer and AMP scaler; DeepSpeed: in its shards
             "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "ema": checkpoint.dense(self.ema.state_dict()) if self.ema is not None else None,
             "callbacks": self.callbacks.state_dict(),
             "epoch": self.state.epoch,
             "global_step": self.state.global_step,

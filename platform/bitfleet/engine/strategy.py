@@ -25,9 +25,26 @@ from bitfleet.spec import DeepSpeedSpec, TrainSpec
 
 def build(spec: TrainSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
           per_worker_batch: int):
-    if spec.strategy == "deepspeed":
+    """The strategy around `model`. `train.channels_last` converts the model's 4-D weights in place (the same
+    parameters: the optimizer and the EMA hold them); `train.compile` compiles what the training forward runs
+    through, while `model` itself stays the bare module that checkpoints, the EMA and evaluation read (its
+    state_dict has no `_orig_mod.` keys)."""
+    if spec.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if spec.strategy == "deepspeed":  # compile is refused with it (spec.TrainSpec)
         return DeepSpeed(spec, model, optimizer, device, per_worker_batch)
-    return DDP(spec, model, optimizer, device)
+    built = DDP(spec, model, optimizer, device)
+    if spec.compile:
+        built.model = torch.compile(built.model)
+    return built
+
+
+def to_device(spec: TrainSpec, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A training batch on `device`, NHWC under `train.channels_last` when it is an image batch (4-D: N, C, H,
+    W); other inputs have no such layout."""
+    if spec.channels_last and images.dim() == 4:
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True)
 
 
 def autocast_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
