@@ -49,8 +49,11 @@ def _channel_product_kernel(x, s, out):
                 out[n, c, i] = x[n, c, i] * s[c]
 
 
+CPU_KERNELS = True  # False: the torch ops everywhere, as on GPUs (bench/rbnn_speed.py compares the two)
+
+
 def _numba_takes(*tensors: torch.Tensor) -> bool:
-    return not torch.is_grad_enabled() and all(
+    return CPU_KERNELS and not torch.is_grad_enabled() and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
