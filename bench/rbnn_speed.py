@@ -1,31 +1,81 @@
 """RBNN speed, measured side by side in one run on the same threads (default 2, batch 128, CIFAR shape):
 
 1. a training step of our resnet20_1w1a against the float ResNet-20 of `resnet_cifar` — the cost of
-   binarizing, as a ratio (the official code's is ~1.96x on 2 threads);
+   binarizing, as a ratio (the official code's is ~1.96x on 2 threads). Interleaved rounds (default 7): in
+   each round the two models take single steps in turn (`--steps` each, the order alternating, so both see
+   the same load and the same cache disturbance), after one warm-up step of each; per round the ratio of
+   the median step times. Reported: the median over the rounds, its minimum and maximum (the spread), and
+   the same for process CPU seconds per step (all threads), which a load that comes and goes on a shared
+   machine disturbs less than wall-clock time. A third model takes its turns too: resnet20_1w1a with its
+   CPU kernels off (`layers.CPU_KERNELS`: the torch ops, as on GPUs and as before the kernels);
 2. one rotation update of every binarized layer of resnet20_1w1a: ours (batched over output channels)
-   against the paper's formulas written as a loop over output channels;
+   against the paper's formulas written as a loop over output channels (median of 5);
 3. with --models: every architecture's parameter count, binarized share of weights and step time.
 
-    python bench/rbnn_speed.py [--threads 2] [--steps 10] [--out bench/results/rbnn_speed.json]
+    python bench/rbnn_speed.py [--threads 2] [--rounds 7] [--steps 6] [--models] [--out bench/results/rbnn_speed.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
-from timing import step_seconds
+from timing import step_seconds, train_step
 
+from workloads.rbnn import layers
 from workloads.rbnn.layers import binary_convs
 from workloads.rbnn.models import ARCHS, build
 from workloads.resnet_cifar import models as float_models
 
 
-def sgd_step_seconds(model, steps: int, batch: int) -> float:
-    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
-    return step_seconds(model, opt, torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)), steps)
+class Timed:
+    """A model with its optimizer and one fixed batch."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, cpu_kernels: bool = True):
+        self.model, self.opt = model, torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+        self.x, self.y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        self.cpu_kernels = cpu_kernels
+
+    def step(self) -> tuple[float, float]:
+        """(wall, process CPU) seconds of one training step."""
+        layers.CPU_KERNELS = self.cpu_kernels
+        wall, cpu = time.perf_counter(), time.process_time()
+        train_step(self.model, self.opt, self.x, self.y)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    def seconds(self, steps: int) -> float:
+        layers.CPU_KERNELS = self.cpu_kernels
+        return step_seconds(self.model, self.opt, self.x, self.y, steps)
+
+
+def interleaved(pair: dict[str, Timed], rounds: int, steps: int) -> dict[str, dict[str, list[float]]]:
+    """Per round and model, the median (wall, CPU) seconds of `steps` single steps taken in turn with the other
+    model's, after one warm-up step each: a load that drifts hits both alike."""
+    result = {name: {"wall": [], "cpu": []} for name in pair}
+    for r in range(rounds):
+        for timed in pair.values():
+            timed.step()
+        samples = {name: [] for name in pair}
+        for s in range(steps):
+            for name in (list(pair) if (r + s) % 2 == 0 else list(pair)[::-1]):
+                samples[name].append(pair[name].step())
+        for name, taken in samples.items():
+            result[name]["wall"].append(statistics.median(w for w, _ in taken))
+            result[name]["cpu"].append(statistics.median(c for _, c in taken))
+        print(f"  round {r + 1}/{rounds}: " + "  ".join(
+            f"{n} {t['wall'][-1]:.3f} s ({t['cpu'][-1]:.3f} s CPU)" for n, t in result.items()), flush=True)
+    return result
+
+
+def ratios(times: dict[str, dict[str, list[float]]], name: str, clock: str) -> dict:
+    """`name`'s step against the float one's: medians over the rounds and the per-round ratios' spread."""
+    per_round = [b / f for b, f in zip(times[name][clock], times["float"][clock])]
+    return {"step_s": statistics.median(times[name][clock]), "float_step_s": statistics.median(times["float"][clock]),
+            "ratio": statistics.median(per_round), "ratio_min": min(per_round), "ratio_max": max(per_round),
+            "ratios": per_round, "round_s": times[name][clock], "float_round_s": times["float"][clock]}
 
 
 @torch.no_grad()
@@ -41,16 +91,16 @@ def loop_rotation_update(layer, iterations: int = 3) -> None:
         r2 = u2 @ v2.t()
 
 
-def rotation_seconds(update, repeats: int = 3) -> float:
-    best = float("inf")
+def rotation_seconds(update, repeats: int = 5) -> float:
+    times = []
     for _ in range(repeats):
         torch.manual_seed(0)
         layers = binary_convs(build("resnet20_1w1a", 10, 3, 32))
         start = time.perf_counter()
         for layer in layers:
             update(layer)
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def model_table(steps: int, batch: int) -> list[dict]:
@@ -61,39 +111,53 @@ def model_table(steps: int, batch: int) -> list[dict]:
         params = sum(p.numel() for p in model.parameters())
         binary = sum(c.weight.numel() for c in binary_convs(model))
         rows.append({"arch": arch, "params": params, "binary_share": binary / params,
-                     "step_s": sgd_step_seconds(model, steps, batch)})
+                     "step_s": Timed(model, batch).seconds(steps)})
         print(f"  {arch:38s} {params:>10,d} params  {100 * binary / params:5.1f}% binary  "
-              f"{rows[-1]['step_s']:.3f} s/step")
+              f"{rows[-1]['step_s']:.3f} s/step", flush=True)
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (at least 5)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per model and round (median)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--models", action="store_true", help="also time every architecture (CIFAR shape)")
     parser.add_argument("--out", default="bench/results/rbnn_speed.json")
     args = parser.parse_args()
+    if args.rounds < 5:
+        parser.error("--rounds: at least 5, so that the median and the spread mean something")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    float_s = sgd_step_seconds(float_models.build("resnet20", "A", num_classes=10, in_channels=3),
-                               args.steps, args.batch)
-    binary_s = sgd_step_seconds(build("resnet20_1w1a", 10, 3, 32), args.steps, args.batch)
+    pair = {"float": Timed(float_models.build("resnet20", "A", num_classes=10, in_channels=3), args.batch),
+            "binary": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch),
+            "binary_torch_ops": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch, cpu_kernels=False)}
+    for timed in pair.values():  # warm-up: allocator, oneDNN primitives, numba kernels, momentum buffers
+        timed.seconds(2)
+    times = interleaved(pair, args.rounds, args.steps)
+    wall, cpu = ratios(times, "binary", "wall"), ratios(times, "binary", "cpu")
+    torch_ops = {clock: ratios(times, "binary_torch_ops", clock) for clock in ("wall", "cpu")}
     ours = rotation_seconds(lambda layer: layer.update_rotation(3))
     loop = rotation_seconds(loop_rotation_update)
     result = {
-        "threads": args.threads, "batch": args.batch,
-        "float_resnet20_step_s": float_s, "resnet20_1w1a_step_s": binary_s, "binarize_cost_ratio": binary_s / float_s,
+        "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
+        "float_resnet20_step_s": wall["float_step_s"], "resnet20_1w1a_step_s": wall["step_s"],
+        "binarize_cost_ratio": wall["ratio"], "wall": wall, "cpu": cpu, "torch_ops": torch_ops,
         "rotation_update_batched_s": ours, "rotation_update_loop_s": loop, "rotation_speedup": loop / ours,
     }
     if args.models:
-        result["models"] = model_table(max(2, args.steps // 3), args.batch)
+        result["models"] = model_table(3, args.batch)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(f"train step, batch {args.batch}, {args.threads} threads: float ResNet-20 {float_s:.3f} s, "
-          f"resnet20_1w1a {binary_s:.3f} s -> binarizing costs {binary_s / float_s:.2f}x")
+    print(f"train step, batch {args.batch}, {args.threads} threads, {args.rounds} interleaved rounds (medians): "
+          f"float ResNet-20 {wall['float_step_s']:.3f} s, resnet20_1w1a {wall['step_s']:.3f} s -> "
+          f"binarizing costs {wall['ratio']:.2f}x (rounds {wall['ratio_min']:.2f}-{wall['ratio_max']:.2f}x); "
+          f"CPU time {cpu['ratio']:.2f}x (rounds {cpu['ratio_min']:.2f}-{cpu['ratio_max']:.2f}x)")
+    print(f"  without the CPU kernels (torch ops, the GPU path): {torch_ops['wall']['step_s']:.3f} s -> "
+          f"{torch_ops['wall']['ratio']:.2f}x (rounds {torch_ops['wall']['ratio_min']:.2f}-"
+          f"{torch_ops['wall']['ratio_max']:.2f}x); CPU time {torch_ops['cpu']['ratio']:.2f}x")
     print(f"rotation update of all 18 binary layers (3 iterations): batched {ours * 1000:.1f} ms, "
           f"per-channel loop {loop * 1000:.1f} ms -> {loop / ours:.1f}x faster")
     print(f"wrote {out}")

@@ -14,22 +14,109 @@ from __future__ import annotations
 
 import math
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# CPU kernels: serial numba passes for the elementwise work binarizing adds to a convolution. Each torch op is a
+# parallel region of its own; on a loaded 2-core machine the threads' hand-offs cost more than the arithmetic.
+# Each float32 operation is rounded as torch's op rounds it (no fast-math, so no fused multiply-add): the
+# results are bit for bit those of the torch expressions, which stay the path on GPUs and in double backward.
+
+
+@numba.njit(cache=True)
+def _sign_kernel(x, out):
+    one, zero = np.float32(1), np.float32(0)
+    for i in range(x.size):
+        out[i] = (one if x[i] > zero else zero) - (one if x[i] < zero else zero)  # torch.sign's formula
+
+
+@numba.njit(cache=True)
+def _sign_grad_kernel(grad, x, a, c, k, out):
+    zero = np.float32(0)
+    for i in range(x.size):
+        d = a - c * abs(x[i])
+        out[i] = grad[i] * (k * (zero if d < zero else d))
+
+
+@numba.njit(cache=True)
+def _channel_product_kernel(x, s, out):
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                out[n, c, i] = x[n, c, i] * s[c]
+
+
+CPU_KERNELS = True  # False: the torch ops everywhere, as on GPUs (bench/rbnn_speed.py compares the two)
+
+
+def _numba_takes(*tensors: torch.Tensor) -> bool:
+    return CPU_KERNELS and not torch.is_grad_enabled() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().view(-1).numpy()
+
+
+def _sign(x: torch.Tensor) -> torch.Tensor:
+    if not _numba_takes(x):
+        return torch.sign(x)
+    out = torch.empty_like(x)
+    _sign_kernel(_flat(x), _flat(out))
+    return out
+
+
+def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """grad · k·max(0, √2·t − t²·|x|): one pass instead of six."""
+    a, c = math.sqrt(2.0) * t, t.square()  # 0-dim float32, as the torch expression computes them
+    if not (_numba_takes(grad, x) and grad.shape == x.shape):
+        return grad * (k * (a - c * x.abs()).clamp(min=0))
+    out = torch.empty_like(x)
+    _sign_grad_kernel(_flat(grad), _flat(x), np.float32(a.item()), np.float32(c.item()), np.float32(k.item()),
+                      _flat(out))
+    return out
+
+
+def _channel_product(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W) times a per-channel scale (C elements)."""
+    if not (_numba_takes(x, scale) and x.dim() == 4):
+        return x * scale.view(1, -1, 1, 1)
+    out = torch.empty_like(x)
+    n, c = x.shape[:2]
+    _channel_product_kernel(x.detach().view(n, c, -1).numpy(), _flat(scale), out.view(n, c, -1).numpy())
+    return out
 
 
 class _SignApprox(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, k):
         ctx.save_for_backward(x, t, k)
-        return torch.sign(x)
+        return _sign(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, t, k = ctx.saved_tensors
-        slope = k * (math.sqrt(2.0) * t - t.square() * x.abs()).clamp(min=0)
-        return grad * slope, None, None
+        return _sign_grad(grad, x, t, k), None, None
+
+
+class _ChannelScale(torch.autograd.Function):
+    """x · scale per output channel, with the gradients autograd gives `x * scale.view(1, -1, 1, 1)`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x, scale)
+        return _channel_product(x, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        grad_x = _channel_product(grad.contiguous(), scale) if ctx.needs_input_grad[0] else None
+        # the broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)
+        grad_scale = (grad * x).sum((0, 2, 3), keepdim=True).view_as(scale) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_scale
 
 
 def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -87,7 +174,7 @@ class BinaryConv2d(nn.Conv2d):
         if not self.a32:
             x = sign_approx(x, self.t, self.k)
         out = F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return out * self.scale.view(1, -1, 1, 1)
+        return _ChannelScale.apply(out, self.scale)
 
     @torch.no_grad()
     def quantization_error(self) -> float:
