@@ -21,8 +21,26 @@ from workloads.lbpnet.layers import Conv1x1Fusion, LBPLayer, RPFusion
 
 def _tile(x: torch.Tensor, channels: int) -> torch.Tensor:
     """x's channels repeated (and cut) to `channels`: a parameter-free residual alignment."""
-    index = torch.arange(channels, device=x.device) % x.shape[1]
-    return x.index_select(1, index)
+    return _Tile.apply(x, channels)
+
+
+class _Tile(torch.autograd.Function):
+    """`x.index_select(1, arange(channels) % C)` whose backward is one add per repeat, not one per channel
+    (index_add's per-index loop, slow with several threads): the same sums, in index_add's order."""
+
+    @staticmethod
+    def forward(ctx, x, channels):
+        ctx.in_channels = x.shape[1]
+        return x.index_select(1, torch.arange(channels, device=x.device) % x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        c = ctx.in_channels
+        grad_x = grad[:, :c].clone()
+        for start in range(c, grad.shape[1], c):  # repeat r adds to the first channels it covers
+            part = grad[:, start:start + c]
+            grad_x[:, :part.shape[1]] += part
+        return grad_x, None
 
 
 class LBPBlock(nn.Module):
