@@ -256,6 +256,7 @@ class RPFusion(nn.Module):
         self.register_buffer("local_routes", local, persistent=False)  # routes into `needed_bits`
         self.gate_logits = nn.Parameter(torch.full((out_channels,), float(gate_logits_init)))
         self.register_buffer("tau", torch.tensor(float(tau)))
+        self.tables = self.activation_tables()  # constant: computed once, not at every step
 
     def gates(self) -> torch.Tensor:
         if not self.use_ste:  # gates keep their initial state
@@ -276,7 +277,7 @@ class RPFusion(nn.Module):
         """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits`."""
         gates = self.gates()
         if trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
-            return _FusedCount.apply(bits, self.local_routes, *self.activation_tables(), gates)
+            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
         y = self.activate(self.popcount(bits))
         return y * gates.view(1, -1, 1, 1).to(y.dtype)
 

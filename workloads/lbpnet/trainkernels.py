@@ -113,6 +113,47 @@ def _scatter_unpad(grad, sample, centre, channels, height, width, pad, out):
                     out[b, (c * height + iy) * width + ix] += padded[(c * hp + y) * wp + x]
 
 
+@_jit
+def _residual(y, x, pool, out):
+    """out = avg_pool(y + x's channels repeated to y's, pool) (pool 1: the sum), as torch's 2-D average pool
+    sums a window: from zero, row by row, then divides by its size. Maps (B, channels, H, W)."""
+    channels = x.shape[1]
+    size = np.float32(pool * pool)
+    for b in prange(y.shape[0]):
+        for o in range(y.shape[1]):
+            c = o % channels
+            for oy in range(out.shape[2]):
+                for ox in range(out.shape[3]):
+                    if pool == 1:
+                        out[b, o, oy, ox] = y[b, o, oy, ox] + x[b, c, oy, ox]
+                        continue
+                    total = np.float32(0)
+                    for iy in range(oy * pool, oy * pool + pool):
+                        for ix in range(ox * pool, ox * pool + pool):
+                            total += y[b, o, iy, ix] + x[b, c, iy, ix]
+                    out[b, o, oy, ox] = total / size
+
+
+@_jit
+def _residual_backward(grad, pool, grad_y, grad_x):
+    """The gradients of `_residual`: grad_y = grad / pool² spread over each window (zero outside every
+    window), grad_x = Σ over the repeats of grad_y's channels, first repeat first (index_add's order)."""
+    channels, outputs = grad_x.shape[1], grad_y.shape[1]
+    size = np.float32(pool * pool)
+    for b in prange(grad.shape[0]):
+        for o in range(outputs):
+            for oy in range(grad.shape[2]):
+                for ox in range(grad.shape[3]):
+                    share = grad[b, o, oy, ox] if pool == 1 else grad[b, o, oy, ox] / size
+                    for iy in range(oy * pool, oy * pool + pool):
+                        for ix in range(ox * pool, ox * pool + pool):
+                            grad_y[b, o, iy, ix] = share
+        for c in range(min(channels, outputs)):
+            grad_x[b, c] = grad_y[b, c]
+        for o in range(channels, outputs):
+            grad_x[b, o % channels] += grad_y[b, o]
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -169,6 +210,23 @@ def fuse_backward(grad, count, values, slopes, scale: float, gates, routes, plan
                    np.float32(scale), _numpy(gates), _numpy(routes), h * w, planes, out.numpy().reshape(b, -1),
                    gate_terms.numpy().reshape(b, -1))
     return out, gate_terms
+
+
+def residual(y: torch.Tensor, x: torch.Tensor, pool: int) -> torch.Tensor:
+    """avg_pool2d(y + x's channels repeated to y's, pool) (pool 1: no pooling), (B, O, H // pool, W // pool)."""
+    b, o, h, w = y.shape
+    out = torch.empty(b, o, h // pool, w // pool)
+    _threads()
+    _residual(_numpy(y), _numpy(x), pool, out.numpy())
+    return out
+
+
+def residual_backward(grad: torch.Tensor, pool: int, y_shape, x_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_y, grad_x) of `residual`."""
+    grad_y, grad_x = torch.zeros(y_shape), torch.empty(x_shape)
+    _threads()
+    _residual_backward(_numpy(grad), pool, grad_y.numpy(), grad_x.numpy())
+    return grad_y, grad_x
 
 
 def applies(t: torch.Tensor) -> bool:
