@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workloads.lbpnet import paper_metrics
+from workloads.lbpnet import paper_metrics, trainkernels
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.layers import LBPLayer, RPFusion, hard_step
 from workloads.lbpnet.models import LBPNet
@@ -112,6 +112,30 @@ def test_every_block_kind_trains_evaluates_deterministically_and_round_trips(blo
     clone.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     with torch.no_grad():
         assert torch.equal(clone(x), first)
+
+
+@pytest.mark.parametrize("block, fusion, k, surrogate, soft", [
+    ("residual", "rp_paper", 8, "tanh", False), ("residual", "rp_paper", 4, "ste", True),
+    ("macfree", "rp_paper", 4, "tanh", False), ("macfree", "rp_paper", 8, "ste", False),
+    ("residual", "conv1x1", 8, "tanh", False), ("conv", "rp_paper", 8, "tanh", False)])
+def test_compiled_training_loops_give_torchs_numbers_bit_for_bit(block, fusion, k, surrogate, soft, monkeypatch):
+    """`trainkernels` (numba) replaces torch's operators on float32 CPU tensors: the loss and every gradient
+    stay exactly what the operators give, because each sum is taken in their order."""
+    model = {"blocks": {"block": block, "fusion_type": fusion, "channels_per_stage": [6, 8, 16]},
+             "lbp_layer": {"surrogate": surrogate, "soft_forward": soft},
+             "rp_config": {"n_bits_per_out": k, "soft_forward": soft}}
+
+    def loss_and_grads(compiled: bool):
+        monkeypatch.setattr(trainkernels, "applies", applies if compiled else lambda t: False)
+        net = build(seed=3, **model)
+        loss = F.cross_entropy(net(images(8, seed=2)), torch.arange(8) % 10)
+        loss.backward()
+        return loss, [p.grad for p in net.parameters()]
+
+    applies = trainkernels.applies
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert torch.equal(loss, ref_loss)
+    assert all(g is None and r is None or torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
 
 
 def test_bf16_autocast_stays_close_to_fp32():

@@ -273,10 +273,10 @@ class RPFusion(nn.Module):
             count = count + bits.index_select(1, self.local_routes[:, j])
         return count
 
-    def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits`."""
+    def forward(self, bits: torch.Tensor, binary: bool = True) -> torch.Tensor:
+        """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits` (0/1 unless not `binary`)."""
         gates = self.gates()
-        if trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
+        if binary and trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
             return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
         y = self.activate(self.popcount(bits))
         return y * gates.view(1, -1, 1, 1).to(y.dtype)
@@ -328,5 +328,5 @@ class Conv1x1Fusion(nn.Module):
         self.conv = nn.Conv2d(num_bits_in, out_channels, 1, bias=False)
         self.needed_bits = None  # every bit
 
-    def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        return self.conv(bits)
+    def forward(self, bits: torch.Tensor, binary: bool = True) -> torch.Tensor:
+        return self.conv(bits)  # 0/1 or relaxed bits alike

@@ -65,7 +65,8 @@ class LBPBlock(nn.Module):
         self.out_channels = in_channels + out_channels if kind == "macfree" else out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits)))
+        binary = not (self.lbp.soft_forward and self.lbp.training)  # relaxed comparisons are fractions
+        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits), binary=binary))
         if isinstance(self.fusion, Conv1x1Fusion):
             y = F.relu(y)
         if self.kind == "macfree":

@@ -230,5 +230,6 @@ def residual_backward(grad: torch.Tensor, pool: int, y_shape, x_shape) -> tuple[
 
 
 def applies(t: torch.Tensor) -> bool:
-    """The kernels serve float32 CPU tensors; others (CUDA, half precision) keep torch's operators."""
-    return t.device.type == "cpu" and t.dtype == torch.float32
+    """The kernels serve float32 CPU tensors in eager mode; others (CUDA, half precision, a TorchScript
+    trace, which cannot record a numba call) keep torch's operators."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and not torch.jit.is_tracing()
