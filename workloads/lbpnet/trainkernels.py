@@ -158,25 +158,30 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _threads() -> None:
-    """numba's pool as wide as torch's: `torch.set_num_threads` governs both (one thread when pinned)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _run(kernel, *args) -> None:
+    """`kernel(*args)` on as many threads as torch's pool (one when pinned). numba's OpenMP layer sets the
+    calling thread's OpenMP thread count to its own pool's on first use, which would change torch's (and
+    with it the order of torch's parallel sums): torch's count is put back after the call."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        kernel(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def compare(xp: torch.Tensor, sample: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d, bits), each (B, len(sample)): differences xp[:, sample] - xp[:, centre] and 1[d > 0]."""
     d, bits = torch.empty(len(xp), len(sample)), torch.empty(len(xp), len(sample))
-    _threads()
-    _compare(_numpy(xp), _numpy(sample), _numpy(centre), d.numpy(), bits.numpy())
+    _run(_compare, _numpy(xp), _numpy(sample), _numpy(centre), d.numpy(), bits.numpy())
     return d, bits
 
 
 def compare_backward(grad, zt, tanh: bool, half_scale: float, d, xp, sample, wp: int) -> tuple[torch.Tensor, ...]:
     """(g, scale terms, dy terms, dx terms), each like d: see `_compare_backward`."""
     terms = [torch.empty(d.shape) for _ in range(4)]
-    _threads()
-    _compare_backward(_numpy(grad), _numpy(zt), tanh, np.float32(half_scale), _numpy(d), _numpy(xp), _numpy(sample),
-                      wp, *(t.numpy() for t in terms))
+    _run(_compare_backward, _numpy(grad), _numpy(zt), tanh, np.float32(half_scale), _numpy(d), _numpy(xp),
+         _numpy(sample), wp, *(t.numpy() for t in terms))
     return tuple(terms)
 
 
@@ -184,8 +189,7 @@ def scatter_unpad(grad: torch.Tensor, sample: torch.Tensor, centre: torch.Tensor
     """The gradient (shape: B, C, H, W) of x through `compare` of its replication-padded planes."""
     b, c, h, w = shape
     out = torch.zeros(b, c * h * w)
-    _threads()
-    _scatter_unpad(_numpy(grad), _numpy(sample), _numpy(centre), c, h, w, pad, out.numpy())
+    _run(_scatter_unpad, _numpy(grad), _numpy(sample), _numpy(centre), c, h, w, pad, out.numpy())
     return out.view(shape)
 
 
@@ -195,9 +199,8 @@ def fuse(bits: torch.Tensor, routes: torch.Tensor, values: torch.Tensor,
     b, _, h, w = bits.shape
     out = torch.empty(b, len(routes), h, w)
     count = torch.empty(b, len(routes), h, w, dtype=torch.uint8)
-    _threads()
-    _fuse(_numpy(bits).reshape(b, -1), _numpy(routes), h * w, _numpy(values), _numpy(gates),
-          count.numpy().reshape(b, -1), out.numpy().reshape(b, -1))
+    _run(_fuse, _numpy(bits).reshape(b, -1), _numpy(routes), h * w, _numpy(values), _numpy(gates),
+         count.numpy().reshape(b, -1), out.numpy().reshape(b, -1))
     return out, count
 
 
@@ -205,10 +208,9 @@ def fuse_backward(grad, count, values, slopes, scale: float, gates, routes, plan
     """(the bits' gradient (B, planes, H, W), the gates' terms grad·values[count] (B, O, H, W)) of `fuse`."""
     b, _, h, w = grad.shape
     out, gate_terms = torch.empty(b, planes, h, w), torch.empty(grad.shape)
-    _threads()
-    _fuse_backward(_numpy(grad).reshape(b, -1), _numpy(count).reshape(b, -1), _numpy(values), _numpy(slopes),
-                   np.float32(scale), _numpy(gates), _numpy(routes), h * w, planes, out.numpy().reshape(b, -1),
-                   gate_terms.numpy().reshape(b, -1))
+    _run(_fuse_backward, _numpy(grad).reshape(b, -1), _numpy(count).reshape(b, -1), _numpy(values), _numpy(slopes),
+         np.float32(scale), _numpy(gates), _numpy(routes), h * w, planes, out.numpy().reshape(b, -1),
+         gate_terms.numpy().reshape(b, -1))
     return out, gate_terms
 
 
@@ -216,16 +218,14 @@ def residual(y: torch.Tensor, x: torch.Tensor, pool: int) -> torch.Tensor:
     """avg_pool2d(y + x's channels repeated to y's, pool) (pool 1: no pooling), (B, O, H // pool, W // pool)."""
     b, o, h, w = y.shape
     out = torch.empty(b, o, h // pool, w // pool)
-    _threads()
-    _residual(_numpy(y), _numpy(x), pool, out.numpy())
+    _run(_residual, _numpy(y), _numpy(x), pool, out.numpy())
     return out
 
 
 def residual_backward(grad: torch.Tensor, pool: int, y_shape, x_shape) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_y, grad_x) of `residual`."""
     grad_y, grad_x = torch.zeros(y_shape), torch.empty(x_shape)
-    _threads()
-    _residual_backward(_numpy(grad), pool, grad_y.numpy(), grad_x.numpy())
+    _run(_residual_backward, _numpy(grad), pool, grad_y.numpy(), grad_x.numpy())
     return grad_y, grad_x
 
 
