@@ -41,6 +41,7 @@ class SeedStyleLBP(torch.nn.Module):
     def __init__(self, ours):
         super().__init__()
         self.ours = ours  # same offsets and alpha
+        self.soft_forward = True  # its bits are channel means (fractions): the fusion takes torch's operators
 
     def forward(self, x, index=None):
         b, c, h, w = x.shape
