@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
 import torch
@@ -136,6 +137,24 @@ def test_compiled_training_loops_give_torchs_numbers_bit_for_bit(block, fusion, 
     (loss, grads), (ref_loss, ref_grads) = loss_and_grads(True), loss_and_grads(False)
     assert torch.equal(loss, ref_loss)
     assert all(g is None and r is None or torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
+def test_compiled_loops_leave_torchs_thread_count_alone():
+    """numba's OpenMP layer sets a thread's OpenMP count on first use; torch's must stay what it was (it
+    decides the order of torch's parallel sums: the reference curves moved when it did)."""
+    counts = []
+
+    def step():
+        torch.set_num_threads(1)
+        F.cross_entropy(build("residual")(images(4)), torch.arange(4)).backward()
+        counts.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(before)
+    assert counts == [1]
 
 
 def test_bf16_autocast_stays_close_to_fp32():
