@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from workloads.lbpnet import paper_metrics
+from workloads.lbpnet import paper_metrics, trainkernels
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.layers import LBPLayer, RPFusion, hard_step
 from workloads.lbpnet.models import LBPNet
@@ -112,6 +113,48 @@ def test_every_block_kind_trains_evaluates_deterministically_and_round_trips(blo
     clone.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
     with torch.no_grad():
         assert torch.equal(clone(x), first)
+
+
+@pytest.mark.parametrize("block, fusion, k, surrogate, soft", [
+    ("residual", "rp_paper", 8, "tanh", False), ("residual", "rp_paper", 4, "ste", True),
+    ("macfree", "rp_paper", 4, "tanh", False), ("macfree", "rp_paper", 8, "ste", False),
+    ("residual", "conv1x1", 8, "tanh", False), ("conv", "rp_paper", 8, "tanh", False)])
+def test_compiled_training_loops_give_torchs_numbers_bit_for_bit(block, fusion, k, surrogate, soft, monkeypatch):
+    """`trainkernels` (numba) replaces torch's operators on float32 CPU tensors: the loss and every gradient
+    stay exactly what the operators give, because each sum is taken in their order."""
+    model = {"blocks": {"block": block, "fusion_type": fusion, "channels_per_stage": [6, 8, 16]},
+             "lbp_layer": {"surrogate": surrogate, "soft_forward": soft},
+             "rp_config": {"n_bits_per_out": k, "soft_forward": soft}}
+
+    def loss_and_grads(compiled: bool):
+        monkeypatch.setattr(trainkernels, "applies", applies if compiled else lambda t: False)
+        net = build(seed=3, **model)
+        loss = F.cross_entropy(net(images(8, seed=2)), torch.arange(8) % 10)
+        loss.backward()
+        return loss, [p.grad for p in net.parameters()]
+
+    applies = trainkernels.applies
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(True), loss_and_grads(False)
+    assert torch.equal(loss, ref_loss)
+    assert all(g is None and r is None or torch.equal(g, r) for g, r in zip(grads, ref_grads, strict=True))
+
+
+def test_compiled_loops_leave_torchs_thread_count_alone():
+    """numba's OpenMP layer sets a thread's OpenMP count on first use; torch's must stay what it was (it
+    decides the order of torch's parallel sums: the reference curves moved when it did)."""
+    counts = []
+
+    def step():
+        torch.set_num_threads(1)
+        F.cross_entropy(build("residual")(images(4)), torch.arange(4)).backward()
+        counts.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(before)
+    assert counts == [1]
 
 
 def test_bf16_autocast_stays_close_to_fp32():

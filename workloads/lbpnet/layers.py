@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workloads.lbpnet import trainkernels
+
 SURROGATES = ("ste", "tanh")
 
 
@@ -136,7 +138,6 @@ class LBPLayer(nn.Module):
         pos = self.positions().reshape(-1, 2)[row]  # (S, 2), differentiable
         b, c, h, w = x.shape
         pad = int(math.ceil(self.radius)) + 1  # +1: room for the central differences
-        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
         wp = w + 2 * pad
         rows = torch.arange(h, device=x.device).view(h, 1) + pad
         cols = torch.arange(w, device=x.device).view(1, w) + pad
@@ -144,7 +145,7 @@ class LBPLayer(nn.Module):
         whole = torch.round(pos.detach()).long()
         sample = centre + (whole[:, 0] * wp + whole[:, 1]).view(-1, 1)
         scale = 1.0 / self.alpha.clamp(min=1e-3)
-        bits = _LBPCompare.apply(xp, pos, scale.to(x.dtype), sample.flatten(), centre.flatten(), wp, self.surrogate,
+        bits = _LBPCompare.apply(x, pos, scale.to(x.dtype), sample.flatten(), centre.flatten(), pad, self.surrogate,
                                  self.soft_forward and self.training)
         return bits.view(b, len(channel), h, w)
 
@@ -156,37 +157,72 @@ class LBPLayer(nn.Module):
 
 
 class _LBPCompare(torch.autograd.Function):
-    """d = x[sample] - x[centre] over the flattened padded input; forward 1[d > 0] (or its relaxation).
+    """d = xp[sample] - xp[centre] over the flattened input xp, x padded by replication; forward 1[d > 0] (or
+    its relaxation).
 
     Backward: dL/dd = grad · surrogate'(scale·d) · scale, which flows to x at both ends and, through the
-    central-difference image gradient at the sampling point, to the (real-valued) positions.
+    central-difference image gradient at the sampling point, to the (real-valued) positions. On float32
+    CPU tensors compiled loops take the elementwise work and the scatters (`trainkernels`), same numbers.
     """
 
     @staticmethod
-    def forward(ctx, xp, pos, scale, sample, centre, wp, surrogate, soft):
-        d = xp.index_select(1, sample) - xp.index_select(1, centre)
+    def forward(ctx, x, pos, scale, sample, centre, pad, surrogate, soft):
+        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
+        if trainkernels.applies(xp):
+            d, bits = trainkernels.compare(xp, sample, centre)
+        else:
+            d = xp.index_select(1, sample) - xp.index_select(1, centre)
+            bits = (d > 0).to(xp.dtype)
         ctx.save_for_backward(xp, d, scale, sample, centre)
-        ctx.wp, ctx.surrogate, ctx.npos = wp, surrogate, len(pos)
-        return _relaxed_step(d, scale, surrogate) if soft else (d > 0).to(xp.dtype)
+        ctx.shape, ctx.pad, ctx.surrogate, ctx.npos = x.shape, pad, surrogate, len(pos)
+        return _relaxed_step(d, scale, surrogate) if soft else bits
 
     @staticmethod
     def backward(ctx, grad):
         xp, d, scale, sample, centre = ctx.saved_tensors
         grad = grad.reshape(d.shape)
+        backward = _LBPCompare.compiled if trainkernels.applies(grad) else _LBPCompare.operators
+        return (*backward(ctx, grad, xp, d, scale, sample, centre), None, None, None, None, None)
+
+    @staticmethod
+    def operators(ctx, grad, xp, d, scale, sample, centre):
+        """(grad_x, grad_pos, grad_scale) with torch's operators."""
+        (b, c, h, w), pad = ctx.shape, ctx.pad
+        hp, wp = h + 2 * pad, w + 2 * pad
         slope = _surrogate_slope(scale * d, ctx.surrogate)
         g = grad * slope * (scale / 2)  # dL/dd
-        grad_xp = grad_pos = grad_scale = None
+        grad_x = grad_pos = grad_scale = None
         if ctx.needs_input_grad[0]:
             grad_xp = torch.zeros_like(xp).index_add_(1, sample, g).index_add_(1, centre, -g)
+            grad_x = torch.ops.aten.replication_pad2d_backward(grad_xp.view(b, c, hp, wp), xp.new_empty(ctx.shape),
+                                                               [pad] * 4)
         if ctx.needs_input_grad[1]:
-            b, wp = len(xp), ctx.wp
             dy = (xp.index_select(1, sample + wp) - xp.index_select(1, sample - wp)) / 2
             dx = (xp.index_select(1, sample + 1) - xp.index_select(1, sample - 1)) / 2
             per_bit = lambda t: (g * t).view(b, ctx.npos, -1).sum((0, 2))  # noqa: E731
             grad_pos = torch.stack([per_bit(dy), per_bit(dx)], 1)
         if ctx.needs_input_grad[2]:
             grad_scale = (grad * slope * d / 2).sum().reshape(scale.shape)
-        return grad_xp, grad_pos, grad_scale, None, None, None, None, None
+        return grad_x, grad_pos, grad_scale
+
+    @staticmethod
+    def compiled(ctx, grad, xp, d, scale, sample, centre):
+        """`operators`' numbers: the elementwise products in one compiled pass, the sums still torch's."""
+        b, w, pad = ctx.shape[0], ctx.shape[3], ctx.pad
+        z = scale * d
+        tanh = ctx.surrogate == "tanh"
+        terms = trainkernels.compare_backward(grad, torch.tanh(z) if tanh else z, tanh, (scale / 2).item(), d, xp,
+                                              sample, w + 2 * pad)
+        g, scale_terms, dy_terms, dx_terms = terms
+        grad_x = grad_pos = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_x = trainkernels.scatter_unpad(g, sample, centre, ctx.shape, pad)
+        if ctx.needs_input_grad[1]:
+            per_bit = lambda t: t.view(b, ctx.npos, -1).sum((0, 2))  # noqa: E731
+            grad_pos = torch.stack([per_bit(dy_terms), per_bit(dx_terms)], 1)
+        if ctx.needs_input_grad[2]:
+            grad_scale = scale_terms.sum().reshape(scale.shape)
+        return grad_x, grad_pos, grad_scale
 
 
 class RPFusion(nn.Module):
@@ -220,6 +256,7 @@ class RPFusion(nn.Module):
         self.register_buffer("local_routes", local, persistent=False)  # routes into `needed_bits`
         self.gate_logits = nn.Parameter(torch.full((out_channels,), float(gate_logits_init)))
         self.register_buffer("tau", torch.tensor(float(tau)))
+        self.tables = self.activation_tables()  # constant: computed once, not at every step
 
     def gates(self) -> torch.Tensor:
         if not self.use_ste:  # gates keep their initial state
@@ -236,14 +273,50 @@ class RPFusion(nn.Module):
             count = count + bits.index_select(1, self.local_routes[:, j])
         return count
 
-    def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits`."""
-        count = self.popcount(bits)
+    def forward(self, bits: torch.Tensor, binary: bool = True) -> torch.Tensor:
+        """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits` (0/1 unless not `binary`)."""
+        gates = self.gates()
+        if binary and trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
+            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
+        y = self.activate(self.popcount(bits))
+        return y * gates.view(1, -1, 1, 1).to(y.dtype)
+
+    def activate(self, count: torch.Tensor) -> torch.Tensor:
         if self.activation == "threshold":
-            y = hard_step(count - self.threshold + 0.5, 1.0, self.surrogate)
-        else:
-            y = F.relu(count - self.threshold + 1)
-        return y * self.gates().view(1, -1, 1, 1).to(y.dtype)
+            return hard_step(count - self.threshold + 0.5, 1.0, self.surrogate)
+        return F.relu(count - self.threshold + 1)
+
+    def activation_tables(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(values, slopes, scale) over the k + 1 possible counts c: the activation's value at c, and its
+        gradient as `activate`'s backward computes it, (grad · slopes[c]) · scale."""
+        count = torch.arange(self.k + 1, dtype=torch.float32)
+        if self.activation == "shifted_relu":
+            values = F.relu(count - self.threshold + 1)
+            return values, (values > 0).float(), 1.0
+        step = count - self.threshold + 0.5
+        # each value repeated: computed on the vectorised path, as on a whole plane (a tail is not)
+        slopes = _surrogate_slope(step.repeat_interleave(64), self.surrogate)[::64].contiguous()
+        return (step > 0).float(), slopes, 0.5
+
+
+class _FusedCount(torch.autograd.Function):
+    """`activate(popcount(bits)) · gates` in compiled loops: the counts' values from a table, and the
+    gradients summed in the order autograd summed those operators' (`trainkernels._fuse_backward`)."""
+
+    @staticmethod
+    def forward(ctx, bits, routes, values, slopes, scale, gates):
+        y, count = trainkernels.fuse(bits, routes, values, gates.detach())
+        ctx.save_for_backward(count, routes, values, slopes, gates.detach())
+        ctx.scale, ctx.planes = scale, bits.shape[1]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        count, routes, values, slopes, gates = ctx.saved_tensors
+        grad_bits, gate_terms = trainkernels.fuse_backward(grad, count, values, slopes, ctx.scale, gates, routes,
+                                                           ctx.planes)
+        grad_gates = gate_terms.sum((0, 2, 3), keepdim=True).view(-1) if ctx.needs_input_grad[5] else None
+        return grad_bits, None, None, None, None, grad_gates
 
 
 class Conv1x1Fusion(nn.Module):
@@ -255,5 +328,5 @@ class Conv1x1Fusion(nn.Module):
         self.conv = nn.Conv2d(num_bits_in, out_channels, 1, bias=False)
         self.needed_bits = None  # every bit
 
-    def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        return self.conv(bits)
+    def forward(self, bits: torch.Tensor, binary: bool = True) -> torch.Tensor:
+        return self.conv(bits)  # 0/1 or relaxed bits alike

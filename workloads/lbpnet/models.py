@@ -16,13 +16,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workloads.lbpnet import trainkernels
 from workloads.lbpnet.layers import Conv1x1Fusion, LBPLayer, RPFusion
 
 
 def _tile(x: torch.Tensor, channels: int) -> torch.Tensor:
     """x's channels repeated (and cut) to `channels`: a parameter-free residual alignment."""
-    index = torch.arange(channels, device=x.device) % x.shape[1]
-    return x.index_select(1, index)
+    return x.index_select(1, torch.arange(channels, device=x.device) % x.shape[1])
+
+
+def _residual(y: torch.Tensor, x: torch.Tensor, downsample: bool) -> torch.Tensor:
+    """y + _tile(x, y's channels), 2x2 average-pooled when `downsample`: on float32 CPU tensors in one
+    compiled pass each way (the same numbers), which also spares index_add's per-channel loop in
+    `_tile`'s backward (one pool wake-up per channel with several threads)."""
+    if trainkernels.applies(y) and trainkernels.applies(x):
+        return _Residual.apply(y, x, 2 if downsample else 1)
+    out = y + _tile(x, y.shape[1])
+    return F.avg_pool2d(out, 2) if downsample else out
+
+
+class _Residual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x, pool):
+        ctx.pool, ctx.shapes = pool, (y.shape, x.shape)
+        return trainkernels.residual(y, x, pool)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_y, grad_x = trainkernels.residual_backward(grad, ctx.pool, *ctx.shapes)
+        return grad_y, grad_x if ctx.needs_input_grad[1] else None, None
 
 
 class LBPBlock(nn.Module):
@@ -43,14 +65,14 @@ class LBPBlock(nn.Module):
         self.out_channels = in_channels + out_channels if kind == "macfree" else out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits)))
+        binary = not (self.lbp.soft_forward and self.lbp.training)  # relaxed comparisons are fractions
+        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits), binary=binary))
         if isinstance(self.fusion, Conv1x1Fusion):
             y = F.relu(y)
         if self.kind == "macfree":
             out = torch.cat([x, y.to(x.dtype)], 1)
             return F.max_pool2d(out, 2) if self.downsample else out
-        out = y + _tile(x, y.shape[1])
-        return F.avg_pool2d(out, 2) if self.downsample else out
+        return _residual(y, x, self.downsample)
 
 
 class ConvBlock(nn.Module):
@@ -63,8 +85,7 @@ class ConvBlock(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x):
-        out = F.relu(self.bn(self.conv(x))) + _tile(x, self.conv.out_channels)
-        return F.avg_pool2d(out, 2) if self.downsample else out
+        return _residual(F.relu(self.bn(self.conv(x))), x, self.downsample)
 
 
 class Head(nn.Module):
