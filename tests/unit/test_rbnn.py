@@ -25,9 +25,12 @@ def test_sign_approximation_gradient_is_its_formula(t):
 
 
 @pytest.mark.parametrize("t", [1e-3, 0.1, 1.0, 10.0])
-def test_fused_sign_gradient_equals_the_torch_expression_bit_for_bit(t):
-    """The CPU backward is one numba pass; it must round exactly as the torch ops it replaces (the stored
-    reference loss curves depend on it). Activation- and weight-shaped, with zeros and the clip edges."""
+def test_fused_sign_gradient_equals_the_torch_expression_bit_for_bit(t, monkeypatch):
+    """The CPU backward is one numba pass (with the kernels on); it must round exactly as the torch ops it
+    replaces. Activation- and weight-shaped, with zeros and the clip edges."""
+    from workloads.rbnn import layers
+
+    monkeypatch.setattr(layers, "CPU_KERNELS", True)
     torch.manual_seed(0)
     t_, k_ = torch.tensor(t), torch.tensor(max(1 / t, 1.0))
     for shape in [(8, 16, 12, 12), (64, 64, 3, 3), (5,)]:
@@ -57,10 +60,12 @@ def test_numba_kernels_give_the_torch_paths_results_bit_for_bit(monkeypatch, a32
         out.backward(torch.randn_like(out))
         return [out, x.grad] + [p.grad for p in conv.parameters()]
 
+    monkeypatch.setattr(layers, "CPU_KERNELS", True)  # off by default (see layers.py)
     fused = run()
-    monkeypatch.setattr(layers, "_numba_takes", lambda *tensors: False)
+    monkeypatch.setattr(layers, "CPU_KERNELS", False)
     for a, b in zip(fused, run()):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
 
 def test_divisor_pair_is_the_closest_to_a_square():
     assert divisor_pair(16 * 9) == (12, 12) and divisor_pair(3 * 9) == (3, 9) and divisor_pair(7) == (1, 7)

@@ -49,7 +49,10 @@ def _channel_product_kernel(x, s, out):
                 out[n, c, i] = x[n, c, i] * s[c]
 
 
-CPU_KERNELS = True  # False: the torch ops everywhere, as on GPUs (bench/rbnn_speed.py compares the two)
+# Off: on an idle 2-core machine the serial passes were slower than torch's ops (1.52x against 1.47x the
+# float step, bench/rbnn_speed.py, 7 rounds); under load (a descheduled thread stalls each parallel op)
+# they were faster (1.38x against 1.56x). True turns them on; the bench times both.
+CPU_KERNELS = False
 
 
 def _numba_takes(*tensors: torch.Tensor) -> bool:
