@@ -7,7 +7,9 @@ run with counters and no gauge has ended).
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -121,12 +123,17 @@ def status(address: str | None) -> str:
 
 def watch(address: str | None, every_s: float) -> int:
     """The status, refreshed every `every_s` seconds until Ctrl+C: redrawn in place on a terminal, appended
-    (with a time stamp) in a log."""
+    (with a time stamp) in a log. Ctrl+C sets a flag rather than raising: a KeyboardInterrupt raised inside
+    Ray's client calls can be swallowed there, and the watch would go on."""
+    interrupted = threading.Event()
+    table = status(address)  # connects first: our handler is installed after Ray's start-up
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     try:
         while True:
-            table = status(address)
             print("\x1b[H\x1b[2J" if sys.stdout.isatty() else "", end="")
             print(f"{time.strftime('%H:%M:%S')}  every {every_s:g} s, Ctrl+C ends\n{table}\n", flush=True)
-            time.sleep(every_s)
-    except KeyboardInterrupt:
-        return 0
+            if interrupted.wait(every_s):
+                return 0
+            table = status(address)
+    finally:
+        signal.signal(signal.SIGINT, previous)

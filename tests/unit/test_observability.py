@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
@@ -283,3 +284,26 @@ def test_status_reads_runs_and_sweeps_from_an_exposition():
     assert lines[4].split() == ["SWEEP", "PENDING", "RUNNING", "TERMINATED", "ERROR"]
     assert lines[5].split() == ["sweep", "0", "1", "3", "0"]
     assert status.render([], {}) == "no bitfleet runs or sweeps on this cluster"
+
+
+@pytest.mark.timeout(60)  # the old loop never ended
+def test_status_watch_ends_on_ctrl_c_even_where_sigint_was_ignored(monkeypatch, capsys):
+    """Ctrl+C sets a flag that the refresh loop reads: a KeyboardInterrupt raised inside Ray's client calls
+    could be swallowed there, and a process started with SIGINT ignored (a background job) gets no
+    KeyboardInterrupt at all."""
+    import os
+    import signal
+    import threading
+
+    refreshes = []
+    monkeypatch.setattr(status, "status", lambda address: refreshes.append(address) or "RUN  STATE")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        assert status.watch("127.0.0.1:1", 0.1) == 0
+        timer.join()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # the caller's handling is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert len(refreshes) >= 2 and capsys.readouterr().out.count("Ctrl+C ends") == len(refreshes)
