@@ -10,7 +10,7 @@ import warnings
 
 import bitfleet
 from bitfleet import console
-from bitfleet.errors import SpecError, SpecWarning, one_line
+from bitfleet.errors import SpecError, SpecWarning, failure_line, one_line
 from bitfleet.paths import data_path
 
 
@@ -52,18 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bitfleet: error: {failure_line(exc)}", file=sys.stderr)
         return 1
-
-
-def failure_line(exc: BaseException) -> str:
-    """What failed, in one line: a worker's error is the last line of its traceback (`ValueError: ...`)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    if len(lines) > 1:  # a traceback inside the message (Ray's TrainingFailedError, a RayTaskError)
-        cause = [line for line in lines if ":" in line and line.split(":", 1)[0].replace(".", "").isidentifier()]
-        return one_line(cause[-1] if cause else lines[-1])
-    line = lines[0] if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {lines[0]}"
-    return one_line(line)
 
 
 def cmd_validate(args) -> int:

@@ -72,3 +72,15 @@ def unknown_key_message(key: str, fields, workload: str) -> str:
 class ClusterError(ConnectionError):
     """The Ray cluster a command names is missing, does not answer, or refuses the request: one line naming
     the address and what to check, not a traceback."""
+
+
+def failure_line(exc: BaseException) -> str:
+    """What failed, in one line: a worker's error is the last line of its traceback (`ValueError: ...`)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1:  # a traceback inside the message (Ray's TrainingFailedError, a RayTaskError)
+        cause = [line for line in lines if ":" in line and line.split(":", 1)[0].replace(".", "").isidentifier()]
+        return one_line(cause[-1] if cause else lines[-1])
+    line = lines[0] if isinstance(exc, (OSError, ValueError, RuntimeError)) else f"{type(exc).__name__}: {lines[0]}"
+    return one_line(line)

@@ -11,6 +11,7 @@ import yaml
 
 from bitfleet import cli, progress
 from bitfleet.engine.events import Meter
+from bitfleet.errors import failure_line
 from bitfleet.spec import TrackingSpec
 from bitfleet.tracking import Tracker
 
@@ -63,9 +64,9 @@ def test_the_summary_puts_each_target_beside_its_value(tmp_path, capsys):
 def test_a_workers_error_is_the_last_line_of_its_traceback():
     ray_style = ("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call "
                  "last):\n  File \"x.py\", line 3, in f\n    raise ValueError('bad')\nValueError: data.root: gone")
-    assert cli.failure_line(RuntimeError(ray_style)) == "ValueError: data.root: gone"
-    assert cli.failure_line(FileNotFoundError("/x: no such run folder")) == "/x: no such run folder"
-    assert cli.failure_line(KeyError("epoch")) == "KeyError: 'epoch'"
+    assert failure_line(RuntimeError(ray_style)) == "ValueError: data.root: gone"
+    assert failure_line(FileNotFoundError("/x: no such run folder")) == "/x: no such run folder"
+    assert failure_line(KeyError("epoch")) == "KeyError: 'epoch'"
 
 
 def test_version_list_and_the_resolved_spec(capsys):

@@ -1,0 +1,53 @@
+"""RBNN's optional CPU kernels (`layers.CPU_KERNELS`): their outputs and gradients equal the torch ops'
+bit for bit."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from workloads.rbnn.layers import BinaryConv2d, sign_approx
+
+
+@pytest.mark.parametrize("t", [1e-3, 0.1, 1.0, 10.0])
+def test_fused_sign_gradient_equals_the_torch_expression_bit_for_bit(t, monkeypatch):
+    """The CPU backward is one numba pass (with the kernels on); it must round exactly as the torch ops it
+    replaces. Activation- and weight-shaped, with zeros and the clip edges."""
+    from workloads.rbnn import layers
+
+    monkeypatch.setattr(layers, "CPU_KERNELS", True)
+    torch.manual_seed(0)
+    t_, k_ = torch.tensor(t), torch.tensor(max(1 / t, 1.0))
+    for shape in [(8, 16, 12, 12), (64, 64, 3, 3), (5,)]:
+        x = torch.randn(shape) * 3
+        x.view(-1)[:5] = torch.tensor([0.0, -0.0, 1.0, -1.0, math.sqrt(2) / t])
+        x.requires_grad_()
+        grad = torch.randn(shape)
+        sign_approx(x, t_, k_).backward(grad)
+        expected = grad * (k_ * (math.sqrt(2.0) * t_ - t_.square() * x.detach().abs()).clamp(min=0))
+        assert torch.equal(x.grad.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("a32", [False, True])
+def test_numba_kernels_give_the_torch_paths_results_bit_for_bit(monkeypatch, a32):
+    """A binary conv's output and every gradient with the CPU kernels equal those of the torch ops (the path
+    on GPUs), bit for bit: NaN-free inputs with exact zeros, t where the gradient's clip acts."""
+    from workloads.rbnn import layers
+
+    def run():
+        torch.manual_seed(0)
+        conv = BinaryConv2d(16, 32, 3, 1, 1, bias=False, a32=a32)
+        conv.t.fill_(2.0), conv.k.fill_(1.0)
+        x = torch.randn(4, 16, 8, 8)
+        x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 1.0, -1.0])
+        x.requires_grad_()
+        out = conv(x)
+        out.backward(torch.randn_like(out))
+        return [out, x.grad] + [p.grad for p in conv.parameters()]
+
+    monkeypatch.setattr(layers, "CPU_KERNELS", True)  # off by default (see layers.py)
+    fused = run()
+    monkeypatch.setattr(layers, "CPU_KERNELS", False)
+    for a, b in zip(fused, run()):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
