@@ -6,29 +6,11 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 import bitfleet
 from bitfleet import console
-from bitfleet.errors import SpecError, SpecWarning, failure_line, one_line
+from bitfleet.errors import SpecError, failure_line, one_line
 from bitfleet.paths import data_path
-
-
-def _spec_warnings_on_one_line() -> None:
-    """A SpecWarning as one line of the driver's log (`bitfleet: WARNING: <field>: ...`, after -q/-v like every
-    warning); other warnings as Python shows them."""
-    show = warnings.showwarning
-    if getattr(show, "bitfleet", False):
-        return
-
-    def showwarning(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, SpecWarning):
-            console.log.warning(one_line(str(message)))
-        else:
-            show(message, category, filename, lineno, file, line)
-
-    showwarning.bitfleet = True
-    warnings.showwarning = showwarning
 
 STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
 
@@ -36,7 +18,7 @@ STOPPED = 143  # 128 + SIGTERM: stopped as asked, at a checkpoint
 def main(argv: list[str] | None = None) -> int:
     """Run a command. A spec error exits 2 and any other failure 1, each with one line on stderr (and the
     traceback with -v); a stop asked by SIGTERM exits 143 and Ctrl+C 130."""
-    _spec_warnings_on_one_line()
+    console.spec_warnings_on_one_line()
     args = _parser().parse_args(argv)
     console.setup(args.verbosity)
     try:

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 
 from rich.console import Console
 from rich.highlighter import NullHighlighter
@@ -23,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Column, Table
 
 from bitfleet import progress
+from bitfleet.errors import SpecWarning, one_line
 
 log = logging.getLogger("bitfleet")
 QUIET, NORMAL, VERBOSE = -1, 0, 1
@@ -131,3 +133,20 @@ def summary_table(run: str, rows: list[tuple[str, str]]) -> Table:
     for what, value in rows:
         table.add_row(what, value)
     return table
+
+
+def spec_warnings_on_one_line() -> None:
+    """A SpecWarning as one line of the driver's log (`bitfleet: warning: <field>: ...`, after -q/-v like every
+    warning); other warnings as Python shows them."""
+    show = warnings.showwarning
+    if getattr(show, "bitfleet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SpecWarning):
+            log.warning(one_line(str(message)))
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.bitfleet = True
+    warnings.showwarning = showwarning
