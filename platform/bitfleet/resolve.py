@@ -20,7 +20,8 @@ from bitfleet.data import check_available
 from bitfleet.dotted import leaves, set_path
 from bitfleet.engine.checkpoint import NO_SHARDS, fetched, has_shards
 from bitfleet.errors import SpecError, format_validation_error, spec_warning
-from bitfleet.spec import RunSpec, StageSpec, result_fields
+from bitfleet.run_identity import result_fields
+from bitfleet.spec import RunSpec, StageSpec
 from bitfleet.sweeps import SweepSpec, apply_config, check_sweep, parse_sweep
 
 CONFIG_FILE = "config.json"  # a run's resolved spec (and the history of those it ran with), by the scheduler

@@ -7,15 +7,12 @@ Every error is one `SpecError` naming the field and what was expected.
 from __future__ import annotations
 
 import graphlib
-import hashlib
-import json
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from bitfleet.dotted import leaves
 from bitfleet.errors import unknown_key_message
 from bitfleet.paths import absolute_path, data_path
 
@@ -377,27 +374,6 @@ class RunSpec(Strict):
     def run_dir(self) -> Path:
         """The run's folder where `storage_path` is a folder (`bitfleet.storage.run_path` for URIs too)."""
         return Path(self.storage_path) / self.name
-
-
-# what a rerun of a run may change without changing its result: where and how it runs, what it is compared
-# with, and (larger only) its epochs; everything else makes it another run (see resolve.check_existing_run).
-# compile and channels_last only change how the same model executes (its sums' order, to the last bits; the
-# checkpoint's keys and layout are the same), so a run resumes with either toggled
-NEUTRAL = ("name", "storage_path", "scaling", "failure", "targets", "tracking", "stages", "inputs", "trial_of",
-           "sweep", "train.epochs", "train.print_freq", "train.init_from", "train.resume_from", "data.root",
-           "train.compile", "train.channels_last")
-
-
-def result_fields(dumped: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a dumped resolved spec that decide the run's result, flat by dotted path."""
-    return {path: value for path, value in leaves(dumped)
-            if not any(path == n or path.startswith(n + ".") for n in NEUTRAL)}
-
-
-def spec_digest(spec: RunSpec) -> str:
-    """SHA-256 of `result_fields`: two runs that may share checkpoints have the same digest."""
-    fields = result_fields(spec.model_dump(mode="json"))
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _check_stages(stages: list[StageSpec]) -> None:

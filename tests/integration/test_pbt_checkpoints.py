@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bitfleet.scheduler.sweep import kept_checkpoints
+from bitfleet.scheduler.tune_objects import kept_checkpoints
 from bitfleet.sweeps import SweepSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

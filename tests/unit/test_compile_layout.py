@@ -18,7 +18,7 @@ from bitfleet.data import synthetic
 from bitfleet.engine import checkpoint, loop
 from bitfleet.errors import SpecError
 from bitfleet.resolve import load_spec
-from bitfleet.spec import spec_digest
+from bitfleet.run_identity import spec_digest
 
 SPEC = Path(__file__).parents[2] / "workloads" / "tap_ppo" / "specs" / "lenet5.yaml"
 TINY = ["stages=[]", "tap_ppo.stage=float", "train.epochs=2", "train.max_steps_per_epoch=2",

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).parents[2] / "platform" / "bitfleet"
 LAYERS = [  # bottom to top; a module may import from its own layer or below, never above
     {"errors", "strict_yaml", "paths", "dotted"},
     {"spec"},
+    {"run_identity"},
     {"registry", "storage", "schedules", "data", "metrics", "sweeps", "progress", "console", "tracking", "deploy",
      "address"},
     {"engine"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitfleet.scheduler.sweep import (
+from bitfleet.scheduler.tune_objects import (
     concurrent_trials,
     kept_checkpoints,
     param_space,

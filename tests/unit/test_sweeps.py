@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from bitfleet import registry
 from bitfleet.errors import SpecError, format_validation_error
 from bitfleet.resolve import validate_spec
-from bitfleet.scheduler.sweep import param_space
+from bitfleet.scheduler.tune_objects import param_space
 from bitfleet.spec import RunSpec
 from bitfleet.sweeps import (
     Asha,

@@ -39,7 +39,8 @@ from bitfleet.engine.evaluate import batch_sums, evaluate
 from bitfleet.engine.optim import build_lr_scheduler, build_optimizer
 from bitfleet.engine.rng import rng_states, seed_everything, set_rng_states
 from bitfleet.metrics import WorkerMetrics, run_labels
-from bitfleet.spec import RunSpec, spec_digest
+from bitfleet.run_identity import spec_digest
+from bitfleet.spec import RunSpec
 
 log = logging.getLogger(__name__)
 HANDED = "<the checkpoint Ray handed over>"  # rank 0's choice of it, which each rank opens on its own node
