@@ -12,6 +12,7 @@ from torchvision.transforms import v2
 
 from bitfleet.data import build_datasets, check_available, cifar, info, mnist, synthetic
 from bitfleet.data.loaders import SampleSeeded
+from bitfleet.data.sample_seeds import sample_seeds
 from bitfleet.data.transforms import TensorImages, image_transform
 from bitfleet.spec import DataSpec
 
@@ -232,6 +233,32 @@ def test_random_rotation_turns_each_digit_a_little_and_is_drawn_per_sample(sampl
     assert all(torch.equal(a, b) for a, b in zip(forward, backward))
     seeded.epoch = 3
     assert not torch.equal(seeded[0][0], forward[0])
+
+
+@pytest.mark.parametrize("seed, epoch", [(0, 0), (5, 3), (2**32 - 1, 7), (2**40, 1), (0, 2**33)])
+def test_sample_seeds_are_numpys_seed_sequence_bit_for_bit(seed, epoch):
+    """The batch's seeds computed together are SeedSequence([seed, epoch, index])'s first word; seeds and
+    epochs past 32 bits take SeedSequence itself."""
+    indices = np.random.default_rng(seed % 97).integers(0, 2**32, 300)
+    indices[:3] = [0, 1, 2**32 - 1]
+    expected = [np.random.SeedSequence([seed, epoch, int(i)]).generate_state(1)[0] for i in indices]
+    assert sample_seeds(seed, epoch, indices).tolist() == [int(v) for v in expected]
+
+
+def test_sample_seeded_batches_draw_what_single_samples_draw_and_leave_the_callers_stream(sample):
+    """A DataLoader's batch (`__getitems__`) is the samples one by one, and the global stream is untouched."""
+    (xtr, ytr), _ = sample
+    rotate = image_transform(28, mnist.MEAN, mnist.STD, augment=True, pad=0, flip=False, rotation=10)
+    seeded = SampleSeeded(TensorImages(xtr[:8], ytr[:8], rotate), seed=5)
+    seeded.epoch = 4
+    torch.manual_seed(11)
+    batch = seeded.__getitems__([6, 2, 7])
+    after = torch.rand(3)
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(3), after)
+    assert all(torch.equal(b[0], seeded[i][0]) for b, i in zip(batch, [6, 2, 7]))
+    loader = torch.utils.data.DataLoader(seeded, batch_size=3, shuffle=False)
+    assert torch.equal(next(iter(loader))[0], torch.stack([seeded[i][0] for i in range(3)]))
 
 
 def test_random_rotation_is_the_train_augmentation_of_fixed_size_data_sets_only(tmp_path):
