@@ -154,3 +154,15 @@ def test_eval_decodes_the_centre_window_that_resize_and_centre_crop_keep(tmp_pat
 
     assert error(36).max() < 0.04
     assert error(32).min() > 0.05 and error(40).min() > 0.05
+
+
+def test_a_pass_resumed_mid_epoch_yields_the_rest_of_the_epoch_unchanged(root):
+    images = folders.scan(Path(root), "train")
+    run = loader(images, data_spec(root), train=True, batch=4, rank=0, world=2)
+    run.set_epoch(3)
+    full = list(run)
+    run.set_epoch(3, skip_batches=2)
+    resumed = list(run)
+    assert len(resumed) == len(full) - 2 == len(run) - 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, full[2:]))
+    assert len(list(run)) == len(full)  # only the resumed pass starts late
