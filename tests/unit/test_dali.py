@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("nvidia.dali", reason="DALI is the [dali] extra; CI installs it")
 
@@ -26,7 +27,8 @@ def root(tmp_path_factory):
 
 
 def data_spec(root, **fields):
-    return DataSpec(dataset="image_folder", root=str(root), loader="dali", crop_size=32, resize_size=36, **fields)
+    return DataSpec(**{"dataset": "image_folder", "root": str(root), "loader": "dali", "crop_size": 32,
+                       "resize_size": 36, **fields})
 
 
 def indexed(images: folders.ImageList) -> folders.ImageList:
@@ -131,3 +133,36 @@ def test_loaders_build_dali_with_a_held_out_validation_split(root):
     val = sorted(y for b in built for y in labels_of(b.evals["val"]))
     assert len(val) == 5 and sorted(set(val)) == list(range(5))  # stratified: one per class
     assert sum(len(labels_of(b.evals["test"])) for b in built) == 13
+
+
+def test_eval_decodes_the_centre_window_that_resize_and_centre_crop_keep(tmp_path):
+    """The eval pipeline decodes only the centre square and scales it to the crop: on smooth gradients (where
+    decoders agree) it matches torchvision's Resize + CenterCrop closely, and a window 10% off does not."""
+    for i, (w, h) in enumerate([(150, 100), (90, 140), (120, 120), (201, 77)]):  # landscape, portrait, square
+        y, x = np.mgrid[0:h, 0:w]
+        rgb = np.stack([255 * x / w, 255 * y / h, 255 * (x + y) / (w + h)], -1).astype(np.uint8)
+        for split in ("train", "val"):
+            (tmp_path / split / "a").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(tmp_path / split / "a" / f"{i}.jpg", quality=95)
+    test = folders.scan(tmp_path, "test")
+    got = torch.cat([x for x, _ in loader(test, data_spec(tmp_path), train=False, batch=4)])
+
+    def error(resize: int) -> torch.Tensor:
+        spec = data_spec(tmp_path, resize_size=resize)
+        reference = folders.FolderImages(test, folders.transforms(spec, train=False))
+        return (got - torch.stack([reference[i][0] for i in range(len(reference))])).abs().mean((1, 2, 3))
+
+    assert error(36).max() < 0.04
+    assert error(32).min() > 0.05 and error(40).min() > 0.05
+
+
+def test_a_pass_resumed_mid_epoch_yields_the_rest_of_the_epoch_unchanged(root):
+    images = folders.scan(Path(root), "train")
+    run = loader(images, data_spec(root), train=True, batch=4, rank=0, world=2)
+    run.set_epoch(3)
+    full = list(run)
+    run.set_epoch(3, skip_batches=2)
+    resumed = list(run)
+    assert len(resumed) == len(full) - 2 == len(run) - 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(resumed, full[2:]))
+    assert len(list(run)) == len(full)  # only the resumed pass starts late

@@ -12,17 +12,17 @@ worker holds a GPU and `cpu` otherwise, chosen from the device Ray Train gave th
 """
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from nvidia.dali import math as dali_math
 
 from bitfleet.data.folders import MEAN, STD, ImageList
 
 READER = "reader"
+PREFETCH = 2  # batches the pipeline computes ahead of the one being consumed
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -45,14 +45,25 @@ def _pipeline(files, labels, shard_id, num_shards, decoder, *, augment, crop, re
         images = fn.resize(images, resize_x=crop, resize_y=crop, antialias=True)
         mirror = fn.random.coin_flip(probability=0.5)
     else:  # Resize(shorter side) + CenterCrop
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=resize, antialias=True)
+        images = _decode_centre_crop(jpegs, decoder, crop, resize)
         mirror = 0
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW", crop=(crop, crop), mirror=mirror,
         mean=[255 * m for m in MEAN], std=[255 * s for s in STD],
     )
     return images, label
+
+
+def _decode_centre_crop(jpegs, decoder, crop, resize):
+    """torchvision's Resize(`resize`) + CenterCrop(`crop`) with the crop taken first: the crop keeps the centre
+    square of side shorter * crop / resize of the original, so only that square is decoded, then scaled
+    straight to crop x crop (the same window at the same scale; the rest of the image is neither decoded
+    nor resampled, which on the CPU is a third of the work)."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (height, width, channels), read from the header
+    side = dali_math.min(shape[0], shape[1]) * (crop / resize)
+    images = fn.decoders.image_crop(jpegs, device=decoder, output_type=types.RGB, crop_w=side, crop_h=side,
+                                    crop_pos_x=0.5, crop_pos_y=0.5)
+    return fn.resize(images, resize_x=crop, resize_y=crop, antialias=True)
 
 
 class DaliLoader:
@@ -68,6 +79,7 @@ class DaliLoader:
         self.images, self.spec, self.train = images, spec, train
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.decoder, self.device_id = ("mixed", device.index or 0) if device.type == "cuda" else ("cpu", None)
+        self.device = device
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -80,6 +92,24 @@ class DaliLoader:
         return math.ceil(math.ceil(len(self.images.files) / self.world) / self.batch_size)
 
     def __iter__(self):
+        """The pass's batches, run through DALI's scheduled API so that the pipeline computes exactly this
+        pass's batches: its own iterator keeps `PREFETCH` runs queued past the last one, work a short pass
+        (an eval split, a small data set) pays for and throws away."""
+        pipe, shard, steps = self._build(), self._shard_size(), len(self)
+        skip, self.skip = self.skip, 0
+        for _ in range(min(PREFETCH, steps)):
+            pipe.schedule_run()
+        for step in range(steps):
+            with self.device:  # exec_dynamic: the outputs stay valid while torch holds them (no copy)
+                images, labels = (torch.from_dlpack(out.as_tensor()) for out in pipe.share_outputs())
+            pipe.release_outputs()
+            if step + PREFETCH < steps:
+                pipe.schedule_run()
+            real = shard - step * self.batch_size  # the reader pads a shard's last batch with repeats
+            if step >= skip and real > 0:  # a shard shorter than the longest ends in a batch of padding only
+                yield images[:real], labels.view(-1)[:real].long()
+
+    def _build(self):
         images = self.images
         if self.train:
             images = images.subset(epoch_order(len(images.files), self.seed, self.epoch))
@@ -87,16 +117,15 @@ class DaliLoader:
             images.files, images.labels.tolist(), self.rank, self.world, self.decoder,
             augment=self.train and self.spec.augment, crop=self.spec.crop, resize=self.spec.eval_resize,
             area=self.spec.crop_area, batch_size=self.batch_size, num_threads=max(1, self.spec.loader_workers),
-            device_id=self.device_id, seed=self._pipeline_seed(),
+            device_id=self.device_id, seed=self._pipeline_seed(), prefetch_queue_depth=PREFETCH, exec_dynamic=True,
         )
         pipe.build()
-        batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER,
-                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        skip, self.skip = self.skip, 0
-        for (batch,) in itertools.islice(batches, skip, None):
-            labels = batch["labels"].view(-1).long()
-            if len(labels):  # a shard shorter than the longest ends in a batch of padding only
-                yield batch["images"], labels
+        return pipe
+
+    def _shard_size(self) -> int:
+        """Images in this rank's shard: the file reader cuts [n * rank // world, n * (rank + 1) // world)."""
+        n = len(self.images.files)
+        return n * (self.rank + 1) // self.world - n * self.rank // self.world
 
     def _pipeline_seed(self) -> int:
         """Augmentation randomness from (seed, epoch, rank): a restarted epoch draws the same crops."""
