@@ -151,13 +151,25 @@ def kill_worker(run: Run, sig: int, rng: random.Random) -> tuple[int, float]:
     return at, when
 
 
-def start_node(bench: Bench) -> subprocess.Popen:
-    """A worker node of the bench's cluster: its own `ray start --block` (raylet, agents), in its own group."""
+def start_node(bench: Bench, attempts: int = 3) -> subprocess.Popen:
+    """A worker node of the bench's cluster: its own `ray start --block` (raylet, agents), in its own group,
+    once it says it has joined. On a loaded machine a raylet can time out registering with the GCS; the
+    node then exits and is started again (a run waiting for both nodes would otherwise time out for good)."""
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
                f"--address=127.0.0.1:{overhead.GCS_PORT}", "--num-cpus=1",
                f"--resources={json.dumps({NODE_RESOURCE: 1})}", "--disable-usage-stats"]
-    with open(bench.tmp / f"node-{time.monotonic_ns()}.log", "w") as out:
-        return subprocess.Popen(command, env=bench.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    for attempt in range(1, attempts + 1):
+        log = bench.tmp / f"node-{time.monotonic_ns()}.log"
+        with open(log, "w") as out:
+            node = subprocess.Popen(command, env=bench.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        overhead.wait_until(lambda n=node, f=log: n.poll() is not None or "Ray runtime started" in f.read_text(), 300,
+                            "a worker node to join")
+        if node.poll() is None:
+            return node
+        print(f"worker node failed to start (attempt {attempt}): {log.read_text().strip().splitlines()[-1]}",
+              flush=True)
+    raise RuntimeError(f"no worker node started in {attempts} attempts (see {bench.tmp}/node-*.log)")
 
 
 def raylet_group(worker_pid: int) -> int:
