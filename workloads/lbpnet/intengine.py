@@ -207,9 +207,15 @@ class Residual(Block):
         h, w = (2 * h, 2 * w) if self.downsample else (h, w)  # the region this map's pool averaged
         keys = self.fusion.keys
         keys = keys if keys.shape[:2] == (h, w) else np.ascontiguousarray(keys[:h, :w])
-        sums = np.zeros((self.channels, self.batch))
         channels = np.arange(self.channels)
-        kernels.sums(sums.size * h * w, *self.fusion.args(channels, keys), sums)
+        f = self.fusion
+        if f.count:
+            sums = np.empty((self.channels, self.batch))
+            kernels.sums(sums.size * h * w, keys, f.masks, f.thresholds, f.tables, sums)
+        else:
+            sums_t = np.zeros((self.batch, self.channels))
+            kernels.table_sums(sums_t.size * h * w, keys, np.ascontiguousarray(f.tables.T, np.float64), sums_t)
+            sums = sums_t.T
         return sums / (h * w) + self.previous.means(h, w)[channels % self.previous.channels]
 
 

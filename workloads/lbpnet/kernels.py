@@ -115,16 +115,35 @@ def residual(keys, masks, thresholds, count, tables, rows, out, previous, previo
 
 
 @_both
-def sums(keys, masks, thresholds, count, tables, out):
-    """out[i, b] += Σ over the pixels of keys of channel i's fused value (float64): what a mean pools."""
+def sums(keys, masks, thresholds, tables, out):
+    """out[i, b] = Σ over the pixels of keys of RP channel i's value, BN of its gated bit (float64): what a
+    mean pools. Counts the fired pixels (integers, many lanes a vector) and weighs BN's two values by them."""
     height, width, batch = keys.shape
     for i in prange(len(tables)):
-        mask, t, table, dst = masks[i], thresholds[i], tables[i].astype(np.float64), out[i]
+        mask, t, dst = masks[i], thresholds[i], out[i]
+        lo, hi = np.float64(tables[i, 0]), np.float64(tables[i, 1])
+        fired = np.zeros(batch, np.int32)
         for y in range(height):
             for x in range(width):
                 k = keys[y, x]
                 for b in range(batch):
-                    dst[b] += _fused(k[b], mask, t, count, table)
+                    fired[b] += np.int32(_popcount(k[b] & mask) >= t)
+        for b in range(batch):
+            dst[b] = lo * (height * width - fired[b]) + hi * fired[b]
+
+
+@_both
+def table_sums(keys, columns, out):
+    """out[b, :] = Σ over the pixels of image b of columns[key] (float64, (distinct codes, C)): the sums of
+    every channel at once, one contiguous row added per pixel (vector adds, no gathers)."""
+    height, width, batch = keys.shape
+    for b in prange(batch):
+        dst = out[b]
+        for y in range(height):
+            for x in range(width):
+                row = columns[keys[y, x, b]]
+                for c in range(len(dst)):
+                    dst[c] += row[c]
 
 
 @_both
