@@ -146,13 +146,12 @@ class Input(Stage):
             self._array, self._done = codes, np.ones(self.channels, bool)
 
     def _compute(self, channels, out):
-        flat = self.codes.reshape(self.channels, -1)
         if self.dtype != np.float32:
             out[channels] = self.codes[channels]
             return
-        result = np.empty((len(channels), flat.shape[1]), np.float32)
-        kernels.lookup(result.size, np.ascontiguousarray(self.lut[channels]), flat, channels, result)
-        out[channels] = result.reshape(len(channels), *out.shape[1:])
+        flat = self.codes.reshape(self.channels, -1)
+        kernels.lookup(len(channels) * flat.shape[1], np.ascontiguousarray(self.lut[channels]), flat, channels,
+                       out.reshape(self.channels, -1))
 
     def decoders(self) -> np.ndarray:
         return self.lut

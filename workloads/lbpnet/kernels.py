@@ -161,9 +161,9 @@ def max_pool(values, rows, out, out_rows):
 
 @_both
 def lookup(tables, values, rows, out):
-    """out[i] = tables[i, values[rows[i]]] on (C, pixels) arrays: each channel through its own table (ranks,
-    pixel codes -> floats)."""
+    """out[rows[i]] = tables[i, values[rows[i]]] on (C, pixels) arrays: each channel through its own table
+    (ranks, pixel codes -> floats)."""
     for i in prange(len(rows)):
-        table, src, dst = tables[i], values[rows[i]], out[i]
+        table, src, dst = tables[i], values[rows[i]], out[rows[i]]
         for j in range(len(src)):
             dst[j] = table[src[j]]
