@@ -4,14 +4,19 @@ exporter is `intexport.py`, the loops over pixels are numba kernels (`kernels.py
 A batch is held as maps (channels, H, W, batch), batch last. One block:
 
   LBP comparisons at whole-pixel offsets (edges replicated) -> the U bits of each pixel packed into one
-  integer code -> the distinct codes of the batch (a few dozen to a few thousand: digits are mostly flat)
-  -> the fusion evaluated once per distinct code: RP is AND with each output's route mask and popcount,
-  then threshold or shifted ReLU and the gates; 1x1 sums the weights of the set bits, then BN and ReLU
-  -> a table (C_out, codes) that each pixel's code indexes.
+  integer code (the narrowest unsigned type that holds U bits) -> the fusion:
+  - RP at each pixel: popcount(code AND the output's route mask) against its threshold (a closed gate:
+    one no count reaches), then the shifted ReLU (MAC-free) or BN's value for 0 or 1 (residual) — a few
+    vector instructions per pixel, no table;
+  - 1x1 once per distinct code of the batch (a few dozen to a few thousand: digits are mostly flat): the
+    weights of the set bits summed, BN and ReLU -> a table (C_out, codes) that each pixel's code indexes.
+  The fused values are written joined with the input (added to the tiled input and average-pooled, or
+  concatenated and max-pooled) in one kernel pass per block.
 
-Outputs are computed per channel and only where they are read (`Stage.values`): the next block reads at
-most U channels; a residual network's global-average-pool head reads per-channel means, which average
-pooling leaves linear: means of table entries weighted by code counts (`np.bincount`) plus the stream's.
+A stage is one array whose channels are filled in place where they are read (`Stage.rows`): the next
+block reads at most U channels; a residual network's global-average-pool head reads per-channel means,
+which average pooling leaves linear: each block's sums over the pooled region (RP: its fired pixels
+counted; 1x1: table rows added per pixel) plus the stream's.
 
 Exactness. Counts and pixel codes are integers. Comparisons depend only on order within a channel, and
 the loader's normalisation is strictly increasing, so MAC-free networks compare raw pixel codes and each
