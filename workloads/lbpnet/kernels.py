@@ -80,10 +80,11 @@ def fuse(keys, masks, thresholds, count, tables, rows, out, pool):
 
 
 @numba.njit(inline="always")
-def _fused(key, mask, threshold, count, table):
-    """A residual block's fused float32 value: BN of the gated RP bit (table[0] or table[1]) or table[key]."""
+def _fused(key, mask, threshold, count, lo, hi, table):
+    """A residual block's fused float32 value: BN of the gated RP bit (lo or hi, scalars held in registers:
+    a load from the table inside the loop could alias the output and keep it scalar) or table[key]."""
     if count:
-        return table[1] if _popcount(key & mask) >= threshold else table[0]
+        return hi if _popcount(key & mask) >= threshold else lo
     return table[key]
 
 
@@ -95,22 +96,23 @@ def residual(keys, masks, thresholds, count, tables, rows, out, previous, previo
     four = np.float32(4)
     for i in prange(len(rows)):
         mask, t, table = masks[i], thresholds[i], tables[i]
+        lo, hi = table[0], table[len(table) - 1]
         dst, src = out[rows[i]], previous[previous_rows[i]]
         for y in range(height):
             for x in range(width):
                 if not pool:
                     k, s = keys[y, x], src[y, x]
                     for b in range(batch):
-                        dst[y, x, b] = _fused(k[b], mask, t, count, table) + s[b]
+                        dst[y, x, b] = _fused(k[b], mask, t, count, lo, hi, table) + s[b]
                     continue
                 y0, x0 = 2 * y, 2 * x
                 k00, k01, k10, k11 = keys[y0, x0], keys[y0, x0 + 1], keys[y0 + 1, x0], keys[y0 + 1, x0 + 1]
                 s00, s01, s10, s11 = src[y0, x0], src[y0, x0 + 1], src[y0 + 1, x0], src[y0 + 1, x0 + 1]
                 for b in range(batch):
-                    total = (_fused(k00[b], mask, t, count, table) + s00[b]) + (
-                        _fused(k01[b], mask, t, count, table) + s01[b])
-                    total = total + (_fused(k10[b], mask, t, count, table) + s10[b])
-                    total = total + (_fused(k11[b], mask, t, count, table) + s11[b])
+                    total = (_fused(k00[b], mask, t, count, lo, hi, table) + s00[b]) + (
+                        _fused(k01[b], mask, t, count, lo, hi, table) + s01[b])
+                    total = total + (_fused(k10[b], mask, t, count, lo, hi, table) + s10[b])
+                    total = total + (_fused(k11[b], mask, t, count, lo, hi, table) + s11[b])
                     dst[y, x, b] = total / four
 
 
