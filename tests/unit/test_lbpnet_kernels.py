@@ -107,3 +107,25 @@ def test_one_image_at_a_time_gives_the_batchs_logits(preset, tmp_path: Path):
     batch = engine.logits(codes.numpy())
     for i in (0, 123, 299):
         assert np.allclose(engine.logits(codes.numpy()[i:i + 1])[0], batch[i], rtol=1e-6, atol=1e-6)
+
+
+def test_a_macfree_stage_pools_uncomputed_channels_from_its_codes(tmp_path: Path):
+    """Channels pooled straight from the codes (and the input's through its own pool) equal the pool of the
+    full-resolution map, whichever channels were computed before."""
+    model, _ = preset_model(*PRESETS["quickstart (macfree, RP, flatten)"])
+    codes, _ = digits(20)
+    engine = engine_of(model, tmp_path)
+    maps = np.ascontiguousarray(codes.numpy().transpose(1, 2, 3, 0))
+
+    def stage():
+        return intengine._stage(engine.blocks[0], intengine.Input(maps, engine.input_lut, engine.dtype))
+
+    full = stage().all_values()
+    expected = np.maximum(np.maximum(full[:, 0::2, 0::2], full[:, 0::2, 1::2]),
+                          np.maximum(full[:, 1::2, 0::2], full[:, 1::2, 1::2]))
+    partly = stage()
+    partly.rows(np.array([0, 3, 7]))  # some computed at full resolution first, the others never
+    channels = np.arange(partly.channels)
+    out = np.zeros((len(channels), *expected.shape[1:]), expected.dtype)
+    partly.max_pooled(channels, out, channels[::-1].copy())
+    assert np.array_equal(out[::-1], expected)

@@ -137,6 +137,10 @@ class Stage:
     def all_values(self) -> np.ndarray:
         return self.rows(np.arange(self.channels))
 
+    def max_pooled(self, channels: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+        """out[rows] = the 2x2 max pool of `channels` (a MAC-free network's integers)."""
+        kernels.max_pool(len(channels) * out[0].size * 4, self.rows(channels), channels, out, rows)
+
     def _compute(self, channels: np.ndarray, out: np.ndarray) -> None:
         """Fill out[channels] (sorted, distinct, not yet computed)."""
         raise NotImplementedError
@@ -235,15 +239,28 @@ class MacFree(Block):
     def _compute(self, channels, out):
         k = self.previous.channels
         passed, own = channels[channels < k], channels[channels >= k]
-        if len(passed):
-            previous = self.previous.rows(passed)
-            if self.downsample:
-                kernels.max_pool(len(passed) * previous[0].size, previous, passed, out, passed)
-            else:
-                out[passed] = previous[passed]
+        if len(passed) and self.downsample:
+            self.previous.max_pooled(passed, out, passed)
+        elif len(passed):
+            out[passed] = self.previous.rows(passed)[passed]
         if len(own):
             work = len(own) * self.previous.height * self.previous.width * self.batch
             kernels.fuse(work, *self.fusion.args(own - k), own, out, self.downsample)
+
+    def max_pooled(self, channels, out, rows):
+        """Channels not yet computed at full resolution are pooled straight from the codes, never written
+        at full size: the max pool commutes with the concatenation, and with the fusion's monotone ReLU."""
+        ready = self._done[channels] if self._array is not None else np.zeros(len(channels), bool)
+        if self.downsample or ready.all():
+            return super().max_pooled(channels, out, rows)
+        if ready.any():
+            super().max_pooled(channels[ready], out, rows[ready])
+        todo, at, k = channels[~ready], rows[~ready], self.previous.channels
+        if (todo < k).any():
+            self.previous.max_pooled(todo[todo < k], out, at[todo < k])
+        if (todo >= k).any():
+            work = int((todo >= k).sum()) * self.height * self.width * self.batch
+            kernels.fuse(work, *self.fusion.args(todo[todo >= k] - k), at[todo >= k], out, True)
 
     def decoders(self) -> np.ndarray:
         """(C, n) float32: row c maps channel c's integers (pixel codes for the input's) to values."""
