@@ -88,10 +88,10 @@ class IntegerLBPNet:
         else:
             values = stage.all_values()
             if values.dtype != np.float32:  # ranks and pixel codes back to the values they stand for
-                decoded = np.empty(values.shape, np.float32)
-                rows = np.arange(len(values))
-                kernels.lookup(values.size, stage.decoders(), values.reshape(len(values), -1), rows,
-                               decoded.reshape(len(values), -1))
+                decoded = values.astype(np.float32)  # RP's values are their own numbers: a vectorised cast
+                rows = np.flatnonzero(~stage.identity())  # the others through their tables
+                kernels.lookup(len(rows) * values[0].size, np.ascontiguousarray(stage.decoders()[rows]),
+                               values.reshape(len(values), -1), rows, decoded.reshape(len(values), -1))
                 values = decoded
             if str(t["head.pool"]) == "flatten":
                 features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
@@ -164,6 +164,9 @@ class Input(Stage):
 
     def decoders(self) -> np.ndarray:
         return self.lut
+
+    def identity(self) -> np.ndarray:
+        return np.zeros(self.channels, bool)
 
     def means(self, h: int, w: int) -> np.ndarray:
         return self.all_values()[:, :h, :w].mean((1, 2), dtype=np.float64)
@@ -261,6 +264,10 @@ class MacFree(Block):
         if (todo >= k).any():
             work = int((todo >= k).sum()) * self.height * self.width * self.batch
             kernels.fuse(work, *self.fusion.args(todo[todo >= k] - k), at[todo >= k], out, True)
+
+    def identity(self) -> np.ndarray:
+        """(C,) bool: channels whose integers are their values (RP's shifted ReLU), decoded by a cast."""
+        return np.concatenate([self.previous.identity(), np.full(len(self.fusion.tables), self.fusion.count)])
 
     def decoders(self) -> np.ndarray:
         """(C, n) float32: row c maps channel c's integers (pixel codes for the input's) to values."""
