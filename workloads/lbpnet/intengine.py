@@ -4,14 +4,19 @@ exporter is `intexport.py`, the loops over pixels are numba kernels (`kernels.py
 A batch is held as maps (channels, H, W, batch), batch last. One block:
 
   LBP comparisons at whole-pixel offsets (edges replicated) -> the U bits of each pixel packed into one
-  integer code -> the distinct codes of the batch (a few dozen to a few thousand: digits are mostly flat)
-  -> the fusion evaluated once per distinct code: RP is AND with each output's route mask and popcount,
-  then threshold or shifted ReLU and the gates; 1x1 sums the weights of the set bits, then BN and ReLU
-  -> a table (C_out, codes) that each pixel's code indexes.
+  integer code (the narrowest unsigned type that holds U bits) -> the fusion:
+  - RP at each pixel: popcount(code AND the output's route mask) against its threshold (a closed gate:
+    one no count reaches), then the shifted ReLU (MAC-free) or BN's value for 0 or 1 (residual) — a few
+    vector instructions per pixel, no table;
+  - 1x1 once per distinct code of the batch (a few dozen to a few thousand: digits are mostly flat): the
+    weights of the set bits summed, BN and ReLU -> a table (C_out, codes) that each pixel's code indexes.
+  The fused values are written joined with the input (added to the tiled input and average-pooled, or
+  concatenated and max-pooled) in one kernel pass per block.
 
-Outputs are computed per channel and only where they are read (`Stage.values`): the next block reads at
-most U channels; a residual network's global-average-pool head reads per-channel means, which average
-pooling leaves linear: means of table entries weighted by code counts (`np.bincount`) plus the stream's.
+A stage is one array whose channels are filled in place where they are read (`Stage.rows`): the next
+block reads at most U channels; a residual network's global-average-pool head reads per-channel means,
+which average pooling leaves linear: each block's sums over the pooled region (RP: its fired pixels
+counted; 1x1: table rows added per pixel) plus the stream's.
 
 Exactness. Counts and pixel codes are integers. Comparisons depend only on order within a channel, and
 the loader's normalisation is strictly increasing, so MAC-free networks compare raw pixel codes and each
@@ -78,14 +83,15 @@ class IntegerLBPNet:
 
     def _head(self, stage: Stage) -> np.ndarray:
         t = self.arrays
-        if isinstance(stage, Residual) and str(t["head.pool"]) == "gap":  # linear all the way: from code counts
+        if isinstance(stage, Residual) and str(t["head.pool"]) == "gap":  # linear all the way: from sums of codes
             features = stage.means(stage.height, stage.width).T.astype(np.float32)
         else:
             values = stage.all_values()
             if values.dtype != np.float32:  # ranks and pixel codes back to the values they stand for
-                decoded = np.empty(values.shape, np.float32)
-                flat = values.reshape(len(values), -1)
-                kernels.lookup(values.size, stage.decoders(), flat, decoded.reshape(len(values), -1))
+                decoded = values.astype(np.float32)  # RP's values are their own numbers: a vectorised cast
+                rows = np.flatnonzero(~stage.identity())  # the others through their tables
+                kernels.lookup(len(rows) * values[0].size, np.ascontiguousarray(stage.decoders()[rows]),
+                               values.reshape(len(values), -1), rows, decoded.reshape(len(values), -1))
                 values = decoded
             if str(t["head.pool"]) == "flatten":
                 features = values.reshape(-1, values.shape[-1]).T  # torch's flatten: channel, row, column
@@ -99,85 +105,98 @@ class IntegerLBPNet:
 
 # ----------------------------------------------------------------------------------------------- stages
 class Stage:
-    """The output map (C, H, W, B) of a block (or the input), computed where it is read: a few channels
-    (`values`, each computed once) for the next block's comparisons, or all of them (`all_values`)."""
+    """The output map (C, H, W, B) of a block (or the input), held in one array whose channels are computed
+    where they are read: a few (`rows`, each computed once, in place) for the next block's comparisons, or
+    all of them (`all_values`)."""
 
     channels: int
     height: int
     width: int
+    batch: int
+    dtype: np.dtype
 
     def __init__(self):
-        self._some: dict[int, np.ndarray] = {}
-        self._all: np.ndarray | None = None
+        self._array: np.ndarray | None = None
+        self._done = np.zeros(0, bool)
+
+    def rows(self, channels: np.ndarray) -> np.ndarray:
+        """The stage's (C, H, W, B) array, `channels` computed in it (others may be unset)."""
+        if self._array is None:  # untouched channels cost no memory: np.empty only reserves it
+            self._array = np.empty((self.channels, self.height, self.width, self.batch), self.dtype)
+            self._done = np.zeros(self.channels, bool)
+        todo = np.unique(channels[~self._done[channels]])
+        if len(todo):
+            self._compute(todo, self._array)
+            self._done[todo] = True
+        return self._array
 
     def values(self, channels: np.ndarray) -> np.ndarray:
-        if self._all is not None:
-            return self._all[channels]
-        todo = np.setdiff1d(channels, np.fromiter(self._some, int, len(self._some)))  # sorted
-        if len(todo):
-            computed = self._compute(todo)
-            self._some.update(zip(todo.tolist(), computed))
-            if np.array_equal(todo, channels):  # all new, in order: no copy
-                return computed
-        return np.stack([self._some[c] for c in channels.tolist()])
+        """(len, H, W, B): the `channels` alone (a copy)."""
+        return self.rows(channels)[channels]
 
     def all_values(self) -> np.ndarray:
-        if self._all is None:
-            self._all, self._some = self._compute(np.arange(self.channels)), {}
-        return self._all
+        return self.rows(np.arange(self.channels))
 
-    def read(self, channels: np.ndarray) -> np.ndarray:
-        """`values`, or `all_values` (a selection of it) when every channel is read anyway."""
-        if np.array_equal(channels, np.arange(self.channels)):
-            return self.all_values()
-        return self.all_values()[channels] if len(np.unique(channels)) == self.channels else self.values(channels)
+    def max_pooled(self, channels: np.ndarray, out: np.ndarray, rows: np.ndarray) -> None:
+        """out[rows] = the 2x2 max pool of `channels` (a MAC-free network's integers)."""
+        kernels.max_pool(len(channels) * out[0].size * 4, self.rows(channels), channels, out, rows)
 
-    def parts(self) -> list[np.ndarray]:
-        """Arrays whose concatenation is `all_values` (a MAC-free block need not copy its input)."""
-        return [self.all_values()]
-
-    def _compute(self, channels: np.ndarray) -> np.ndarray:
-        """(len, H, W, B) of the sorted, distinct `channels`."""
+    def _compute(self, channels: np.ndarray, out: np.ndarray) -> None:
+        """Fill out[channels] (sorted, distinct, not yet computed)."""
         raise NotImplementedError
 
 
 class Input(Stage):
     def __init__(self, codes: np.ndarray, lut: np.ndarray, dtype: np.dtype):
         super().__init__()
-        self.codes, self.lut, self.dtype = codes, lut, dtype
-        self.channels, self.height, self.width = codes.shape[:3]
+        self.codes, self.lut, self.dtype = codes, lut, np.dtype(dtype)
+        self.channels, self.height, self.width, self.batch = codes.shape
+        if self.dtype == codes.dtype:  # order is all comparisons and max pools need: raw codes, no copy
+            self._array, self._done = codes, np.ones(self.channels, bool)
 
-    def _compute(self, channels):
-        codes = self.codes[channels]
-        if self.dtype != np.float32:  # order is all comparisons and max pools need: raw codes
-            return codes.astype(self.dtype, copy=False)
-        out = np.empty(codes.shape, np.float32)
-        flat = codes.reshape(len(codes), -1)
-        kernels.lookup(flat.size, np.ascontiguousarray(self.lut[channels]), flat, out.reshape(len(out), -1))
-        return out
+    def _compute(self, channels, out):
+        if self.dtype != np.float32:
+            out[channels] = self.codes[channels]
+            return
+        flat = self.codes.reshape(self.channels, -1)
+        kernels.lookup(len(channels) * flat.shape[1], np.ascontiguousarray(self.lut[channels]), flat, channels,
+                       out.reshape(self.channels, -1))
 
     def decoders(self) -> np.ndarray:
         return self.lut
+
+    def identity(self) -> np.ndarray:
+        return np.zeros(self.channels, bool)
 
     def means(self, h: int, w: int) -> np.ndarray:
         return self.all_values()[:, :h, :w].mean((1, 2), dtype=np.float64)
 
 
-class Block(Stage):
-    """A block's output: its fusion table indexed by each pixel's code, joined with its input."""
+class Fusion:
+    """A block's fused output at each pixel, from the pixel's key. RP (`count`): keys are the pixels' codes,
+    and channel i's value follows from popcount(key & masks[i]) against thresholds[i] (a closed gate: a
+    threshold no count reaches) — BN of the bit, tables[i, 0 or 1] (residual), or the shifted ReLU (MAC-free,
+    tables[i] listing its values for `decode`). 1x1: keys index the batch's distinct codes, tables[i] their
+    fusion."""
 
-    def __init__(self, table: np.ndarray, inverse: np.ndarray, previous: Stage, downsample: bool):
+    def __init__(self, keys: np.ndarray, masks: np.ndarray, thresholds: np.ndarray, count: bool, tables: np.ndarray):
+        self.keys, self.masks, self.thresholds, self.count, self.tables = keys, masks, thresholds, count, tables
+
+    def args(self, channels: np.ndarray, keys: np.ndarray | None = None) -> tuple:
+        keys = self.keys if keys is None else keys
+        return (keys, self.masks[channels], self.thresholds[channels], self.count,
+                np.ascontiguousarray(self.tables[channels]))
+
+
+class Block(Stage):
+    """A block's output: its fusion, joined with its input."""
+
+    def __init__(self, fusion: Fusion, previous: Stage, downsample: bool):
         super().__init__()
-        self.table, self.inverse, self.previous, self.downsample = table, inverse, previous, downsample
+        self.fusion, self.previous, self.downsample = fusion, previous, downsample
         self.height, self.width = (previous.height // 2, previous.width // 2) if downsample else (
             previous.height, previous.width)
-
-    def _fused(self, channels: np.ndarray) -> np.ndarray:
-        """(len, H, W, B): each pixel's fusion value from its code's column of the table."""
-        out = np.empty((len(channels), *self.inverse.shape), self.table.dtype)
-        table = np.ascontiguousarray(self.table[channels])
-        kernels.gather(out.size, table, self.inverse.ravel(), out.reshape(len(out), -1))
-        return out
+        self.batch = previous.batch
 
 
 class Residual(Block):
@@ -185,58 +204,73 @@ class Residual(Block):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.channels = len(self.table)
+        self.channels, self.dtype = len(self.fusion.tables), np.dtype(np.float32)
 
-    def _compute(self, channels):
-        out = self._fused(channels)
-        out += self.previous.read(channels % self.previous.channels)
-        return avg_pool(out) if self.downsample else out
+    def _compute(self, channels, out):
+        tiled = channels % self.previous.channels
+        previous = self.previous.rows(tiled)
+        work = len(channels) * self.previous.height * self.previous.width * self.batch
+        kernels.residual(work, *self.fusion.args(channels), channels, out, previous, tiled, self.downsample)
 
     def means(self, h: int, w: int) -> np.ndarray:
         """(C, B) float64 means over the top-left h x w of the output map: what global average pooling of a
         map pooled down from this one averages; average pooling keeps it a sum of the inputs' means."""
         h, w = (2 * h, 2 * w) if self.downsample else (h, w)  # the region this map's pool averaged
-        inverse = self.inverse[:h, :w]
-        batch = inverse.shape[-1]
-        keys = inverse.astype(np.intp) * batch + np.arange(batch)
-        counts = np.bincount(keys.ravel(), minlength=len(self.table[0]) * batch)
-        fused = self.table.astype(np.float64) @ counts.reshape(-1, batch) / (h * w)
-        return fused + self.previous.means(h, w)[np.arange(self.channels) % self.previous.channels]
+        keys = self.fusion.keys
+        keys = keys if keys.shape[:2] == (h, w) else np.ascontiguousarray(keys[:h, :w])
+        channels = np.arange(self.channels)
+        f = self.fusion
+        if f.count:
+            sums = np.empty((self.channels, self.batch))
+            kernels.sums(sums.size * h * w, keys, f.masks, f.thresholds, f.tables, sums)
+        else:
+            sums_t = np.zeros((self.batch, self.channels))
+            kernels.table_sums(sums_t.size * h * w, keys, np.ascontiguousarray(f.tables.T, np.float64), sums_t)
+            sums = sums_t.T
+        return sums / (h * w) + self.previous.means(h, w)[channels % self.previous.channels]
 
 
 class MacFree(Block):
-    """out = concat(x, fusion): the input's channels first; 2x2 max pool. The table holds each channel's
-    values as their ranks (`decode` turns them back)."""
+    """out = concat(x, fusion): the input's channels first; 2x2 max pool. The tables hold each channel's
+    values as integers in the same order (ranks, or RP's counts themselves): `decode` turns them back."""
 
-    def __init__(self, table: np.ndarray, *args, dtype: np.dtype):
-        ranks, self.decode = _ranks(table)
-        super().__init__(ranks.astype(dtype), *args)
-        self.channels = self.previous.channels + len(self.table)
+    def __init__(self, fusion: Fusion, previous: Stage, downsample: bool, decode: np.ndarray):
+        super().__init__(fusion, previous, downsample)
+        self.decode, self.dtype = decode, previous.dtype
+        self.channels = previous.channels + len(fusion.tables)
 
-    def _compute(self, channels):
+    def _compute(self, channels, out):
         k = self.previous.channels
-        n = int((channels < k).sum())  # sorted: the input's channels come first
-        passed = self.previous.parts() if n == k else [self.previous.read(channels[:n])] if n else []
-        if not self.downsample:
-            parts = passed + ([self._fused(channels[n:] - k)] if n < len(channels) else [])
-            return np.concatenate(parts) if len(parts) > 1 else parts[0]
-        out = np.empty((len(channels), self.height, self.width, self.inverse.shape[-1]), self.table.dtype)
-        bounds = np.cumsum([0] + [len(p) for p in passed])
-        for part, i, j in zip(passed, bounds, bounds[1:]):  # pooled straight into place
-            max_pool(part, out[i:j])
-        if n < len(channels):  # gathered and pooled in one pass
-            index = self.inverse[: 2 * self.height, : 2 * self.width]
-            table = np.ascontiguousarray(self.table[channels[n:] - k])
-            kernels.gather_max_pool(out[n:].size * 4, table, np.ascontiguousarray(index), out[n:])
-        return out
+        passed, own = channels[channels < k], channels[channels >= k]
+        if len(passed) and self.downsample:
+            self.previous.max_pooled(passed, out, passed)
+        elif len(passed):
+            out[passed] = self.previous.rows(passed)[passed]
+        if len(own):
+            work = len(own) * self.previous.height * self.previous.width * self.batch
+            kernels.fuse(work, *self.fusion.args(own - k), own, out, self.downsample)
 
-    def parts(self):
-        if self.downsample or self._all is not None:
-            return [self.all_values()]
-        return self.previous.parts() + [self._fused(np.arange(len(self.table)))]
+    def max_pooled(self, channels, out, rows):
+        """Channels not yet computed at full resolution are pooled straight from the codes, never written
+        at full size: the max pool commutes with the concatenation, and with the fusion's monotone ReLU."""
+        ready = self._done[channels] if self._array is not None else np.zeros(len(channels), bool)
+        if self.downsample or ready.all():
+            return super().max_pooled(channels, out, rows)
+        if ready.any():
+            super().max_pooled(channels[ready], out, rows[ready])
+        todo, at, k = channels[~ready], rows[~ready], self.previous.channels
+        if (todo < k).any():
+            self.previous.max_pooled(todo[todo < k], out, at[todo < k])
+        if (todo >= k).any():
+            work = int((todo >= k).sum()) * self.height * self.width * self.batch
+            kernels.fuse(work, *self.fusion.args(todo[todo >= k] - k), at[todo >= k], out, True)
+
+    def identity(self) -> np.ndarray:
+        """(C,) bool: channels whose integers are their values (RP's shifted ReLU), decoded by a cast."""
+        return np.concatenate([self.previous.identity(), np.full(len(self.fusion.tables), self.fusion.count)])
 
     def decoders(self) -> np.ndarray:
-        """(C, n) float32: row c maps channel c's ranks (pixel codes for the input's) to values."""
+        """(C, n) float32: row c maps channel c's integers (pixel codes for the input's) to values."""
         before, own = self.previous.decoders(), self.decode
         width = max(before.shape[1], own.shape[1])
         return np.concatenate([np.pad(before, ((0, 0), (0, width - before.shape[1]))),
@@ -259,28 +293,41 @@ def _ranks(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _stage(block: dict, previous: Stage) -> Block:
     codes = lbp_codes(previous, block["channels"], block["offsets"])
-    unique, inverse = _unique(codes, len(block["channels"]))
-    table = _fusion_table(block, unique)
-    args = (table, inverse.reshape(codes.shape), previous, bool(block["downsample"]))
-    return Residual(*args) if block["kind"] == "residual" else MacFree(*args, dtype=_integer_type(previous))
+    downsample, macfree = bool(block["downsample"]), block["kind"] == "macfree"
+    if block["fusion"] == "rp":
+        fusion = _rp_fusion(block, codes, previous.dtype)
+        decode = fusion.tables.astype(np.float32)  # MAC-free: the values are the counts' ReLUs themselves
+    else:
+        unique, inverse = _unique(codes, len(block["channels"]))
+        table = _fusion_table(block, unique)
+        decode = None
+        if macfree:  # order-preserving integers in the stage's type
+            ranks, decode = _ranks(table)
+            table = ranks.astype(previous.dtype)
+        none = np.zeros(len(table), np.int32)
+        fusion = Fusion(inverse.reshape(codes.shape), none, none.astype(np.int64), False, table)
+    return MacFree(fusion, previous, downsample, decode) if macfree else Residual(fusion, previous, downsample)
 
 
-def _integer_type(stage: Stage) -> np.dtype:
-    return stage.dtype if isinstance(stage, Input) else _integer_type(stage.previous)
+def _code_type(bits: int) -> np.dtype:
+    """The narrowest unsigned integer that holds `bits` bits (fewer bytes to write and read per pixel)."""
+    return np.dtype(next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if np.iinfo(t).bits >= bits))
 
 
 def lbp_codes(stage: Stage, channels: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """(H, W, B) uint64 codes, bit u set where x_c(u)(p + offset_u) > x_c(u)(p), edges replicated."""
-    read, local = np.unique(channels, return_inverse=True)
-    values = np.ascontiguousarray(stage.read(read))
-    codes = np.zeros(values.shape[1:], np.uint64)
+    """(H, W, B) codes, bit u set where x_c(u)(p + offset_u) > x_c(u)(p), edges replicated."""
+    channels = channels.astype(np.intp)
+    values = stage.rows(channels)
+    dtype = _code_type(len(channels))
+    codes = np.zeros((stage.height, stage.width, stage.batch), dtype)
     dy, dx = offsets[:, 0].astype(np.intp), offsets[:, 1].astype(np.intp)
-    kernels.lbp_codes(codes.size * len(channels), values, local.astype(np.intp), dy, dx, codes)
+    bits = (np.uint64(1) << np.arange(len(channels), dtype=np.uint64)).astype(dtype)
+    kernels.lbp_codes(codes.size * len(channels), values, channels, dy, dx, bits, codes)
     return codes
 
 
 def _unique(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distinct codes, index (int32) of each pixel's code among them)."""
+    """(distinct codes (uint64), index (int32) of each pixel's code among them)."""
     flat = codes.ravel()
     if bits <= 16:  # a presence table beats sorting a million codes
         present = np.zeros(1 << bits, bool)
@@ -290,34 +337,24 @@ def _unique(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
         index[unique] = np.arange(len(unique), dtype=np.int32)
         return unique.astype(np.uint64), index[flat]
     unique, inverse = np.unique(flat, return_inverse=True)
-    return unique, inverse.astype(np.int32)
+    return unique.astype(np.uint64), inverse.astype(np.int32)
+
+
+def _rp_fusion(block: dict, codes: np.ndarray, dtype: np.dtype) -> Fusion:
+    """RP evaluated at each pixel: popcount(code AND route mask) against the threshold, gates folded in."""
+    routes, bits = block["routes"], len(block["channels"])
+    masks = np.bitwise_or.reduce(np.uint64(1) << routes.astype(np.uint64), axis=1).astype(codes.dtype)
+    thresholds = np.where(block["gates"], int(block["threshold"]), bits + 2).astype(np.int64)
+    if block["activation"] == "shifted_relu":  # max(count - threshold + 1, 0): 0 .. bits
+        tables = np.tile(np.arange(bits + 1), (len(routes), 1)).astype(dtype)
+    else:  # BN of the bit: the two values torch's BN gives for 0 and 1
+        tables = np.ascontiguousarray(block["bn_values"], np.float32)
+    return Fusion(codes, masks, thresholds, True, tables)
 
 
 def _fusion_table(block: dict, unique: np.ndarray) -> np.ndarray:
-    """(C_out, distinct codes): the block's fusion of each distinct code."""
-    if block["fusion"] == "conv1x1":
-        z = _weight_sums(block["weight"], _bits(unique, len(block["channels"])))
-        y = deploy.affine(z.T, block["bn_scale"], block["bn_shift"], str(block["bn_rounding"])).T
-        return np.maximum(y, 0)
-    routes = block["routes"]
-    masks = np.bitwise_or.reduce(np.uint64(1) << routes.astype(np.uint64), axis=1)  # (C_out,) route masks
-    count = np.bitwise_count(unique[None, :] & masks[:, None]).astype(np.int16)  # the RP popcount
-    gates = block["gates"][:, None]
-    if block["activation"] == "shifted_relu":
-        return (np.maximum(count - int(block["threshold"]) + 1, 0) * gates).astype(np.uint8)
-    fired = (count >= int(block["threshold"])) & gates  # residual blocks: then BN, one of two values
-    return np.where(fired, block["bn_values"][:, 1:], block["bn_values"][:, :1]).astype(np.float32)
-
-
-def avg_pool(x: np.ndarray) -> np.ndarray:
-    """2x2 average pool of (C, H, W, B) as torch's CPU kernel sums: row by row, then / 4 (odd edges dropped)."""
-    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    x = x[:, :h, :w]
-    return (((x[:, 0::2, 0::2] + x[:, 0::2, 1::2]) + x[:, 1::2, 0::2]) + x[:, 1::2, 1::2]) / x.dtype.type(4)
-
-
-def max_pool(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
-    x = x[:, :h, :w]
-    top = np.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2])
-    return np.maximum(top, np.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2], out=out), out=out)
+    """(C_out, distinct codes) float32: the 1x1 fusion of each distinct code — the weights of its set bits
+    summed, BN, ReLU."""
+    z = _weight_sums(block["weight"], _bits(unique, len(block["channels"])))
+    y = deploy.affine(z.T, block["bn_scale"], block["bn_shift"], str(block["bn_rounding"])).T
+    return np.maximum(y, 0)
