@@ -49,14 +49,25 @@ def _channel_product_kernel(x, s, out):
                 out[n, c, i] = x[n, c, i] * s[c]
 
 
-# Off: on an idle 2-core machine the serial passes were slower than torch's ops (1.52x against 1.47x the
-# float step, bench/rbnn_speed.py, 7 rounds); under load (a descheduled thread stalls each parallel op)
-# they were faster (1.38x against 1.56x). True turns them on; the bench times both.
+@numba.njit(cache=True)
+def _channel_scale_grad_kernel(grad, x, s, grad_x, product):
+    """grad · s per channel (x's gradient) and grad · x (what the scale's gradient sums), in one pass."""
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                grad_x[n, c, i] = grad[n, c, i] * s[c]
+                product[n, c, i] = grad[n, c, i] * x[n, c, i]
+
+
+# FUSED_BACKWARD: the backward's elementwise work as single passes: sign's gradient (one pass instead of
+# six over each activation) and the channel scale's (one instead of two). CPU_KERNELS: the forward's
+# (sign, channel product), one serial pass each against torch's one parallel pass.
+FUSED_BACKWARD = True
 CPU_KERNELS = False
 
 
-def _numba_takes(*tensors: torch.Tensor) -> bool:
-    return CPU_KERNELS and not torch.is_grad_enabled() and all(
+def _numba_takes(*tensors: torch.Tensor, backward: bool = False) -> bool:
+    return (FUSED_BACKWARD if backward else CPU_KERNELS) and not torch.is_grad_enabled() and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
@@ -75,7 +86,7 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
 def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """grad · k·max(0, √2·t − t²·|x|): one pass instead of six."""
     a, c = math.sqrt(2.0) * t, t.square()  # 0-dim float32, as the torch expression computes them
-    if not (_numba_takes(grad, x) and grad.shape == x.shape):
+    if not (_numba_takes(grad, x, backward=True) and grad.shape == x.shape):
         return grad * (k * (a - c * x.abs()).clamp(min=0))
     out = torch.empty_like(x)
     _sign_grad_kernel(_flat(grad), _flat(x), np.float32(a.item()), np.float32(c.item()), np.float32(k.item()),
@@ -116,10 +127,20 @@ class _ChannelScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
+        if all(ctx.needs_input_grad) and x.dim() == 4 and _numba_takes(grad, x, scale, backward=True):
+            grad_x, product = torch.empty_like(x), torch.empty_like(x)
+            n, c = x.shape[:2]
+            _channel_scale_grad_kernel(*(t.detach().view(n, c, -1).numpy() for t in (grad, x)), _flat(scale),
+                                       *(t.view(n, c, -1).numpy() for t in (grad_x, product)))
+            return grad_x, _channel_sum(product, scale)
         grad_x = _channel_product(grad.contiguous(), scale) if ctx.needs_input_grad[0] else None
-        # the broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)
-        grad_scale = (grad * x).sum((0, 2, 3), keepdim=True).view_as(scale) if ctx.needs_input_grad[1] else None
+        grad_scale = _channel_sum(grad * x, scale) if ctx.needs_input_grad[1] else None
         return grad_x, grad_scale
+
+
+def _channel_sum(product: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)."""
+    return product.sum((0, 2, 3), keepdim=True).view_as(scale)
 
 
 def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
