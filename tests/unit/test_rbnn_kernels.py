@@ -74,3 +74,23 @@ def test_a_training_steps_gradients_are_the_torch_ops_with_the_fused_backward(mo
     monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
     for a, b in zip(fused, grads()):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipped_sign_is_hardtanh_then_sign(fused, monkeypatch):
+    """`clip` (a binary conv's `clip_input`) fuses hardtanh into sign: the output and the input's gradient
+    are those of sign_approx(hardtanh(x)) bit for bit, at the clip edges and beyond them too."""
+    from workloads.rbnn import layers
+
+    monkeypatch.setattr(layers, "FUSED_BACKWARD", fused)
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6) * 2
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5])
+    t, k, grad = torch.tensor(0.5), torch.tensor(2.0), torch.randn(4, 8, 6, 6)
+    fused_in, plain_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = sign_approx(fused_in, t, k, clip=True)
+    out.backward(grad)
+    expected = sign_approx(torch.nn.functional.hardtanh(plain_in), t, k)
+    expected.backward(grad)
+    for a, b in [(out, expected), (fused_in.grad, plain_in.grad)]:
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))

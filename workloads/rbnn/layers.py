@@ -34,9 +34,12 @@ def _sign_kernel(x, out):
 
 
 @numba.njit(cache=True)
-def _sign_grad_kernel(grad, x, a, c, k, out):
-    zero = np.float32(0)
+def _sign_grad_kernel(grad, x, a, c, k, clip, out):
+    zero, one = np.float32(0), np.float32(1)
     for i in range(x.size):
+        if clip and (x[i] <= -one or x[i] >= one):  # hardtanh_backward's test (NaN passes, as there)
+            out[i] = zero
+            continue
         d = a - c * abs(x[i])
         out[i] = grad[i] * (k * (zero if d < zero else d))
 
@@ -83,14 +86,16 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """grad · k·max(0, √2·t − t²·|x|): one pass instead of six."""
+def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, clip: bool) -> torch.Tensor:
+    """grad · k·max(0, √2·t − t²·|x|): one pass instead of six. With `clip`, x is hardtanh's input and the
+    result hardtanh's gradient of it: zero where |x| ≥ 1, where inside hardtanh(x) = x."""
     a, c = math.sqrt(2.0) * t, t.square()  # 0-dim float32, as the torch expression computes them
     if not (_numba_takes(grad, x, backward=True) and grad.shape == x.shape):
-        return grad * (k * (a - c * x.abs()).clamp(min=0))
+        grad = grad * (k * (a - c * x.abs()).clamp(min=0))
+        return torch.ops.aten.hardtanh_backward(grad, x, -1.0, 1.0) if clip else grad
     out = torch.empty_like(x)
     _sign_grad_kernel(_flat(grad), _flat(x), np.float32(a.item()), np.float32(c.item()), np.float32(k.item()),
-                      _flat(out))
+                      clip, _flat(out))
     return out
 
 
@@ -105,15 +110,18 @@ def _channel_product(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class _SignApprox(torch.autograd.Function):
+    """sign(x), or sign(hardtanh(x)) = sign(x) with `clip` (hardtanh's gradient fused into sign's)."""
+
     @staticmethod
-    def forward(ctx, x, t, k):
+    def forward(ctx, x, t, k, clip):
         ctx.save_for_backward(x, t, k)
+        ctx.clip = clip
         return _sign(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, t, k = ctx.saved_tensors
-        return _sign_grad(grad, x, t, k), None, None
+        return _sign_grad(grad, x, t, k, ctx.clip), None, None, None
 
 
 class _ChannelScale(torch.autograd.Function):
@@ -143,8 +151,9 @@ def _channel_sum(product: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return product.sum((0, 2, 3), keepdim=True).view_as(scale)
 
 
-def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return _SignApprox.apply(x, t.to(x.dtype), k.to(x.dtype))
+def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """sign(x) with the approximate gradient; with `clip`, of hardtanh(x) (its gradient included)."""
+    return _SignApprox.apply(x, t.to(x.dtype), k.to(x.dtype), clip)
 
 
 def divisor_pair(n: int) -> tuple[int, int]:
@@ -161,11 +170,12 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
 
 class BinaryConv2d(nn.Conv2d):
     """1-bit weights (rotated, then sign, unless `w32`) and 1-bit activations (sign, unless `a32`), scaled
-    per channel."""
+    per channel. `clip_input`: the input goes through hardtanh first, fused into the activations' sign
+    (hardtanh leaves the sign unchanged and zeroes its gradient beyond |x| = 1; one pass less each way)."""
 
-    def __init__(self, *args, a32: bool = False, w32: bool = False, **kwargs):
+    def __init__(self, *args, a32: bool = False, w32: bool = False, clip_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.a32, self.w32 = a32, w32
+        self.a32, self.w32, self.clip_input = a32, w32, clip_input
         fan_in = self.weight[0].numel()
         self.a, self.b = divisor_pair(fan_in)
         self.register_buffer("R1", random_orthogonal(self.a))
@@ -196,7 +206,9 @@ class BinaryConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a32:
-            x = sign_approx(x, self.t, self.k)
+            x = sign_approx(x, self.t, self.k, self.clip_input)
+        elif self.clip_input:
+            x = F.hardtanh(x)
         out = F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         return _ChannelScale.apply(out, self.scale)
 
