@@ -6,8 +6,10 @@
    the same load and the same cache disturbance), after one warm-up step of each; per round the ratio of
    the median step times. Reported: the median over the rounds, its minimum and maximum (the spread), and
    the same for process CPU seconds per step (all threads), which a load that comes and goes on a shared
-   machine disturbs less than wall-clock time. A third model takes its turns too: resnet20_1w1a with its
-   CPU kernels on (`layers.CPU_KERNELS`, off by default: serial numba passes for the elementwise work);
+   machine disturbs less than wall-clock time. Two more models take their turns: resnet20_1w1a with the
+   forward's CPU kernels on too (`layers.CPU_KERNELS`, off by default: serial numba passes for sign and the
+   channel scale), and on the torch ops alone (`layers.FUSED_BACKWARD` off as well: the backward's
+   elementwise work as chains of torch ops, as before the fused passes);
 2. one rotation update of every binarized layer of resnet20_1w1a: ours (batched over output channels)
    against the paper's formulas written as a loop over output channels (median of 5);
 3. with --models: every architecture's parameter count, binarized share of weights and step time.
@@ -34,20 +36,23 @@ from workloads.resnet_cifar import models as float_models
 class Timed:
     """A model with its optimizer and one fixed batch."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, cpu_kernels: bool = False):
+    def __init__(self, model: torch.nn.Module, batch: int, cpu_kernels: bool = False, fused_backward: bool = True):
         self.model, self.opt = model, torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
         self.x, self.y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-        self.cpu_kernels = cpu_kernels
+        self.cpu_kernels, self.fused_backward = cpu_kernels, fused_backward
+
+    def _set_kernels(self) -> None:
+        layers.CPU_KERNELS, layers.FUSED_BACKWARD = self.cpu_kernels, self.fused_backward
 
     def step(self) -> tuple[float, float]:
         """(wall, process CPU) seconds of one training step."""
-        layers.CPU_KERNELS = self.cpu_kernels
+        self._set_kernels()
         wall, cpu = time.perf_counter(), time.process_time()
         train_step(self.model, self.opt, self.x, self.y)
         return time.perf_counter() - wall, time.process_time() - cpu
 
     def seconds(self, steps: int) -> float:
-        layers.CPU_KERNELS = self.cpu_kernels
+        self._set_kernels()
         return step_seconds(self.model, self.opt, self.x, self.y, steps)
 
 
@@ -132,18 +137,20 @@ def main() -> None:
     torch.manual_seed(0)
     pair = {"float": Timed(float_models.build("resnet20", "A", num_classes=10, in_channels=3), args.batch),
             "binary": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch, cpu_kernels=False),
-            "binary_cpu_kernels": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch, cpu_kernels=True)}
+            "binary_cpu_kernels": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch, cpu_kernels=True),
+            "binary_torch_ops": Timed(build("resnet20_1w1a", 10, 3, 32), args.batch, fused_backward=False)}
     for timed in pair.values():  # warm-up: allocator, oneDNN primitives, numba kernels, momentum buffers
         timed.seconds(2)
     times = interleaved(pair, args.rounds, args.steps)
     wall, cpu = ratios(times, "binary", "wall"), ratios(times, "binary", "cpu")
     kernels = {clock: ratios(times, "binary_cpu_kernels", clock) for clock in ("wall", "cpu")}
+    torch_ops = {clock: ratios(times, "binary_torch_ops", clock) for clock in ("wall", "cpu")}
     ours = rotation_seconds(lambda layer: layer.update_rotation(3))
     loop = rotation_seconds(loop_rotation_update)
     result = {
         "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "steps": args.steps,
         "float_resnet20_step_s": wall["float_step_s"], "resnet20_1w1a_step_s": wall["step_s"],
-        "binarize_cost_ratio": wall["ratio"], "wall": wall, "cpu": cpu, "cpu_kernels": kernels,
+        "binarize_cost_ratio": wall["ratio"], "wall": wall, "cpu": cpu, "cpu_kernels": kernels, "torch_ops": torch_ops,
         "rotation_update_batched_s": ours, "rotation_update_loop_s": loop, "rotation_speedup": loop / ours,
     }
     if args.models:
@@ -155,9 +162,11 @@ def main() -> None:
           f"float ResNet-20 {wall['float_step_s']:.3f} s, resnet20_1w1a {wall['step_s']:.3f} s -> "
           f"binarizing costs {wall['ratio']:.2f}x (rounds {wall['ratio_min']:.2f}-{wall['ratio_max']:.2f}x); "
           f"CPU time {cpu['ratio']:.2f}x (rounds {cpu['ratio_min']:.2f}-{cpu['ratio_max']:.2f}x)")
-    print(f"  with the CPU kernels on (layers.CPU_KERNELS): {kernels['wall']['step_s']:.3f} s -> "
-          f"{kernels['wall']['ratio']:.2f}x (rounds {kernels['wall']['ratio_min']:.2f}-"
-          f"{kernels['wall']['ratio_max']:.2f}x); CPU time {kernels['cpu']['ratio']:.2f}x")
+    for label, other in (("with the forward's CPU kernels on too (layers.CPU_KERNELS)", kernels),
+                         ("on the torch ops alone (layers.FUSED_BACKWARD off too)", torch_ops)):
+        wall_o = other["wall"]
+        print(f"  {label}: {wall_o['step_s']:.3f} s -> {wall_o['ratio']:.2f}x (rounds {wall_o['ratio_min']:.2f}-"
+              f"{wall_o['ratio_max']:.2f}x); CPU time {other['cpu']['ratio']:.2f}x")
     print(f"rotation update of all 18 binary layers (3 iterations): batched {ours * 1000:.1f} ms, "
           f"per-channel loop {loop * 1000:.1f} ms -> {loop / ours:.1f}x faster")
     print(f"wrote {out}")

@@ -34,9 +34,12 @@ def _sign_kernel(x, out):
 
 
 @numba.njit(cache=True)
-def _sign_grad_kernel(grad, x, a, c, k, out):
-    zero = np.float32(0)
+def _sign_grad_kernel(grad, x, a, c, k, clip, out):
+    zero, one = np.float32(0), np.float32(1)
     for i in range(x.size):
+        if clip and (x[i] <= -one or x[i] >= one):  # hardtanh_backward's test (NaN passes, as there)
+            out[i] = zero
+            continue
         d = a - c * abs(x[i])
         out[i] = grad[i] * (k * (zero if d < zero else d))
 
@@ -49,14 +52,25 @@ def _channel_product_kernel(x, s, out):
                 out[n, c, i] = x[n, c, i] * s[c]
 
 
-# Off: on an idle 2-core machine the serial passes were slower than torch's ops (1.52x against 1.47x the
-# float step, bench/rbnn_speed.py, 7 rounds); under load (a descheduled thread stalls each parallel op)
-# they were faster (1.38x against 1.56x). True turns them on; the bench times both.
+@numba.njit(cache=True)
+def _channel_scale_grad_kernel(grad, x, s, grad_x, product):
+    """grad · s per channel (x's gradient) and grad · x (what the scale's gradient sums), in one pass."""
+    for n in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                grad_x[n, c, i] = grad[n, c, i] * s[c]
+                product[n, c, i] = grad[n, c, i] * x[n, c, i]
+
+
+# FUSED_BACKWARD: the backward's elementwise work as single passes: sign's gradient (one pass instead of
+# six over each activation) and the channel scale's (one instead of two). CPU_KERNELS: the forward's
+# (sign, channel product), one serial pass each against torch's one parallel pass.
+FUSED_BACKWARD = True
 CPU_KERNELS = False
 
 
-def _numba_takes(*tensors: torch.Tensor) -> bool:
-    return CPU_KERNELS and not torch.is_grad_enabled() and all(
+def _numba_takes(*tensors: torch.Tensor, backward: bool = False) -> bool:
+    return (FUSED_BACKWARD if backward else CPU_KERNELS) and not torch.is_grad_enabled() and all(
         t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
@@ -72,14 +86,16 @@ def _sign(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """grad · k·max(0, √2·t − t²·|x|): one pass instead of six."""
+def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, clip: bool) -> torch.Tensor:
+    """grad · k·max(0, √2·t − t²·|x|): one pass instead of six. With `clip`, x is hardtanh's input and the
+    result hardtanh's gradient of it: zero where |x| ≥ 1, where inside hardtanh(x) = x."""
     a, c = math.sqrt(2.0) * t, t.square()  # 0-dim float32, as the torch expression computes them
-    if not (_numba_takes(grad, x) and grad.shape == x.shape):
-        return grad * (k * (a - c * x.abs()).clamp(min=0))
+    if not (_numba_takes(grad, x, backward=True) and grad.shape == x.shape):
+        grad = grad * (k * (a - c * x.abs()).clamp(min=0))
+        return torch.ops.aten.hardtanh_backward(grad, x, -1.0, 1.0) if clip else grad
     out = torch.empty_like(x)
     _sign_grad_kernel(_flat(grad), _flat(x), np.float32(a.item()), np.float32(c.item()), np.float32(k.item()),
-                      _flat(out))
+                      clip, _flat(out))
     return out
 
 
@@ -94,15 +110,18 @@ def _channel_product(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class _SignApprox(torch.autograd.Function):
+    """sign(x), or sign(hardtanh(x)) = sign(x) with `clip` (hardtanh's gradient fused into sign's)."""
+
     @staticmethod
-    def forward(ctx, x, t, k):
+    def forward(ctx, x, t, k, clip):
         ctx.save_for_backward(x, t, k)
+        ctx.clip = clip
         return _sign(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, t, k = ctx.saved_tensors
-        return _sign_grad(grad, x, t, k), None, None
+        return _sign_grad(grad, x, t, k, ctx.clip), None, None, None
 
 
 class _ChannelScale(torch.autograd.Function):
@@ -116,14 +135,25 @@ class _ChannelScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
+        if all(ctx.needs_input_grad) and x.dim() == 4 and _numba_takes(grad, x, scale, backward=True):
+            grad_x, product = torch.empty_like(x), torch.empty_like(x)
+            n, c = x.shape[:2]
+            _channel_scale_grad_kernel(*(t.detach().view(n, c, -1).numpy() for t in (grad, x)), _flat(scale),
+                                       *(t.view(n, c, -1).numpy() for t in (grad_x, product)))
+            return grad_x, _channel_sum(product, scale)
         grad_x = _channel_product(grad.contiguous(), scale) if ctx.needs_input_grad[0] else None
-        # the broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)
-        grad_scale = (grad * x).sum((0, 2, 3), keepdim=True).view_as(scale) if ctx.needs_input_grad[1] else None
+        grad_scale = _channel_sum(grad * x, scale) if ctx.needs_input_grad[1] else None
         return grad_x, grad_scale
 
 
-def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    return _SignApprox.apply(x, t.to(x.dtype), k.to(x.dtype))
+def _channel_sum(product: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)."""
+    return product.sum((0, 2, 3), keepdim=True).view_as(scale)
+
+
+def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, clip: bool = False) -> torch.Tensor:
+    """sign(x) with the approximate gradient; with `clip`, of hardtanh(x) (its gradient included)."""
+    return _SignApprox.apply(x, t.to(x.dtype), k.to(x.dtype), clip)
 
 
 def divisor_pair(n: int) -> tuple[int, int]:
@@ -140,11 +170,12 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
 
 class BinaryConv2d(nn.Conv2d):
     """1-bit weights (rotated, then sign, unless `w32`) and 1-bit activations (sign, unless `a32`), scaled
-    per channel."""
+    per channel. `clip_input`: the input goes through hardtanh first, fused into the activations' sign
+    (hardtanh leaves the sign unchanged and zeroes its gradient beyond |x| = 1; one pass less each way)."""
 
-    def __init__(self, *args, a32: bool = False, w32: bool = False, **kwargs):
+    def __init__(self, *args, a32: bool = False, w32: bool = False, clip_input: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.a32, self.w32 = a32, w32
+        self.a32, self.w32, self.clip_input = a32, w32, clip_input
         fan_in = self.weight[0].numel()
         self.a, self.b = divisor_pair(fan_in)
         self.register_buffer("R1", random_orthogonal(self.a))
@@ -175,7 +206,9 @@ class BinaryConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.a32:
-            x = sign_approx(x, self.t, self.k)
+            x = sign_approx(x, self.t, self.k, self.clip_input)
+        elif self.clip_input:
+            x = F.hardtanh(x)
         out = F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
         return _ChannelScale.apply(out, self.scale)
 

@@ -76,9 +76,11 @@ class BinaryConvBN(nn.Module):
     (`react`): the conv's sign becomes RSign, sign(x − α) with a learnable per-channel threshold α, and the
     block's output (after the shortcut) goes through RPReLU."""
 
-    def __init__(self, conv, bn, shortcut=None, bireal=True):
+    def __init__(self, conv, bn, shortcut=None, bireal=True, clip_input=None):
         super().__init__()
         self.conv, self.bn, self.shortcut, self.bireal = conv, bn, shortcut or nn.Identity(), bireal
+        # the conv's input hardtanh (Bi-Real's, or a plain block's between its convs) runs inside its sign
+        conv.clip_input = bireal if clip_input is None else clip_input
         self.rsign = self.rprelu = None
 
     def add_react(self) -> None:
@@ -87,10 +89,11 @@ class BinaryConvBN(nn.Module):
     def forward(self, x):
         if not self.bireal:
             return self.bn(self.conv(x))
-        # hardtanh leaves the conv's sign(x) unchanged and clips its gradient to |x| <= 1; the stream is unclipped
+        # the conv takes hardtanh(x) (clip_input): sign(x) unchanged, its gradient clipped to |x| <= 1; the stream
+        # is unclipped
         if self.rsign is None:
-            return self.bn(self.conv(F.hardtanh(x))) + self.shortcut(x)
-        return self.rprelu(self.bn(self.conv(F.hardtanh(self.rsign(x)))) + self.shortcut(x))
+            return self.bn(self.conv(x)) + self.shortcut(x)
+        return self.rprelu(self.bn(self.conv(self.rsign(x))) + self.shortcut(x))
 
 
 class CifarBlock(nn.Module):
@@ -102,14 +105,15 @@ class CifarBlock(nn.Module):
         shortcut = ShortcutA(in_planes, planes, stride) if stride != 1 or in_planes != planes else nn.Identity()
         self.first = BinaryConvBN(conv(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
                                   shortcut, bireal)
-        self.second = BinaryConvBN(conv(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes), None, bireal)
+        # plain: hardtanh between the convs, only ever binarized, runs inside the second conv's sign
+        self.second = BinaryConvBN(conv(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes), None, bireal,
+                                   clip_input=True)
         self.shortcut = shortcut
 
     def forward(self, x):
         if self.bireal:
             return self.second(self.first(x))
-        out = F.hardtanh(self.first(x))
-        return F.hardtanh(self.second(out) + self.shortcut(x))
+        return F.hardtanh(self.second(self.first(x)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
