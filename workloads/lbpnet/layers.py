@@ -167,22 +167,24 @@ class _LBPCompare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pos, scale, sample, centre, pad, surrogate, soft):
-        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
-        if trainkernels.applies(xp):
-            d, bits = trainkernels.compare(xp, sample, centre)
+        ctx.shape, ctx.pad, ctx.surrogate, ctx.npos = x.shape, pad, surrogate, len(pos)
+        ctx.compiled = trainkernels.applies(x)
+        if ctx.compiled:  # reads x through edge-clamped indices: no padded copy
+            d, bits = trainkernels.compare(x, sample, centre, pad)
+            ctx.save_for_backward(x, d, scale, sample, centre)
         else:
+            xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
             d = xp.index_select(1, sample) - xp.index_select(1, centre)
             bits = (d > 0).to(xp.dtype)
-        ctx.save_for_backward(xp, d, scale, sample, centre)
-        ctx.shape, ctx.pad, ctx.surrogate, ctx.npos = x.shape, pad, surrogate, len(pos)
+            ctx.save_for_backward(xp, d, scale, sample, centre)
         return _relaxed_step(d, scale, surrogate) if soft else bits
 
     @staticmethod
     def backward(ctx, grad):
-        xp, d, scale, sample, centre = ctx.saved_tensors
+        saved, d, scale, sample, centre = ctx.saved_tensors  # saved: x (compiled) or x padded (operators)
         grad = grad.reshape(d.shape)
-        backward = _LBPCompare.compiled if trainkernels.applies(grad) else _LBPCompare.operators
-        return (*backward(ctx, grad, xp, d, scale, sample, centre), None, None, None, None, None)
+        backward = _LBPCompare.compiled if ctx.compiled else _LBPCompare.operators
+        return (*backward(ctx, grad, saved, d, scale, sample, centre), None, None, None, None, None)
 
     @staticmethod
     def operators(ctx, grad, xp, d, scale, sample, centre):
@@ -206,17 +208,16 @@ class _LBPCompare(torch.autograd.Function):
         return grad_x, grad_pos, grad_scale
 
     @staticmethod
-    def compiled(ctx, grad, xp, d, scale, sample, centre):
-        """`operators`' numbers: the elementwise products in one compiled pass, the sums still torch's."""
-        b, w, pad = ctx.shape[0], ctx.shape[3], ctx.pad
+    def compiled(ctx, grad, x, d, scale, sample, centre):
+        """`operators`' numbers: the elementwise products and x's gradient in one compiled pass, the sums
+        over the batch still torch's."""
+        b = ctx.shape[0]
         z = scale * d
         tanh = ctx.surrogate == "tanh"
-        terms = trainkernels.compare_backward(grad, torch.tanh(z) if tanh else z, tanh, (scale / 2).item(), d, xp,
-                                              sample, w + 2 * pad)
-        g, scale_terms, dy_terms, dx_terms = terms
-        grad_x = grad_pos = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_x = trainkernels.scatter_unpad(g, sample, centre, ctx.shape, pad)
+        grad_x, scale_terms, dy_terms, dx_terms = trainkernels.compare_backward(
+            grad, torch.tanh(z) if tanh else z, tanh, (scale / 2).item(), d, x, sample, centre, ctx.pad,
+            ctx.needs_input_grad[0])
+        grad_pos = grad_scale = None
         if ctx.needs_input_grad[1]:
             per_bit = lambda t: t.view(b, ctx.npos, -1).sum((0, 2))  # noqa: E731
             grad_pos = torch.stack([per_bit(dy_terms), per_bit(dx_terms)], 1)
