@@ -278,9 +278,18 @@ class RPFusion(nn.Module):
         """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits` (0/1 unless not `binary`)."""
         gates = self.gates()
         if binary and trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
-            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
+            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)[0]
         y = self.activate(self.popcount(bits))
         return y * gates.view(1, -1, 1, 1).to(y.dtype)
+
+    def counted(self, bits: torch.Tensor):
+        """(y, count, nonzero) of the compiled pass (`trainkernels.fuse`) when every output is 0 or 1 (the
+        threshold activation, hard gates) — what `batchnorm01` normalises from counts — else None."""
+        gates = self.gates()
+        hard = gates.detach()
+        if self.activation != "threshold" or not bool(((hard == 0) | (hard == 1)).all()):
+            return None
+        return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
 
     def activate(self, count: torch.Tensor) -> torch.Tensor:
         if self.activation == "threshold":
@@ -306,13 +315,14 @@ class _FusedCount(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bits, routes, values, slopes, scale, gates):
-        y, count = trainkernels.fuse(bits, routes, values, gates.detach())
+        y, count, nonzero = trainkernels.fuse(bits, routes, values, gates.detach())
         ctx.save_for_backward(count, routes, values, slopes, gates.detach())
         ctx.scale, ctx.planes = scale, bits.shape[1]
-        return y
+        ctx.mark_non_differentiable(count, nonzero)
+        return y, count, nonzero
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _count, _nonzero):
         count, routes, values, slopes, gates = ctx.saved_tensors
         grad_bits, gate_terms = trainkernels.fuse_backward(grad, count, values, slopes, ctx.scale, gates, routes,
                                                            ctx.planes)

@@ -29,8 +29,9 @@ def _compare(x, sample, centre, d, bits):
 
 
 @_jit
-def _fuse(bits, routes, pixels, values, gates, count, out):
-    """count[b, o] = Σ_j bits[b, routes[o, j]] (exact: 0/1 bits, small integers); out = values[count]·gates[o]."""
+def _fuse(bits, routes, pixels, values, gates, count, out, nonzero):
+    """count[b, o] = Σ_j bits[b, routes[o, j]] (exact: 0/1 bits, small integers); out = values[count]·gates[o];
+    nonzero[b, o]: how many of out[b, o]'s pixels are not 0."""
     for b in prange(bits.shape[0]):
         total = np.empty(pixels, dtype=np.float32)
         for o in range(routes.shape[0]):
@@ -43,10 +44,13 @@ def _fuse(bits, routes, pixels, values, gates, count, out):
             cnt = count[b, o * pixels:(o + 1) * pixels]
             dst = out[b, o * pixels:(o + 1) * pixels]
             gate = gates[o]
+            set_pixels = 0
             for n in range(pixels):
                 c = np.uint8(total[n])
                 cnt[n] = c
                 dst[n] = values[c] * gate
+                set_pixels += dst[n] != 0
+            nonzero[b, o] = set_pixels
 
 
 @_jit
@@ -152,6 +156,40 @@ def _residual(y, x, pool, out):
 
 
 @_jit
+def _residual_table(count, table, x, pool, out):
+    """`_residual` of y[b, o] = table[o, count[b, o]]: the block's BN output read from its count."""
+    channels = x.shape[1]
+    size = np.float32(pool * pool)
+    for b in prange(count.shape[0]):
+        for o in range(count.shape[1]):
+            c = o % channels
+            row = table[o]
+            if pool == 1:
+                for iy in range(out.shape[2]):
+                    for ix in range(out.shape[3]):
+                        out[b, o, iy, ix] = row[count[b, o, iy, ix]] + x[b, c, iy, ix]
+                continue
+            for oy in range(out.shape[2]):
+                for ox in range(out.shape[3]):
+                    total = np.float32(0)
+                    for iy in range(oy * pool, oy * pool + pool):
+                        for ix in range(ox * pool, ox * pool + pool):
+                            total += row[count[b, o, iy, ix]] + x[b, c, iy, ix]
+                    out[b, o, oy, ox] = total / size
+
+
+@numba.njit(cache=True)
+def _square_sum(count, o, squares):
+    """Σ squares[count[b, o, i]] over (b, i) in that order, each float32 term added to a float64 sum: how
+    torch's BatchNorm sums a channel's squared deviations."""
+    total = np.float64(0)
+    for b in range(count.shape[0]):
+        for i in range(count.shape[2]):
+            total += np.float64(squares[count[b, o, i]])
+    return total
+
+
+@_jit
 def _residual_backward(grad, pool, grad_y, grad_x):
     """The gradients of `_residual`: grad_y = grad / pool² spread over each window (zero outside every
     window), grad_x = Σ over the repeats of grad_y's channels, first repeat first (index_add's order);
@@ -237,14 +275,16 @@ def compare_backward(grad, zt, tanh: bool, half_scale: float, d, x, sample, cent
 
 
 def fuse(bits: torch.Tensor, routes: torch.Tensor, values: torch.Tensor,
-         gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values[count]·gates[o], count) of the counts Σ_j bits[:, routes[o, j]], (B, O, H, W), count as uint8."""
+         gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values[count]·gates[o], count, nonzero) of the counts Σ_j bits[:, routes[o, j]], (B, O, H, W), count as
+    uint8; nonzero: per output channel, how many of its values are not 0."""
     b, _, h, w = bits.shape
     out = torch.empty(b, len(routes), h, w)
     count = torch.empty(b, len(routes), h, w, dtype=torch.uint8)
+    nonzero = np.empty((b, len(routes)), dtype=np.int64)
     _run(_fuse, _numpy(bits).reshape(b, -1), _numpy(routes), h * w, _numpy(values), _numpy(gates),
-         count.numpy().reshape(b, -1), out.numpy().reshape(b, -1))
-    return out, count
+         count.numpy().reshape(b, -1), out.numpy().reshape(b, -1), nonzero)
+    return out, count, torch.from_numpy(nonzero.sum(0))
 
 
 def fuse_backward(grad, count, values, slopes, scale: float, gates, routes, planes: int) -> tuple[torch.Tensor, ...]:
@@ -268,6 +308,19 @@ def residual(y: torch.Tensor, x: torch.Tensor, pool: int) -> torch.Tensor:
     out = torch.empty(b, o, h // pool, w // pool)
     _run(_residual, _numpy(y), _numpy(x), pool, out.numpy())
     return out
+
+
+def residual_table(count: torch.Tensor, table: np.ndarray, x: torch.Tensor, pool: int) -> torch.Tensor:
+    """`residual` of the maps table[o, count[:, o]] (count uint8 (B, O, H, W), table float32 (O, k + 1))."""
+    b, o, h, w = count.shape
+    out = torch.empty(b, o, h // pool, w // pool)
+    _run(_residual_table, _numpy(count), table, _numpy(x), pool, out.numpy())
+    return out
+
+
+def square_sum(count: torch.Tensor, o: int, squares: np.ndarray) -> float:
+    """Σ squares[count[:, o]] in torch's BatchNorm order (float64 sum of float32 terms, sample by sample)."""
+    return _square_sum(_numpy(count).reshape(count.shape[0], count.shape[1], -1), o, squares)
 
 
 def residual_backward(grad: torch.Tensor, pool: int, y_shape, x_shape) -> tuple[torch.Tensor, torch.Tensor]:
