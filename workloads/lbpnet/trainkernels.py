@@ -30,26 +30,26 @@ def _compare(x, sample, centre, d, bits):
 
 @_jit
 def _fuse(bits, routes, pixels, values, gates, count, out, nonzero):
-    """count[b, o] = Σ_j bits[b, routes[o, j]] (exact: 0/1 bits, small integers); out = values[count]·gates[o];
-    nonzero[b, o]: how many of out[b, o]'s pixels are not 0."""
+    """count[b, o] = Σ_j bits[b, routes[o, j]] (exact: 0/1 bits, small integers, added as bytes);
+    out = values[count]·gates[o]; nonzero[b, o]: how many of out[b, o]'s pixels are not 0."""
     for b in prange(bits.shape[0]):
-        total = np.empty(pixels, dtype=np.float32)
+        planes = np.empty(bits.shape[1], dtype=np.uint8)
+        for i in range(bits.shape[1]):
+            planes[i] = np.uint8(bits[b, i])
+        total = np.empty(pixels, dtype=np.uint8)
         for o in range(routes.shape[0]):
-            first = bits[b, routes[o, 0] * pixels:(routes[o, 0] + 1) * pixels]
-            total[:] = first
+            total[:] = planes[routes[o, 0] * pixels:(routes[o, 0] + 1) * pixels]
             for j in range(1, routes.shape[1]):
-                src = bits[b, routes[o, j] * pixels:(routes[o, j] + 1) * pixels]
+                src = planes[routes[o, j] * pixels:(routes[o, j] + 1) * pixels]
                 for n in range(pixels):
                     total[n] += src[n]
-            cnt = count[b, o * pixels:(o + 1) * pixels]
+            count[b, o * pixels:(o + 1) * pixels] = total
             dst = out[b, o * pixels:(o + 1) * pixels]
             gate = gates[o]
             set_pixels = 0
             for n in range(pixels):
-                c = np.uint8(total[n])
-                cnt[n] = c
-                dst[n] = values[c] * gate
-                set_pixels += dst[n] != 0
+                dst[n] = values[total[n]] * gate
+                set_pixels += np.int64(dst[n] != 0)
             nonzero[b, o] = set_pixels
 
 
@@ -64,11 +64,12 @@ def _fuse_backward(grad, count, values, slopes, scale, gates, pointers, sources,
     for b in prange(grad.shape[0]):
         g = np.empty(grad.shape[1], dtype=np.float32)
         for o in range(outputs):
-            gate = gates[o]
-            for n in range(o * pixels, (o + 1) * pixels):
-                c = count[b, n]
-                gate_terms[b, n] = grad[b, n] * values[c]
-                g[n] = grad[b, n] * gate * slopes[c] * scale
+            gate, span = gates[o], slice(o * pixels, (o + 1) * pixels)
+            grads, counts, terms, gs = grad[b, span], count[b, span], gate_terms[b, span], g[span]
+            for n in range(pixels):
+                c = np.int32(counts[n])
+                terms[n] = grads[n] * values[c]
+                gs[n] = grads[n] * gate * slopes[c] * scale
         column = np.empty(pixels, dtype=np.float32)
         for p in range(planes):
             dst = out[b, p * pixels:(p + 1) * pixels]
