@@ -163,20 +163,30 @@ def _residual_table(count, table, x, pool, out):
     size = np.float32(pool * pool)
     for b in prange(count.shape[0]):
         for o in range(count.shape[1]):
-            c = o % channels
-            row = table[o]
-            if pool == 1:
-                for iy in range(out.shape[2]):
-                    for ix in range(out.shape[3]):
-                        out[b, o, iy, ix] = row[count[b, o, iy, ix]] + x[b, c, iy, ix]
-                continue
+            c, row = o % channels, table[o]
             for oy in range(out.shape[2]):
-                for ox in range(out.shape[3]):
-                    total = np.float32(0)
-                    for iy in range(oy * pool, oy * pool + pool):
-                        for ix in range(ox * pool, ox * pool + pool):
-                            total += row[count[b, o, iy, ix]] + x[b, c, iy, ix]
-                    out[b, o, oy, ox] = total / size
+                orow = out[b, o, oy]
+                if pool == 1:
+                    counts, xs = count[b, o, oy], x[b, c, oy]
+                    for ox in range(out.shape[3]):
+                        orow[ox] = row[np.int32(counts[ox])] + xs[ox]
+                elif pool == 2:  # the 2x2 window spelled out (same order): rows as slices
+                    c0, c1, x0, x1 = count[b, o, 2 * oy], count[b, o, 2 * oy + 1], x[b, c, 2 * oy], x[b, c, 2 * oy + 1]
+                    for ox in range(out.shape[3]):
+                        i = 2 * ox
+                        total = np.float32(0)
+                        total += row[np.int32(c0[i])] + x0[i]
+                        total += row[np.int32(c0[i + 1])] + x0[i + 1]
+                        total += row[np.int32(c1[i])] + x1[i]
+                        total += row[np.int32(c1[i + 1])] + x1[i + 1]
+                        orow[ox] = total / size
+                else:
+                    for ox in range(out.shape[3]):
+                        total = np.float32(0)
+                        for iy in range(oy * pool, oy * pool + pool):
+                            for ix in range(ox * pool, ox * pool + pool):
+                                total += row[np.int32(count[b, o, iy, ix])] + x[b, c, iy, ix]
+                        orow[ox] = total / size
 
 
 @numba.njit(cache=True)
@@ -204,20 +214,23 @@ def _residual_backward(grad, pool, grad_y, grad_x):
                 grad_y[b, o, covered_y:, :] = 0
                 grad_y[b, o, :, covered_x:] = 0
                 for oy in range(grad.shape[2]):
-                    for ox in range(grad.shape[3]):
-                        share = grad[b, o, oy, ox] / size
-                        for iy in range(oy * pool, oy * pool + pool):
+                    grads = grad[b, o, oy]
+                    for iy in range(oy * pool, oy * pool + pool):
+                        dst = grad_y[b, o, iy]
+                        for ox in range(grad.shape[3]):
+                            share = grads[ox] / size
                             for ix in range(ox * pool, ox * pool + pool):
-                                grad_y[b, o, iy, ix] = share
+                                dst[ix] = share
         for c in range(channels):
-            for iy in range(grad_x.shape[2]):
-                for ix in range(grad_x.shape[3]):
-                    grad_x[b, c, iy, ix] = grad_y[b, c, iy, ix] if c < outputs else np.float32(0)
+            if c < outputs:
+                grad_x[b, c] = grad_y[b, c]
+            else:
+                grad_x[b, c] = 0
         for o in range(channels, outputs):
-            c = o % channels
             for iy in range(grad_x.shape[2]):
+                dst, src = grad_x[b, o % channels, iy], grad_y[b, o, iy]
                 for ix in range(grad_x.shape[3]):
-                    grad_x[b, c, iy, ix] += grad_y[b, o, iy, ix]
+                    dst[ix] += src[ix]
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
