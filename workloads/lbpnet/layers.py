@@ -167,22 +167,24 @@ class _LBPCompare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, pos, scale, sample, centre, pad, surrogate, soft):
-        xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
-        if trainkernels.applies(xp):
-            d, bits = trainkernels.compare(xp, sample, centre)
+        ctx.shape, ctx.pad, ctx.surrogate, ctx.npos = x.shape, pad, surrogate, len(pos)
+        ctx.compiled = trainkernels.applies(x)
+        if ctx.compiled:  # reads x through edge-clamped indices: no padded copy
+            d, bits = trainkernels.compare(x, sample, centre, pad)
+            ctx.save_for_backward(x, d, scale, sample, centre)
         else:
+            xp = F.pad(x, (pad, pad, pad, pad), mode="replicate").flatten(1)
             d = xp.index_select(1, sample) - xp.index_select(1, centre)
             bits = (d > 0).to(xp.dtype)
-        ctx.save_for_backward(xp, d, scale, sample, centre)
-        ctx.shape, ctx.pad, ctx.surrogate, ctx.npos = x.shape, pad, surrogate, len(pos)
+            ctx.save_for_backward(xp, d, scale, sample, centre)
         return _relaxed_step(d, scale, surrogate) if soft else bits
 
     @staticmethod
     def backward(ctx, grad):
-        xp, d, scale, sample, centre = ctx.saved_tensors
+        saved, d, scale, sample, centre = ctx.saved_tensors  # saved: x (compiled) or x padded (operators)
         grad = grad.reshape(d.shape)
-        backward = _LBPCompare.compiled if trainkernels.applies(grad) else _LBPCompare.operators
-        return (*backward(ctx, grad, xp, d, scale, sample, centre), None, None, None, None, None)
+        backward = _LBPCompare.compiled if ctx.compiled else _LBPCompare.operators
+        return (*backward(ctx, grad, saved, d, scale, sample, centre), None, None, None, None, None)
 
     @staticmethod
     def operators(ctx, grad, xp, d, scale, sample, centre):
@@ -206,17 +208,16 @@ class _LBPCompare(torch.autograd.Function):
         return grad_x, grad_pos, grad_scale
 
     @staticmethod
-    def compiled(ctx, grad, xp, d, scale, sample, centre):
-        """`operators`' numbers: the elementwise products in one compiled pass, the sums still torch's."""
-        b, w, pad = ctx.shape[0], ctx.shape[3], ctx.pad
+    def compiled(ctx, grad, x, d, scale, sample, centre):
+        """`operators`' numbers: the elementwise products and x's gradient in one compiled pass, the sums
+        over the batch still torch's."""
+        b = ctx.shape[0]
         z = scale * d
         tanh = ctx.surrogate == "tanh"
-        terms = trainkernels.compare_backward(grad, torch.tanh(z) if tanh else z, tanh, (scale / 2).item(), d, xp,
-                                              sample, w + 2 * pad)
-        g, scale_terms, dy_terms, dx_terms = terms
-        grad_x = grad_pos = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_x = trainkernels.scatter_unpad(g, sample, centre, ctx.shape, pad)
+        grad_x, scale_terms, dy_terms, dx_terms = trainkernels.compare_backward(
+            grad, torch.tanh(z) if tanh else z, tanh, (scale / 2).item(), d, x, sample, centre, ctx.pad,
+            ctx.needs_input_grad[0])
+        grad_pos = grad_scale = None
         if ctx.needs_input_grad[1]:
             per_bit = lambda t: t.view(b, ctx.npos, -1).sum((0, 2))  # noqa: E731
             grad_pos = torch.stack([per_bit(dy_terms), per_bit(dx_terms)], 1)
@@ -277,9 +278,18 @@ class RPFusion(nn.Module):
         """`bits`: (B, len(needed_bits), H, W), the LBP bits at `needed_bits` (0/1 unless not `binary`)."""
         gates = self.gates()
         if binary and trainkernels.applies(bits):  # count, activation and gates in one compiled pass, same numbers
-            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
+            return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)[0]
         y = self.activate(self.popcount(bits))
         return y * gates.view(1, -1, 1, 1).to(y.dtype)
+
+    def counted(self, bits: torch.Tensor):
+        """(y, count, nonzero) of the compiled pass (`trainkernels.fuse`) when every output is 0 or 1 (the
+        threshold activation, hard gates) — what `batchnorm01` normalises from counts — else None."""
+        gates = self.gates()
+        hard = gates.detach()
+        if self.activation != "threshold" or not bool(((hard == 0) | (hard == 1)).all()):
+            return None
+        return _FusedCount.apply(bits, self.local_routes, *self.tables, gates)
 
     def activate(self, count: torch.Tensor) -> torch.Tensor:
         if self.activation == "threshold":
@@ -305,13 +315,14 @@ class _FusedCount(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bits, routes, values, slopes, scale, gates):
-        y, count = trainkernels.fuse(bits, routes, values, gates.detach())
+        y, count, nonzero = trainkernels.fuse(bits, routes, values, gates.detach())
         ctx.save_for_backward(count, routes, values, slopes, gates.detach())
         ctx.scale, ctx.planes = scale, bits.shape[1]
-        return y
+        ctx.mark_non_differentiable(count, nonzero)
+        return y, count, nonzero
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _count, _nonzero):
         count, routes, values, slopes, gates = ctx.saved_tensors
         grad_bits, gate_terms = trainkernels.fuse_backward(grad, count, values, slopes, ctx.scale, gates, routes,
                                                            ctx.planes)

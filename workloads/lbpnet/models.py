@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workloads.lbpnet import trainkernels
+from workloads.lbpnet import batchnorm01, trainkernels
 from workloads.lbpnet.layers import Conv1x1Fusion, LBPLayer, RPFusion
 
 
@@ -66,13 +66,28 @@ class LBPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         binary = not (self.lbp.soft_forward and self.lbp.training)  # relaxed comparisons are fractions
-        y = self.bn(self.fusion(self.lbp(x, self.fusion.needed_bits), binary=binary))
+        bits = self.lbp(x, self.fusion.needed_bits)
+        rp = isinstance(self.fusion, RPFusion)
+        if self.kind == "residual" and rp and binary and batchnorm01.applies(self.bn, bits):
+            out = self._counted(bits, x)  # 0/1 outputs: BN from counts, fused with the shortcut (same numbers)
+            if out is not None:
+                return out
+        y = self.bn(self.fusion(bits, binary=binary))
         if isinstance(self.fusion, Conv1x1Fusion):
             y = F.relu(y)
         if self.kind == "macfree":
             out = torch.cat([x, y.to(x.dtype)], 1)
             return F.max_pool2d(out, 2) if self.downsample else out
         return _residual(y, x, self.downsample)
+
+
+    def _counted(self, bits: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        counted = self.fusion.counted(bits)
+        if counted is None:
+            return None
+        values, gates = self.fusion.tables[0], self.fusion.gates().detach()
+        one_table = (gates.view(-1, 1) * values.view(1, -1) == 1).numpy()
+        return batchnorm01.bn_residual(self.bn, counted, x, one_table, 2 if self.downsample else 1)
 
 
 class ConvBlock(nn.Module):
