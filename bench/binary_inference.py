@@ -1,7 +1,8 @@
 """Bit-packed inference against torch, side by side in one run (interleaved rounds, medians):
 
 - lbpnet: each preset's network (random weights, random gates and BN statistics) on all 1,000 embedded
-  test digits: the integer engine against the model's hard path at batch 1,000;
+  test digits: the integer engine against the model's hard path at batch 1,000, as the model runs it (its
+  compiled CPU loops, `trainkernels`) and through torch's operators alone (`engine_vs_torch_ops`);
 - rbnn: each binarized network on a synthetic CIFAR-10 test set written in the real format (and for
   resnet20, on the embedded digits too): the XNOR-popcount engine against torch float inference of the
   same network at batch 64.
@@ -31,7 +32,7 @@ from bitfleet import export, registry
 from bitfleet.data import info, mnist, raw_split, synthetic
 from bitfleet.data.transforms import normalise
 from bitfleet.spec import DataSpec
-from workloads.lbpnet import intexport
+from workloads.lbpnet import intexport, trainkernels
 from workloads.lbpnet.config import ModelConfig
 from workloads.lbpnet.models import LBPNet
 from workloads.rbnn import models as rbnn_models
@@ -105,16 +106,26 @@ def compare(workload: str, model, data: DataSpec, images: np.ndarray, batch: int
     got = np.concatenate([engine.logits(images[i: i + batch]).argmax(1) for i in range(0, len(images), batch)])
     x_batch, x_one = images[:batch], images[:1]
     t_batch, t_one = normalised(torch.from_numpy(x_batch)), normalised(torch.from_numpy(x_one))
+    candidates = {"torch": lambda: model(t_batch), "engine": lambda: engine.logits(x_batch),
+                  "torch_b1": lambda: model(t_one), "engine_b1": lambda: engine.logits(x_one)}
+    if workload == "lbpnet":  # the model's hard path through torch's operators alone, as before its kernels
+        candidates["torch_ops"] = lambda: _on_torch_operators(model, t_batch)
     with torch.no_grad():
-        times = timed({"torch": lambda: model(t_batch), "engine": lambda: engine.logits(x_batch),
-                       "torch_b1": lambda: model(t_one), "engine_b1": lambda: engine.logits(x_one)}, rounds)
+        times = timed(candidates, rounds)
     exact = [bool(v) for k, v in arrays.items() if k.endswith(".exact")]
     return {"equal": bool(np.array_equal(got, expected)), "images": len(images), "batch": batch,
             "engine_vs_torch": times["torch"]["median_s"] / times["engine"]["median_s"],
+            **({"engine_vs_torch_ops": times["torch_ops"]["median_s"] / times["engine"]["median_s"]}
+               if "torch_ops" in times else {}),
             "latency_b1_ms": 1e3 * times["engine_b1"]["median_s"],
             "torch_latency_b1_ms": 1e3 * times["torch_b1"]["median_s"],
             "times": times, "file_bytes": written["bytes"], "weights_bytes": written["weights_bytes"],
             "exact_checks_passed": f"{sum(exact)}/{len(exact)}", "arrays": arrays}
+
+
+def _on_torch_operators(model, images):
+    with trainkernels.torch_operators():
+        return model(images)
 
 
 def lbpnet_row(name: str, rounds: int, run: str | None) -> dict:
@@ -157,7 +168,8 @@ def main() -> None:
     for name in args.models:  # a line as each model finishes
         row = lbpnet_row(name, args.rounds, args.run) if name in LBPNET else rbnn_row(name, args.rounds)
         rows[name] = {**row, "paper_size": PAPER_SIZES.get(name, "not reported")}
-        print(f"{name} engine_vs_torch={row['engine_vs_torch']:.1f} equal={str(row['equal']).lower()} "
+        ops = f" engine_vs_torch_ops={row['engine_vs_torch_ops']:.1f}" if "engine_vs_torch_ops" in row else ""
+        print(f"{name} engine_vs_torch={row['engine_vs_torch']:.1f}{ops} equal={str(row['equal']).lower()} "
               f"latency_b1_ms={row['latency_b1_ms']:.2f} size_bytes={row['size_bytes']:.0f}", flush=True)
     result = {"cpu": cpu(), "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
               "numpy": np.__version__, "numba": numba.__version__, "models": rows}

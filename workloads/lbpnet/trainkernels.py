@@ -10,6 +10,8 @@ copies there), so no padded copy of the input is made.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numba
 import numpy as np
 import torch
@@ -345,7 +347,22 @@ def residual_backward(grad: torch.Tensor, pool: int, y_shape, x_shape) -> tuple[
     return grad_y, grad_x
 
 
+_enabled = True
+
+
 def applies(t: torch.Tensor) -> bool:
     """The kernels serve float32 CPU tensors in eager mode; others (CUDA, half precision, a TorchScript
     trace, which cannot record a numba call) keep torch's operators."""
-    return t.device.type == "cpu" and t.dtype == torch.float32 and not torch.jit.is_tracing()
+    return _enabled and t.device.type == "cpu" and t.dtype == torch.float32 and not torch.jit.is_tracing()
+
+
+@contextmanager
+def torch_operators():
+    """Inside: every layer takes torch's operators, as before the kernels (the same numbers, slower).
+    Benchmarks measure against that path too (bench/binary_inference.py)."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
