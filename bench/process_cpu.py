@@ -66,8 +66,10 @@ def label(command: str) -> str:
     if "plain_in_ray_train" in command:
         return "plain driver"
     words = command.split()
-    module = words[words.index("-m") + 1] if "-m" in words else None
-    return module or Path(words[1] if len(words) > 1 and words[0].endswith("python") else words[0]).name
+    if "-m" in words:
+        return words[words.index("-m") + 1]
+    program = [w for w in words[1:] if not w.startswith("-")] if Path(words[0]).name.startswith("python") else words
+    return Path(program[0] if program else words[0]).name  # a script run by python, else the program
 
 
 def driver(side: str, raw: dict, tmp: Path, env: dict) -> subprocess.Popen:
