@@ -16,6 +16,7 @@ step checkpoints before the epochs' best ones, never the latest.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -52,6 +53,18 @@ def train_worker(config: dict) -> None:
     sections already typed; `config["checkpoint_score"]` the (metric, mode) Ray ranks checkpoints by;
     `config["events"]` the driver's queue for what the run tells it (engine/events.py)."""
     Trainer(config["spec"], config.get("checkpoint_score"), config.get("events")).fit()
+
+
+@contextlib.contextmanager
+def _setup_frozen():
+    """The set-up run's objects (imports, model, data: over half a million) live as long as the run: frozen,
+    full collections (~0.3 s pauses inside steps) skip them. Unfrozen after, for processes running several."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def worker_part(rank: int) -> str:
@@ -120,13 +133,14 @@ class Trainer:
             self.events.emit("start", run_path=self.run_path, epochs=self.train_spec.epochs,
                              steps_per_epoch=self.steps_per_epoch, epoch=self.state.epoch,
                              step_in_epoch=self.state.step_in_epoch, workers=self.world, restores=self.restores)
-        while self.state.epoch < self.train_spec.epochs:
-            if self._stopped_early():
-                return
-            metrics = self.run_epoch()
-            if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
-                return
-            self.report(metrics)
+        with _setup_frozen():
+            while self.state.epoch < self.train_spec.epochs:
+                if self._stopped_early():
+                    return
+                metrics = self.run_epoch()
+                if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
+                    return
+                self.report(metrics)
 
     def run_epoch(self) -> dict[str, float] | None:
         """One epoch, or the rest of it after a mid-epoch restore; None when it stopped at a checkpoint."""
