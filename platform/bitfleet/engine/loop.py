@@ -55,18 +55,6 @@ def train_worker(config: dict) -> None:
     Trainer(config["spec"], config.get("checkpoint_score"), config.get("events")).fit()
 
 
-@contextlib.contextmanager
-def _setup_frozen():
-    """The set-up run's objects (imports, model, data: over half a million) live as long as the run: frozen,
-    full collections (~0.3 s pauses inside steps) skip them. Unfrozen after, for processes running several."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def worker_part(rank: int) -> str:
     """A rank's own file in a mid-epoch checkpoint."""
     return f"worker.rank{rank}.pt"
@@ -133,7 +121,9 @@ class Trainer:
             self.events.emit("start", run_path=self.run_path, epochs=self.train_spec.epochs,
                              steps_per_epoch=self.steps_per_epoch, epoch=self.state.epoch,
                              step_in_epoch=self.state.step_in_epoch, workers=self.world, restores=self.restores)
-        with _setup_frozen():
+        gc.collect()
+        gc.freeze()  # the set-up run's objects (over half a million) live as long as it: full collections skip them
+        try:
             while self.state.epoch < self.train_spec.epochs:
                 if self._stopped_early():
                     return
@@ -141,6 +131,8 @@ class Trainer:
                 if metrics is None:  # stopped at a step checkpoint: the driver was asked to stop
                     return
                 self.report(metrics)
+        finally:
+            gc.unfreeze()  # a process that runs several Trainers (local mode) collects the finished ones
 
     def run_epoch(self) -> dict[str, float] | None:
         """One epoch, or the rest of it after a mid-epoch restore; None when it stopped at a checkpoint."""
