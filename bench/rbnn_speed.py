@@ -7,8 +7,8 @@
    the median step times. Reported: the median over the rounds, its minimum and maximum (the spread), and
    the same for process CPU seconds per step (all threads), which a load that comes and goes on a shared
    machine disturbs less than wall-clock time. Two more models take their turns: resnet20_1w1a with the
-   forward's CPU kernels on too (`layers.CPU_KERNELS`, off by default: serial numba passes for sign and the
-   channel scale), and on the torch ops alone (`layers.FUSED_BACKWARD` off as well: the backward's
+   forward's CPU kernels on too (`layers.CPU_KERNELS`, off by default: a serial numba pass for the activations'
+   sign), and on the torch ops alone (`layers.FUSED_BACKWARD` off as well: the backward's
    elementwise work as chains of torch ops, as before the fused passes);
 2. one rotation update of every binarized layer of resnet20_1w1a: ours (batched over output channels)
    against the paper's formulas written as a loop over output channels (median of 5);

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numba
 import numpy as np
@@ -44,27 +45,8 @@ def _sign_grad_kernel(grad, x, a, c, k, clip, out):
         out[i] = grad[i] * (k * (zero if d < zero else d))
 
 
-@numba.njit(cache=True)
-def _channel_product_kernel(x, s, out):
-    for n in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            for i in range(x.shape[2]):
-                out[n, c, i] = x[n, c, i] * s[c]
-
-
-@numba.njit(cache=True)
-def _channel_scale_grad_kernel(grad, x, s, grad_x, product):
-    """grad · s per channel (x's gradient) and grad · x (what the scale's gradient sums), in one pass."""
-    for n in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            for i in range(x.shape[2]):
-                grad_x[n, c, i] = grad[n, c, i] * s[c]
-                product[n, c, i] = grad[n, c, i] * x[n, c, i]
-
-
-# FUSED_BACKWARD: the backward's elementwise work as single passes: sign's gradient (one pass instead of
-# six over each activation) and the channel scale's (one instead of two). CPU_KERNELS: the forward's
-# (sign, channel product), one serial pass each against torch's one parallel pass.
+# FUSED_BACKWARD: sign's gradient as a single pass (one instead of six over each activation). CPU_KERNELS: the
+# forward's sign, one serial pass against torch's one parallel pass.
 FUSED_BACKWARD = True
 CPU_KERNELS = False
 
@@ -99,16 +81,6 @@ def _sign_grad(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, k: torch.Te
     return out
 
 
-def _channel_product(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (N, C, H, W) times a per-channel scale (C elements)."""
-    if not (_numba_takes(x, scale) and x.dim() == 4):
-        return x * scale.view(1, -1, 1, 1)
-    out = torch.empty_like(x)
-    n, c = x.shape[:2]
-    _channel_product_kernel(x.detach().view(n, c, -1).numpy(), _flat(scale), out.view(n, c, -1).numpy())
-    return out
-
-
 class _SignApprox(torch.autograd.Function):
     """sign(x), or sign(hardtanh(x)) = sign(x) with `clip` (hardtanh's gradient fused into sign's)."""
 
@@ -122,33 +94,6 @@ class _SignApprox(torch.autograd.Function):
     def backward(ctx, grad):
         x, t, k = ctx.saved_tensors
         return _sign_grad(grad, x, t, k, ctx.clip), None, None, None
-
-
-class _ChannelScale(torch.autograd.Function):
-    """x · scale per output channel, with the gradients autograd gives `x * scale.view(1, -1, 1, 1)`."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.save_for_backward(x, scale)
-        return _channel_product(x, scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale = ctx.saved_tensors
-        if all(ctx.needs_input_grad) and x.dim() == 4 and _numba_takes(grad, x, scale, backward=True):
-            grad_x, product = torch.empty_like(x), torch.empty_like(x)
-            n, c = x.shape[:2]
-            _channel_scale_grad_kernel(*(t.detach().view(n, c, -1).numpy() for t in (grad, x)), _flat(scale),
-                                       *(t.view(n, c, -1).numpy() for t in (grad_x, product)))
-            return grad_x, _channel_sum(product, scale)
-        grad_x = _channel_product(grad.contiguous(), scale) if ctx.needs_input_grad[0] else None
-        grad_scale = _channel_sum(grad * x, scale) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_scale
-
-
-def _channel_sum(product: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The broadcast product's gradient as autograd reduces it (sum_to: one sum over the broadcast dims)."""
-    return product.sum((0, 2, 3), keepdim=True).view_as(scale)
 
 
 def sign_approx(x: torch.Tensor, t: torch.Tensor, k: torch.Tensor, clip: bool = False) -> torch.Tensor:
@@ -209,8 +154,17 @@ class BinaryConv2d(nn.Conv2d):
             x = sign_approx(x, self.t, self.k, self.clip_input)
         elif self.clip_input:
             x = F.hardtanh(x)
-        out = F.conv2d(x, self.binary_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return _ChannelScale.apply(out, self.scale)
+        weight, conv = self.binary_weight(), partial(F.conv2d, stride=self.stride, padding=self.padding,
+                                                     dilation=self.dilation, groups=self.groups)
+        if self.training:
+            # conv(x, W)·s = conv(x, W·s) per output channel: the scale folded into the weight is one
+            # weight-sized product in place of an activation-sized pass each way (the same function, its
+            # sums rounded in another order)
+            scaled = self.scale.view(-1)
+            return conv(x, weight * self.scale, None if self.bias is None else self.bias * scaled)
+        # eval: the sums (integers, with binary activations) scaled after the convolution, one rounding, as
+        # the XNOR engine scales them: its predictions equal the model's
+        return conv(x, weight, self.bias) * self.scale.view(1, -1, 1, 1)
 
     @torch.no_grad()
     def quantization_error(self) -> float:
