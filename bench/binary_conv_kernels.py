@@ -104,11 +104,15 @@ def measure(batch: int, threads: int, rounds: int) -> dict:
     patches = windows.reshape(-1, windows.shape[-1])
     border = conv.border((32, 32))
     c_run = c_kernel()
+    default_work = xnor.PARALLEL_WORK
 
     def engine(parallel_work):
         def run():
             xnor.PARALLEL_WORK = parallel_work
-            return conv(*xnor.pack_signs(x))
+            try:
+                return conv(*xnor.pack_signs(x))
+            finally:
+                xnor.PARALLEL_WORK = default_work
         return run
 
     def numpy_path():
@@ -145,7 +149,6 @@ def measure(batch: int, threads: int, rounds: int) -> dict:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    xnor.PARALLEL_WORK = 1 << 22
     medians = {name: float(np.median(t)) for name, t in times.items()}
     return {name: {"median_ms": 1e3 * medians[name], "min_ms": 1e3 * min(times[name]),
                    "max_ms": 1e3 * max(times[name]), "vs_torch": medians["torch_float"] / medians[name],

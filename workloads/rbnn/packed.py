@@ -87,10 +87,7 @@ def _max_pool_sums(op, params, dots):
 
 
 def _sign(op, params, dots):
-    t1, t2, increasing = params["t1"], params["t2"], params["increasing"]
-    negative = np.where(increasing, dots < t1, dots >= t2)
-    zeros = (dots >= t1) & (dots < t2)
-    return Signs(np.packbits(negative, axis=-1, bitorder="little"), zeros if zeros.any() else None)
+    return Signs(*xnor.pack_thresholds(dots, params["t1"], params["t2"], params["increasing"]))
 
 
 def _scale_bn(op, params, dots):
