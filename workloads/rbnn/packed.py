@@ -44,16 +44,30 @@ class PackedRBNN:
         self.params = [{k.split(".", 1)[1]: v for k, v in source.items() if k.startswith(f"op{i}.")}
                        for i in range(len(self.ops))]
         self.convs = {i: _binary_conv(op, self.params[i]) for i, op in enumerate(self.ops) if op["op"] == "binary_conv"}
+        self.residual_ends = _residual_ends(self.ops)
+        self.folded = {i for scale_bn, clip in self.residual_ends.values() for i in (scale_bn, clip) if i is not None}
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         codes = np.asarray(images, np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, C)
         channels = np.arange(codes.shape[-1])
         values = {"x": self.input_lut[channels, codes]}  # the loader's normalisation, bit for bit
+        signs_of: dict[str, Signs] = {}  # a float value's signs, packed with it by a residual end
         for i, (op, params) in enumerate(zip(self.ops, self.params)):
+            if i in self.folded:
+                continue
+            signs_of.pop(op["out"], None)
+            if i in self.residual_ends:
+                scale_bn, clip = self.residual_ends[i]
+                p = self.params[scale_bn]
+                values[op["out"]], *packed = xnor.residual_epilogue(
+                    values[self.ops[scale_bn]["in"][0]], p["scale"], p["bn_scale"], p["bn_shift"],
+                    values[op["in"][1]], clip is not None)
+                signs_of[op["out"]] = Signs(*packed)
+                continue
             inputs = [values[name] for name in op["in"]]
             if op["op"] == "binary_conv":
                 x = inputs[0]
-                signs = x if isinstance(x, Signs) else Signs(*xnor.pack_signs(x))
+                signs = x if isinstance(x, Signs) else signs_of.get(op["in"][0]) or Signs(*xnor.pack_signs(x))
                 values[op["out"]] = self.convs[i](signs.packed, signs.zeros)
             else:
                 values[op["out"]] = OPS[op["op"]](op, params, *inputs)
@@ -61,6 +75,26 @@ class PackedRBNN:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.logits(images).argmax(1)
+
+
+def _residual_ends(ops: list[dict]) -> dict[int, tuple[int, int | None]]:
+    """{add: (scale_bn, hardtanh or None)}: a binarized conv's scale_bn (fma rounding) whose result only an
+    `add` reads, optionally followed by a hardtanh of the sum in place: run as one pass at the add."""
+    ends = {}
+    for i, op in enumerate(ops):
+        if op["op"] != "scale_bn" or op.get("rounding") != "fma":
+            continue
+        y, dots = op["out"], op["in"][0]
+        j = next((j for j in range(i + 1, len(ops)) if y in ops[j]["in"] or ops[j]["out"] in (y, dots)), None)
+        if j is None or ops[j]["op"] != "add" or ops[j]["in"][0] != y or ops[j]["in"][1] == y:
+            continue
+        later = next((o for o in ops[j + 1:] if y in o["in"] or o["out"] == y), None)
+        if later is not None and y in later["in"]:
+            continue  # the scaled sums are read again
+        out = ops[j]["out"]
+        clip = j + 1 if j + 1 < len(ops) and ops[j + 1] == {"op": "hardtanh", "in": [out], "out": out} else None
+        ends[j] = (i, clip)
+    return ends
 
 
 def _binary_conv(op: dict, params: dict) -> xnor.BinaryConv:

@@ -122,6 +122,27 @@ def _scale_bn(dots, scale, bn_scale, bn_shift, out):
             out[i, c] = _fma(np.float32(dots[i, c]) * scale[c], bn_scale[c], bn_shift[c])
 
 
+def _residual_epilogue(dots, scale, bn_scale, bn_shift, shortcut, clip, out, packed):
+    """out = fma(fl(d·s), a, b) + shortcut, then clipped to [-1, 1] with `clip` (scale_bn, add and hardtanh,
+    each rounded as before), and its signs packed as `_pack_negative` packs them, in one pass. Returns the
+    count of exact zeros."""
+    rows, channels = dots.shape
+    zeros = 0
+    for i in prange(rows):
+        for j in range(packed.shape[1]):
+            bits = 0
+            for b in range(min(8, channels - 8 * j)):
+                c = 8 * j + b
+                v = _fma(np.float32(dots[i, c]) * scale[c], bn_scale[c], bn_shift[c]) + shortcut[i, c]
+                if clip:
+                    v = min(max(v, np.float32(-1)), np.float32(1))
+                out[i, c] = v
+                bits |= (1 if v < 0 else 0) << b
+                zeros += 1 if v == 0 else 0
+            packed[i, j] = bits
+    return zeros
+
+
 def _conv_fma(x, w, stride, out):
     """out[b, y, x, o] = Σ over (ky, kx, c) in that order of fma(w[ky, kx, c, o], x[b, y·s+ky, x·s+kx, c], ·)."""
     batch, height, width, outputs = out.shape
@@ -140,7 +161,8 @@ def _conv_fma(x, w, stride, out):
 
 
 _KERNELS = {f.__name__[1:]: (numba.njit(cache=True)(f), numba.njit(cache=True, parallel=True)(f))
-            for f in (_xnor_conv, _conv_fma, _pack_negative, _pack_thresholds, _affine, _scale_bn)}
+            for f in (_xnor_conv, _conv_fma, _pack_negative, _pack_thresholds, _affine, _scale_bn,
+                      _residual_epilogue)}
 
 
 def _run(name: str, work: int, *args):
@@ -151,6 +173,19 @@ def _run(name: str, work: int, *args):
 def scale_bn(dots: np.ndarray, scale: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray) -> np.ndarray:
     """BN(fl(d·s)) of integer sums (…, C) as torch computes it: a float32 product, then one fused multiply-add."""
     return _per_channel("scale_bn", dots, scale, bn_scale, bn_shift)
+
+
+def residual_epilogue(dots: np.ndarray, scale: np.ndarray, bn_scale: np.ndarray, bn_shift: np.ndarray,
+                      shortcut: np.ndarray, clip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A residual block's end in one pass: (BN(fl(d·s)) + shortcut, hardtanh'd with `clip`; its packed
+    signs; where it is exactly 0 or None), each float operation rounded as `scale_bn`, `+` and `np.clip` round."""
+    flat = dots.reshape(-1, dots.shape[-1])
+    out = np.empty(flat.shape, np.float32)
+    packed = np.empty((len(flat), -(-flat.shape[1] // 8)), np.uint8)
+    zeros = _run("residual_epilogue", out.size, flat, scale, bn_scale, bn_shift,
+                 np.ascontiguousarray(shortcut, np.float32).reshape(flat.shape), clip, out, packed)
+    out = out.reshape(dots.shape)
+    return out, packed.reshape(*dots.shape[:-1], -1), (out == 0 if zeros else None)
 
 
 def affine(x: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
