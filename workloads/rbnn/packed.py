@@ -45,7 +45,11 @@ class PackedRBNN:
                        for i in range(len(self.ops))]
         self.convs = {i: _binary_conv(op, self.params[i]) for i, op in enumerate(self.ops) if op["op"] == "binary_conv"}
         self.residual_ends = _residual_ends(self.ops)
+        self.signed_convs = {i for i, op in enumerate(self.ops[:-1]) if op["op"] == "binary_conv"
+                             and self.ops[i + 1]["op"] == "sign" and self.ops[i + 1]["in"] == [op["out"]]
+                             and not _read_later(self.ops, i + 2, op["out"])}
         self.folded = {i for scale_bn, clip in self.residual_ends.values() for i in (scale_bn, clip) if i is not None}
+        self.folded |= {i + 1 for i in self.signed_convs}
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         codes = np.asarray(images, np.uint8).transpose(0, 2, 3, 1)  # (B, H, W, C)
@@ -68,13 +72,25 @@ class PackedRBNN:
             if op["op"] == "binary_conv":
                 x = inputs[0]
                 signs = x if isinstance(x, Signs) else signs_of.get(op["in"][0]) or Signs(*xnor.pack_signs(x))
-                values[op["out"]] = self.convs[i](signs.packed, signs.zeros)
+                if i in self.signed_convs:  # its sums only thresholded into the next conv's signs: one kernel
+                    sign, p = self.ops[i + 1], self.params[i + 1]
+                    values[sign["out"]] = Signs(*self.convs[i].thresholded(
+                        signs.packed, signs.zeros, p["t1"], p["t2"], p["increasing"]))
+                    signs_of.pop(sign["out"], None)
+                else:
+                    values[op["out"]] = self.convs[i](signs.packed, signs.zeros)
             else:
                 values[op["out"]] = OPS[op["op"]](op, params, *inputs)
         return values["x"]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         return self.logits(images).argmax(1)
+
+
+def _read_later(ops: list[dict], start: int, name: str) -> bool:
+    """Whether an op from `start` on reads `name` before one writes it."""
+    later = next((op for op in ops[start:] if name in op["in"] or op["out"] == name), None)
+    return later is not None and name in later["in"]
 
 
 def _residual_ends(ops: list[dict]) -> dict[int, tuple[int, int | None]]:
@@ -88,8 +104,7 @@ def _residual_ends(ops: list[dict]) -> dict[int, tuple[int, int | None]]:
         j = next((j for j in range(i + 1, len(ops)) if y in ops[j]["in"] or ops[j]["out"] in (y, dots)), None)
         if j is None or ops[j]["op"] != "add" or ops[j]["in"][0] != y or ops[j]["in"][1] == y:
             continue
-        later = next((o for o in ops[j + 1:] if y in o["in"] or o["out"] == y), None)
-        if later is not None and y in later["in"]:
+        if _read_later(ops, j + 1, y):
             continue  # the scaled sums are read again
         out = ops[j]["out"]
         clip = j + 1 if j + 1 < len(ops) and ops[j + 1] == {"op": "hardtanh", "in": [out], "out": out} else None

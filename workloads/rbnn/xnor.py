@@ -39,39 +39,70 @@ def _fma(typingctx, a, b, c):
     return types.float32(types.float32, types.float32, types.float32), codegen
 
 
+@numba.njit(cache=True, inline="always")
+def _popcounts(src, weights_t, k, stride, b, y, x0, n, acc):
+    """acc[i, o] = Σ popcount(window word XOR weight word) for the n <= 4 positions x0 + i of output row y,
+    the window being the k x k pixels of src (B, Hs, Ws, words) at (y·s, x·s), each pixel's words in turn.
+    Four positions at a time: each weight word loaded serves four XORs (2.2-2.5x over one at a time)."""
+    words, outputs = src.shape[3], weights_t.shape[1]
+    acc[:] = 0
+    for t in range(k * k):
+        ty, tx = y * stride + t // k, t % k
+        for w in range(words):
+            wrow = weights_t[t * words + w]
+            if n == 4:
+                a0, a1 = src[b, ty, x0 * stride + tx, w], src[b, ty, (x0 + 1) * stride + tx, w]
+                a2, a3 = src[b, ty, (x0 + 2) * stride + tx, w], src[b, ty, (x0 + 3) * stride + tx, w]
+                for j in range(outputs):  # vectorised over output channels
+                    wj = wrow[j]
+                    acc[0, j] += _popcount(a0 ^ wj)
+                    acc[1, j] += _popcount(a1 ^ wj)
+                    acc[2, j] += _popcount(a2 ^ wj)
+                    acc[3, j] += _popcount(a3 ^ wj)
+            else:  # a row's last positions
+                for i in range(n):
+                    a = src[b, ty, (x0 + i) * stride + tx, w]
+                    for j in range(outputs):
+                        acc[i, j] += _popcount(a ^ wrow[j])
+
+
 def _xnor_conv(src, weights_t, k, stride, fan_in, border, out):
-    """out[b, y, x, o] = fan_in − 2·Σ popcount(window word XOR weight word) − border[y, x, o], the window
-    being the k x k pixels of src (B, Hs, Ws, words) at (y·s, x·s), each pixel's words in turn. Four
-    positions of a row at a time: each weight word loaded serves four XORs (2.2-2.5x over one at a time)."""
+    """out[b, y, x, o] = fan_in − 2·Σ popcount(window word XOR weight word) − border[y, x, o]."""
     batch, height, width, outputs = out.shape
-    words = src.shape[3]
     for row in prange(batch * height):
         b, y = row // height, row % height
         acc = np.empty((4, outputs), np.uint64)
         for x0 in range(0, width, 4):
             n = min(4, width - x0)
-            acc[:] = 0
-            for t in range(k * k):
-                ty, tx = y * stride + t // k, t % k
-                for w in range(words):
-                    wrow = weights_t[t * words + w]
-                    if n == 4:
-                        a0, a1 = src[b, ty, x0 * stride + tx, w], src[b, ty, (x0 + 1) * stride + tx, w]
-                        a2, a3 = src[b, ty, (x0 + 2) * stride + tx, w], src[b, ty, (x0 + 3) * stride + tx, w]
-                        for j in range(outputs):  # vectorised over output channels
-                            wj = wrow[j]
-                            acc[0, j] += _popcount(a0 ^ wj)
-                            acc[1, j] += _popcount(a1 ^ wj)
-                            acc[2, j] += _popcount(a2 ^ wj)
-                            acc[3, j] += _popcount(a3 ^ wj)
-                    else:  # a row's last positions
-                        for i in range(n):
-                            a = src[b, ty, (x0 + i) * stride + tx, w]
-                            for j in range(outputs):
-                                acc[i, j] += _popcount(a ^ wrow[j])
+            _popcounts(src, weights_t, k, stride, b, y, x0, n, acc)
             for i in range(n):
                 for j in range(outputs):
                     out[b, y, x0 + i, j] = fan_in - 2 * np.int32(acc[i, j]) - border[y, x0 + i, j]
+
+
+def _xnor_conv_signs(src, weights_t, k, stride, fan_in, border, t1, t2, increasing, packed, zeros):
+    """`_xnor_conv`'s sums thresholded and packed as `_pack_thresholds` does, without writing the sums out;
+    zeros[b, y]: how many of output row y's signs are exactly 0."""
+    batch, height, width, nbytes = packed.shape
+    outputs = weights_t.shape[1]
+    for row in prange(batch * height):
+        b, y = row // height, row % height
+        acc = np.empty((4, outputs), np.uint64)
+        found = 0
+        for x0 in range(0, width, 4):
+            n = min(4, width - x0)
+            _popcounts(src, weights_t, k, stride, b, y, x0, n, acc)
+            for i in range(n):
+                for j in range(nbytes):
+                    bits = 0
+                    for bit in range(min(8, outputs - 8 * j)):
+                        c = 8 * j + bit
+                        d = fan_in - 2 * np.int32(acc[i, c]) - border[y, x0 + i, c]
+                        negative = d < t1[c] if increasing[c] else d >= t2[c]
+                        bits |= (1 if negative else 0) << bit
+                        found += 1 if t1[c] <= d < t2[c] else 0
+                    packed[b, y, x0 + i, j] = bits
+        zeros[b, y] = found
 
 
 def _pack_negative(x, out):
@@ -161,7 +192,7 @@ def _conv_fma(x, w, stride, out):
 
 
 _KERNELS = {f.__name__[1:]: (numba.njit(cache=True)(f), numba.njit(cache=True, parallel=True)(f))
-            for f in (_xnor_conv, _conv_fma, _pack_negative, _pack_thresholds, _affine, _scale_bn,
+            for f in (_xnor_conv, _xnor_conv_signs, _conv_fma, _pack_negative, _pack_thresholds, _affine, _scale_bn,
                       _residual_epilogue)}
 
 
@@ -266,22 +297,40 @@ class BinaryConv:
         self._border: dict[tuple[int, int], np.ndarray] = {}
 
     def __call__(self, packed: np.ndarray, zeros: np.ndarray | None) -> np.ndarray:
-        b, h, w, _ = packed.shape
-        k, stride, pad = self.k, self.stride, self.pad
-        oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-        if self.in_place:
-            src = np.pad(packed, ((0, 0), (pad, pad), (pad, pad), (0, 0))).view(np.uint64)
-        else:
-            src, k, stride = _patches(packed, k, stride, pad), 1, 1
-        out = np.empty((b, oh, ow, self.weights_t.shape[1]), np.int32)
+        src, k, stride, shape = self._windows(packed)
+        out = np.empty((*shape, self.weights_t.shape[1]), np.int32)
         _run("xnor_conv", out.size * self.weights_t.shape[0], src, self.weights_t, k, stride, self.fan_in,
-             self.border((h, w)), out)
+             self.border(packed.shape[1:3]), out)
         if zeros is not None:  # only the images that have an exact zero
             images = np.flatnonzero(zeros.any((1, 2, 3)))
             out[images] -= self._over(zeros[images].astype(np.float32)).astype(np.int32)
         if len(self.zero_weights):
             out -= self._zero_weight_terms(packed, zeros, out.shape)
         return out
+
+    def thresholded(self, packed: np.ndarray, zeros: np.ndarray | None, t1: np.ndarray, t2: np.ndarray,
+              increasing: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`pack_thresholds(self(packed, zeros), t1, t2, increasing)`, in one kernel where no input or weight
+        is exactly 0 and no sign comes out 0 (else through the sums)."""
+        if zeros is None and not len(self.zero_weights):
+            src, k, stride, shape = self._windows(packed)
+            outputs = self.weights_t.shape[1]
+            signs, zeros_per_row = np.empty((*shape, -(-outputs // 8)), np.uint8), np.empty(shape[:2], np.int64)
+            _run("xnor_conv_signs", np.prod(shape) * outputs * self.weights_t.shape[0], src, self.weights_t, k, stride,
+                 self.fan_in, self.border(packed.shape[1:3]), t1, t2, increasing, signs, zeros_per_row)
+            if not zeros_per_row.any():
+                return signs, None
+        return pack_thresholds(self(packed, zeros), t1, t2, increasing)
+
+    def _windows(self, packed: np.ndarray) -> tuple[np.ndarray, int, int, tuple[int, int, int]]:
+        """(the kernel's source, its k and stride, the output's (B, H', W')): the padded map read in place,
+        or its windows as rows of words."""
+        b, h, w, _ = packed.shape
+        k, stride, pad = self.k, self.stride, self.pad
+        shape = (b, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1)
+        if self.in_place:
+            return np.pad(packed, ((0, 0), (pad, pad), (pad, pad), (0, 0))).view(np.uint64), k, stride, shape
+        return _patches(packed, k, stride, pad), 1, 1, shape
 
     def _zero_weight_terms(self, packed, zeros, shape) -> np.ndarray:
         """Σ a over each 0 weight's input (packed as +1, it added a; torch adds 0): a in {-1, 0, +1}, 0 outside."""
